@@ -1,0 +1,1 @@
+//! tensorbake-ingest: from shard URLs to clean samples.

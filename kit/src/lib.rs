@@ -1,0 +1,1 @@
+//! tensorbake-kit: small pieces shared by more than one stage.

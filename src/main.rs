@@ -1,0 +1,40 @@
+//! The `tensorbake` command line: argument parsing and wiring of the library crates.
+//! Every capability lives in a library crate; each subcommand here only turns flags
+//! into configs, calls the library, and prints.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Stream image datasets, bake frozen diffusion encoders into Zarr v3, train from the cache.
+#[derive(Debug, Parser)]
+#[command(name = "tensorbake", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `tensorbake_ingest=debug`.
+    #[arg(long, global = true, env = "TENSORBAKE_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let result: anyhow::Result<ExitCode> = match cli.command {};
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // The whole chain, outermost first: "what failed: because: because".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
