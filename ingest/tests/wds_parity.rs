@@ -20,17 +20,30 @@ fn groups_like_python_webdataset() {
     let mut got = Vec::new();
     for shard in ["dirs.tar", "gzip_named.tar", "odd.tar"] {
         let file = std::fs::File::open(dir.join(shard)).unwrap();
-        let opts = GroupOptions { ignore: &|_| false, load: &|_| true, max_member_bytes: 1 << 20 };
+        let opts = GroupOptions {
+            ignore: &|_| false,
+            load: &|_| true,
+            max_member_bytes: 1 << 20,
+        };
         let stats = read_samples(file, &opts, |ev| {
-            let TarEvent::Sample(s) = ev else { panic!("unexpected {ev:?} in {shard}") };
-            let fields: BTreeMap<String, String> =
-                s.data.iter().map(|(k, v)| (k.clone(), hex::encode(Sha256::digest(v)))).collect();
+            let TarEvent::Sample(s) = ev else {
+                panic!("unexpected {ev:?} in {shard}")
+            };
+            let fields: BTreeMap<String, String> = s
+                .data
+                .iter()
+                .map(|(k, v)| (k.clone(), hex::encode(Sha256::digest(v))))
+                .collect();
             assert_eq!(fields.len(), s.fields.len(), "every field loaded");
             got.push(serde_json::json!({"shard": shard, "key": s.key, "fields": fields}));
             true
         })
         .unwrap();
-        assert_eq!(stats.gzip, shard == "gzip_named.tar", "{shard}: gzip sniffed from magic bytes");
+        assert_eq!(
+            stats.gzip,
+            shard == "gzip_named.tar",
+            "{shard}: gzip sniffed from magic bytes"
+        );
     }
     assert_eq!(got.len(), expected.len());
     for (g, e) in got.iter().zip(&expected) {
