@@ -20,7 +20,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Clean captions (PixArt / diffusers), index the SA-1B captions, look them up.
+    Captions(cmd::captions::CaptionsArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +31,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<ExitCode> = match cli.command {};
+    let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Captions(args) => cmd::captions::run(args),
+    };
     match result {
         Ok(code) => code,
         Err(err) => {

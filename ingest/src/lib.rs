@@ -1,5 +1,6 @@
 //! tensorbake-ingest: from shard URLs to clean samples.
 
+pub mod caption;
 pub mod shards;
 pub mod source;
 pub mod wds;
