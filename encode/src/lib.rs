@@ -24,6 +24,7 @@ pub mod weights;
 // Text encoders (t5, clip_text).
 mod checked;
 pub mod clip_text;
+pub mod spm;
 pub mod t5;
 pub mod text;
 pub mod tokenize;

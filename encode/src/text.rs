@@ -117,16 +117,17 @@ fn load(
     accept: impl Fn(&serde_json::Value) -> bool,
     what: &str,
     default_pads: &[&str],
+    t5: bool,
 ) -> Result<Loaded> {
     let root = ModelDir::resolve(&cfg.weights)?;
     let (dir, config) = locate(&root, subdirs, accept, what)?;
     let files = dir.safetensors(&["model"])?;
     let weights = CheckedWeights::open(&files)?;
-    let tok_path = find_tokenizer(
+    let tokenizer = find_tokenizer(
         &tokenizer_dirs(&dir.root, std::slice::from_ref(&root.root)),
         &cfg.weights,
-    )?;
-    let tokenizer = TextTokenizer::from_file(&tok_path, default_pads)?;
+    )?
+    .load(&cfg.weights, t5, default_pads)?;
     Ok(Loaded {
         dir,
         config,
@@ -212,6 +213,7 @@ impl T5TextEncoder {
             },
             "T5",
             &["<pad>"],
+            true,
         )?;
         let t5cfg: T5Config =
             serde_json::from_value(l.config.clone()).map_err(|e| bad_config(&l.dir, e))?;
@@ -380,6 +382,7 @@ impl ClipTextEncoder {
             },
             "CLIP text",
             &["<|endoftext|>"],
+            false,
         )?;
         let ccfg = ClipTextConfig::from_json(&l.config).map_err(|e| bad_config(&l.dir, e))?;
         let model = ClipTextModel::new(l.weights.var_builder(l.dtype, &l.device), &ccfg)

@@ -11,8 +11,9 @@
 //! The tokenizer is looked for in the model directory and, for diffusers pipelines, in
 //! the sibling `tokenizer/` or `tokenizer_2/` directory ([`find_tokenizer`]). A
 //! directory with only a SentencePiece `spiece.model` (google/t5-v1_1-xxl, PixArt's
-//! `tokenizer/`) is reported with the one-line command that writes the
-//! `tokenizer.json` beside it.
+//! `tokenizer/`) works for T5, converted as transformers converts it
+//! ([`crate::spm`]); for other encoders the error gives the one-line command that
+//! writes the `tokenizer.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -94,12 +95,45 @@ impl TextTokenizer {
     /// directory's `tokenizer_config.json` / `special_tokens_map.json`, else the first
     /// of `default_pads` that the vocabulary has (T5: `<pad>`; CLIP: `<|endoftext|>`).
     pub fn from_file(path: &Path, default_pads: &[&str]) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| EncodeError::BadFile {
+            path: path.to_path_buf(),
+            why: format!("not a tokenizer.json: {e}"),
+        })?;
+        Self::new(tokenizer, path, default_pads)
+    }
+
+    /// Builds T5's fast tokenizer from a SentencePiece `spiece.model` as transformers'
+    /// `T5Tokenizer` does ([`crate::spm`]), with the `extra_ids` of the directory's
+    /// `tokenizer_config.json` (default 100) as `<extra_id_N>` sentinels.
+    pub fn from_t5_spiece(path: &Path) -> Result<Self> {
         let bad = |why: String| EncodeError::BadFile {
             path: path.to_path_buf(),
             why,
         };
-        let mut tokenizer =
-            Tokenizer::from_file(path).map_err(|e| bad(format!("not a tokenizer.json: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|source| EncodeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let extra_ids = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("extra_ids").and_then(serde_json::Value::as_u64))
+            .map_or(100, |n| n as usize);
+        let doc = crate::spm::t5_tokenizer_json(&bytes, extra_ids)
+            .map_err(|e| bad(format!("not a T5 SentencePiece model: {}", e.0)))?;
+        let tokenizer: Tokenizer = doc
+            .to_string()
+            .parse()
+            .map_err(|e| bad(format!("converted tokenizer does not load: {e}")))?;
+        Self::new(tokenizer, path, &["<pad>"])
+    }
+
+    fn new(mut tokenizer: Tokenizer, path: &Path, default_pads: &[&str]) -> Result<Self> {
+        let bad = |why: String| EncodeError::BadFile {
+            path: path.to_path_buf(),
+            why,
+        };
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
@@ -130,7 +164,7 @@ impl TextTokenizer {
         })
     }
 
-    /// The `tokenizer.json` this was read from.
+    /// The file this was read from (`tokenizer.json` or `spiece.model`).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -214,44 +248,64 @@ pub fn tokenizer_dirs(model_dir: &Path, extra: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
-/// The first `tokenizer.json` among `dirs`. A directory holding only `spiece.model`
-/// (or `tokenizer.model`) before any `tokenizer.json` is found is an error that says
-/// how to write the `tokenizer.json`; none at all is an error listing the directories.
-pub fn find_tokenizer(dirs: &[PathBuf], model: &str) -> Result<PathBuf> {
-    let mut spiece_only: Option<PathBuf> = None;
+/// A tokenizer file found for a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerFile {
+    /// A fast tokenizer, `tokenizer.json`.
+    Json(PathBuf),
+    /// Only a SentencePiece model (`spiece.model`), as google/t5-v1_1-xxl and
+    /// PixArt's `tokenizer/` ship it.
+    SentencePiece(PathBuf),
+}
+
+impl TokenizerFile {
+    /// Loads it: `tokenizer.json` as is; a `spiece.model` converted as T5's when
+    /// `t5` is set, else an error that says how to write a `tokenizer.json`.
+    pub fn load(&self, model: &str, t5: bool, default_pads: &[&str]) -> Result<TextTokenizer> {
+        match self {
+            Self::Json(p) => TextTokenizer::from_file(p, default_pads),
+            Self::SentencePiece(p) if t5 => TextTokenizer::from_t5_spiece(p),
+            Self::SentencePiece(p) => Err(spiece_error(p, model)),
+        }
+    }
+}
+
+fn spiece_error(sp: &Path, model: &str) -> EncodeError {
+    let dir = sp.parent().unwrap_or(Path::new(".")).display().to_string();
+    EncodeError::WeightsNotFound {
+        spec: model.to_string(),
+        why: format!(
+            "the tokenizer in {dir} is a SentencePiece model ({}) without tokenizer.json, \
+             which only the t5 encoder converts itself; write the fast tokenizer once with \
+             `python -c \"from transformers import AutoTokenizer; \
+             AutoTokenizer.from_pretrained('{dir}').save_pretrained('{dir}')\"` \
+             (needs transformers, sentencepiece and protobuf)",
+            sp.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("spiece.model"),
+        ),
+    }
+}
+
+/// The first tokenizer among `dirs`: a directory's `tokenizer.json` is preferred to
+/// its `spiece.model` / `tokenizer.model`, and earlier directories to later ones.
+/// None at all is an error listing the directories searched.
+pub fn find_tokenizer(dirs: &[PathBuf], model: &str) -> Result<TokenizerFile> {
     for d in dirs {
         let json = d.join("tokenizer.json");
         if json.is_file() {
-            return Ok(json);
+            return Ok(TokenizerFile::Json(json));
         }
         for sp in ["spiece.model", "tokenizer.model"] {
-            if spiece_only.is_none() && d.join(sp).is_file() {
-                spiece_only = Some(d.join(sp));
+            if d.join(sp).is_file() {
+                return Ok(TokenizerFile::SentencePiece(d.join(sp)));
             }
         }
-    }
-    if let Some(sp) = spiece_only {
-        let dir = sp.parent().unwrap_or(Path::new(".")).display().to_string();
-        return Err(EncodeError::WeightsNotFound {
-            spec: model.to_string(),
-            why: format!(
-                "the tokenizer in {dir} is a SentencePiece model ({}) without tokenizer.json; \
-                 tensorbake reads the fast tokenizer. Write it once with \
-                 `python -c \"from transformers import AutoTokenizer; \
-                 AutoTokenizer.from_pretrained('{dir}').save_pretrained('{dir}')\"` \
-                 (needs transformers, sentencepiece and protobuf), or copy the tokenizer.json of \
-                 a repository that ships the same tokenizer (for T5 v1.1: \
-                 black-forest-labs/FLUX.1-dev/tokenizer_2)",
-                sp.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("spiece.model"),
-            ),
-        });
     }
     Err(EncodeError::WeightsNotFound {
         spec: model.to_string(),
         why: format!(
-            "no tokenizer.json in {}",
+            "no tokenizer.json or spiece.model in {}",
             dirs.iter()
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>()

@@ -393,7 +393,45 @@ fn pipeline_roots_and_text_encoder_dirs_find_their_tokenizers() {
 }
 
 #[test]
-fn spiece_only_or_missing_tokenizers_say_how_to_fix_it() {
+fn t5_spiece_model_converts_exactly_as_transformers() {
+    // the converted document equals the tokenizer.json transformers wrote from it
+    let sp = std::fs::read(fixtures().join("t5_spiece_only/spiece.model")).unwrap();
+    let got = tensorbake_encode::spm::t5_tokenizer_json(&sp, 10).unwrap();
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("t5/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "added_tokens",
+        "normalizer",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+    ] {
+        assert_eq!(got[key], want[key], "{key}");
+    }
+    for key in ["type", "unk_id", "byte_fallback"] {
+        assert_eq!(got["model"][key], want["model"][key], "model.{key}");
+    }
+    // scores are f32 in the model; serde_json's float parsing may be one f64 ulp off
+    let pieces = |v: &serde_json::Value| -> Vec<(String, f32)> {
+        v["model"]["vocab"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e[0].as_str().unwrap().to_string(),
+                    e[1].as_f64().unwrap() as f32,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(pieces(&got), pieces(&want));
+
+    // a directory with only spiece.model (+ tokenizer_config.json) tokenizes and
+    // encodes exactly as the golden batch
+    let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("t5_spiece");
     copy_dir(&fixtures().join("t5_spiece_only"), &d);
@@ -402,33 +440,61 @@ fn spiece_only_or_missing_tokenizers_say_how_to_fix_it() {
         d.join("model.safetensors"),
     )
     .unwrap();
-    let err = T5TextEncoder::load(&cfg("t5", &d, None)).err().unwrap();
+    let enc = T5TextEncoder::load(&cfg("t5", &d, Some(32))).unwrap();
+    assert!(enc.tokenizer().path().ends_with("spiece.model"));
+    assert_eq!(enc.max_length(), 32);
+    let tb = enc.tokenize(&g.caps()).unwrap();
+    for (i, row) in g.ids("t5_input_ids").iter().enumerate() {
+        assert_eq!(tb.row(i), row.as_slice(), "caption {i}");
+    }
+    let (h, _) = enc.encode_texts(&g.caps()).unwrap();
+    let (want, _) = t5(32).encode_texts(&g.caps()).unwrap();
+    assert_eq!(rel_err(&h, &want), 0.0);
+    let enc = T5TextEncoder::load(&cfg("t5", &d, None)).unwrap();
+    assert_eq!(enc.max_length(), T5_DEFAULT_MAX_LENGTH);
+
+    // a broken spiece.model is named
+    std::fs::write(d.join("spiece.model"), b"\x0a\xff\xff").unwrap();
+    let msg = T5TextEncoder::load(&cfg("t5", &d, None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("spiece.model") && msg.contains("not a T5 SentencePiece"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn spiece_only_clip_or_missing_tokenizers_say_how_to_fix_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("clip");
+    copy_dir(&fixtures().join("clip"), &d);
+    std::fs::remove_file(d.join("tokenizer.json")).unwrap();
+    let msg = ClipTextEncoder::load(&cfg("clip_text", &d, None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("no tokenizer.json or spiece.model in"),
+        "{msg}"
+    );
+    std::fs::write(d.join("tokenizer.model"), b"x").unwrap();
+    let err = ClipTextEncoder::load(&cfg("clip_text", &d, None))
+        .err()
+        .unwrap();
     assert!(
         matches!(err, EncodeError::WeightsNotFound { .. }),
         "{err:?}"
     );
     let msg = err.to_string();
     assert!(
-        msg.contains("spiece.model")
+        msg.contains("tokenizer.model")
             && msg.contains("without tokenizer.json")
             && msg.contains("save_pretrained")
             && msg.contains(&d.display().to_string()),
         "{msg}"
     );
-    std::fs::remove_file(d.join("spiece.model")).unwrap();
-    let msg = T5TextEncoder::load(&cfg("t5", &d, None))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(msg.contains("no tokenizer.json in"), "{msg}");
-    // the tokenizer.json beside spiece.model is what is used once written
-    std::fs::copy(
-        fixtures().join("t5/tokenizer.json"),
-        d.join("tokenizer.json"),
-    )
-    .unwrap();
-    let enc = T5TextEncoder::load(&cfg("t5", &d, None)).unwrap();
-    assert_eq!(enc.max_length(), T5_DEFAULT_MAX_LENGTH);
 }
 
 #[test]
