@@ -21,6 +21,15 @@ use serde::{Deserialize, Serialize};
 
 pub mod weights;
 
+// Text encoders (t5, clip_text).
+mod checked;
+pub mod clip_text;
+pub mod spm;
+pub mod t5;
+pub mod text;
+pub mod tokenize;
+pub use text::{ClipTextEncoder, T5TextEncoder, null_embedding};
+
 /// Errors of the encoders. Variants name the file, tensor or encoder concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -256,10 +265,15 @@ pub const KNOWN_ENCODERS: &[&str] = &[
 /// VAE input size); text encoders ignore it.
 pub fn build_encoder(cfg: &EncoderConfig, resolution: u32) -> Result<Box<dyn Encoder>> {
     let _ = resolution;
-    Err(EncodeError::UnknownEncoder {
-        name: cfg.name.clone(),
-        known: KNOWN_ENCODERS.join(", "),
-    })
+    match cfg.name.as_str() {
+        // Text encoders.
+        "t5" => Ok(Box::new(T5TextEncoder::load(cfg)?)),
+        "clip_text" => Ok(Box::new(ClipTextEncoder::load(cfg)?)),
+        _ => Err(EncodeError::UnknownEncoder {
+            name: cfg.name.clone(),
+            known: KNOWN_ENCODERS.join(", "),
+        }),
+    }
 }
 
 #[cfg(test)]

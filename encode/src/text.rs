@@ -1,0 +1,510 @@
+//! The text encoders `t5` and `clip_text`: tokenizer + model + the arrays the store keeps.
+//!
+//! [`T5TextEncoder`] writes `t5_hidden` `[B, L, d_model]` (rows at and beyond
+//! `t5_len` are zero) and `t5_len` `[B]` (u32, real tokens including `</s>`);
+//! [`ClipTextEncoder`] writes `clip_text_pooled` `[B, hidden]` (`pooler_output`, not
+//! projected). Both take cleaned captions and tokenize them as diffusers' PixArt and
+//! Flux pipelines do ([`crate::tokenize`]).
+//!
+//! `weights` may name the text encoder's own directory (`config.json` +
+//! `model.safetensors`, tokenizer beside it or in the pipeline's paired `tokenizer*/`
+//! directory) or a diffusers pipeline root, where the first `text_encoder*/` of the
+//! right architecture is taken (T5: `text_encoder_3`, `text_encoder_2`,
+//! `text_encoder`; CLIP: `text_encoder`, `text_encoder_2`).
+//!
+//! T5 runs each batch at the length of its longest caption (not the padded `L`) with
+//! the attention mask, then pads with zeros: the real rows equal what transformers
+//! gives for the batch padded to `L` (the mask makes padding invisible), and the
+//! work is proportional to the real tokens. CLIP is causal, so it runs up to the
+//! furthest pooled position, which gives the same pooled vectors as 77 tokens.
+//!
+//! The empty caption's embedding ([`null_embedding`], [`T5TextEncoder::null_embedding`])
+//! is what Flux reconditioning and conditioning dropout need. FluxPipeline itself
+//! runs T5 without a mask over the padded ids; [`T5TextEncoder::encode_unmasked`]
+//! reproduces that for callers that must match it.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::checked::CheckedWeights;
+use crate::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::t5::{T5Config, T5EncoderModel};
+use crate::tokenize::{TextTokenizer, TokenBatch, find_tokenizer, tokenizer_dirs};
+use crate::weights::{ModelDir, file_sha256, fingerprint};
+use crate::{
+    ArraySpec, DTypeName, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result,
+    parse_device,
+};
+
+/// T5's default maximum length: PixArt-α's 120 tokens.
+pub const T5_DEFAULT_MAX_LENGTH: usize = 120;
+
+fn architecture(v: &serde_json::Value) -> String {
+    let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+    let arch = v
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .unwrap_or("");
+    format!("{model_type} {arch}")
+}
+
+/// Finds the text encoder directory: `m` itself if its `config.json` is accepted,
+/// else the first accepted `subdirs` entry of a pipeline root.
+fn locate(
+    m: &ModelDir,
+    subdirs: &[&str],
+    accept: impl Fn(&serde_json::Value) -> bool,
+    what: &str,
+) -> Result<(ModelDir, serde_json::Value)> {
+    let mut seen = Vec::new();
+    if m.file("config.json").is_some() {
+        let v: serde_json::Value = m.json("config.json")?;
+        if accept(&v) {
+            return Ok((m.clone(), v));
+        }
+        seen.push(format!("config.json is `{}`", architecture(&v).trim()));
+    }
+    for s in subdirs {
+        if let Some(sub) = m.sub(s)
+            && sub.file("config.json").is_some()
+        {
+            let v: serde_json::Value = sub.json("config.json")?;
+            if accept(&v) {
+                return Ok((sub, v));
+            }
+            seen.push(format!("{s}/config.json is `{}`", architecture(&v).trim()));
+        }
+    }
+    Err(EncodeError::WeightsNotFound {
+        spec: m.spec.clone(),
+        why: format!(
+            "no {what} config.json in {} or its {} ({})",
+            m.root.display(),
+            subdirs.join(", "),
+            if seen.is_empty() {
+                "no config.json found".to_string()
+            } else {
+                seen.join("; ")
+            }
+        ),
+    })
+}
+
+fn candle(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
+    move |source| EncodeError::Candle {
+        encoder: encoder.to_string(),
+        source,
+    }
+}
+
+/// Common state of the two text encoders.
+struct Loaded {
+    dir: ModelDir,
+    config: serde_json::Value,
+    weights: CheckedWeights,
+    files: Vec<PathBuf>,
+    tokenizer: TextTokenizer,
+    device: Device,
+    dtype: DType,
+}
+
+fn load(
+    cfg: &EncoderConfig,
+    subdirs: &[&str],
+    accept: impl Fn(&serde_json::Value) -> bool,
+    what: &str,
+    default_pads: &[&str],
+    t5: bool,
+) -> Result<Loaded> {
+    let root = ModelDir::resolve(&cfg.weights)?;
+    let (dir, config) = locate(&root, subdirs, accept, what)?;
+    let files = dir.safetensors(&["model"])?;
+    let weights = CheckedWeights::open(&files)?;
+    let tokenizer = find_tokenizer(
+        &tokenizer_dirs(&dir.root, std::slice::from_ref(&root.root)),
+        &cfg.weights,
+    )?
+    .load(&cfg.weights, t5, default_pads)?;
+    Ok(Loaded {
+        dir,
+        config,
+        weights,
+        files,
+        tokenizer,
+        device: parse_device(&cfg.device)?,
+        dtype: cfg.dtype.dtype(),
+    })
+}
+
+fn bad_config(dir: &ModelDir, e: serde_json::Error) -> EncodeError {
+    EncodeError::BadFile {
+        path: dir.root.join("config.json"),
+        why: format!("not a usable config: {e}"),
+    }
+}
+
+/// Splits `texts` into chunks of at most `batch` and concatenates each output on axis 0.
+fn chunked(
+    texts: &[&str],
+    batch: usize,
+    encoder: &str,
+    mut f: impl FnMut(&[&str]) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for chunk in texts.chunks(batch.max(1)) {
+        parts.push(f(chunk)?);
+    }
+    let n = parts.first().map_or(0, Vec::len);
+    (0..n)
+        .map(|k| {
+            let col: Vec<&Tensor> = parts.iter().map(|p| &p[k]).collect();
+            Tensor::cat(&col, 0).map_err(candle(encoder))
+        })
+        .collect()
+}
+
+fn texts<'a>(input: Input<'a>, encoder: &str) -> Result<&'a [&'a str]> {
+    match input {
+        Input::Texts(t) if !t.is_empty() => Ok(t),
+        Input::Texts(_) => Err(EncodeError::BadInput {
+            encoder: encoder.into(),
+            why: "empty batch".into(),
+        }),
+        Input::Images(_) => Err(EncodeError::BadInput {
+            encoder: encoder.into(),
+            why: "takes captions, was given images".into(),
+        }),
+    }
+}
+
+/// The `t5` feature: T5 encoder `last_hidden_state` with the attention mask.
+pub struct T5TextEncoder {
+    model: T5EncoderModel,
+    tokenizer: TextTokenizer,
+    max_length: usize,
+    batch: usize,
+    device: Device,
+    dtype: DType,
+    info: EncoderInfo,
+}
+
+impl T5TextEncoder {
+    /// Loads the encoder a `[[encoders]]` table with `name = "t5"` describes.
+    /// `max_length` defaults to [`T5_DEFAULT_MAX_LENGTH`]; `dtype = "f16"` is refused
+    /// (T5 v1.1 overflows in f16: use bf16 or f32).
+    pub fn load(cfg: &EncoderConfig) -> Result<Self> {
+        if cfg.dtype == DTypeName::F16 {
+            return Err(EncodeError::BadInput {
+                encoder: "t5".into(),
+                why: "f16 is not supported: T5 v1.1 activations overflow float16 (inf/NaN); \
+                      use dtype bf16 (GPU) or f32"
+                    .into(),
+            });
+        }
+        let l = load(
+            cfg,
+            &["text_encoder_3", "text_encoder_2", "text_encoder"],
+            |v| {
+                v.get("model_type").and_then(|m| m.as_str()) == Some("t5")
+                    || architecture(v).contains("T5")
+            },
+            "T5",
+            &["<pad>"],
+            true,
+        )?;
+        let t5cfg: T5Config =
+            serde_json::from_value(l.config.clone()).map_err(|e| bad_config(&l.dir, e))?;
+        let model = T5EncoderModel::new(l.weights.var_builder(l.dtype, &l.device), &t5cfg)
+            .map_err(|e| l.weights.error("t5", e))?;
+        let max_length = cfg.max_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
+        if max_length <= l.tokenizer.special_tokens_added() {
+            return Err(EncodeError::BadInput {
+                encoder: "t5".into(),
+                why: format!("max_length {max_length} leaves no room for text beside `</s>`"),
+            });
+        }
+        let info = EncoderInfo {
+            feature: "t5".into(),
+            model: format!(
+                "{} (T5EncoderModel, d_model {}, {} layers)",
+                l.dir.spec, t5cfg.d_model, t5cfg.num_layers
+            ),
+            weights_sha256: fingerprint(&l.files)?,
+            preprocess: json!({
+                "max_length": max_length,
+                "tokenizer": l.tokenizer.path().display().to_string(),
+                "tokenizer_sha256": file_sha256(l.tokenizer.path())?,
+                "padding": "max_length",
+                "truncation": true,
+                "add_special_tokens": true,
+                "attention_mask": true,
+                "rows_beyond_len": "zero",
+                "dtype": format!("{:?}", l.dtype).to_lowercase(),
+            }),
+            arrays: vec![
+                ArraySpec {
+                    name: "t5_hidden".into(),
+                    shape: vec![max_length, t5cfg.d_model],
+                },
+                ArraySpec {
+                    name: "t5_len".into(),
+                    shape: vec![],
+                },
+            ],
+        };
+        Ok(Self {
+            model,
+            tokenizer: l.tokenizer,
+            max_length,
+            batch: cfg.batch,
+            device: l.device,
+            dtype: l.dtype,
+            info,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The padded length `L`.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Tokenizes as diffusers does (padded to `L`, truncated keeping `</s>`).
+    pub fn tokenize(&self, texts: &[&str]) -> Result<TokenBatch> {
+        self.tokenizer.encode_batch(texts, self.max_length)
+    }
+
+    fn encode_chunk(&self, texts: &[&str]) -> Result<Vec<Tensor>> {
+        let err = candle("t5");
+        let tb = self.tokenize(texts)?;
+        let b = tb.len();
+        let t = tb.lengths.iter().copied().max().unwrap_or(1).max(1);
+        let _span = tracing::debug_span!("t5", batch = b, tokens = t).entered();
+        let ids: Vec<u32> = (0..b).flat_map(|i| tb.row(i)[..t].to_vec()).collect();
+        let mask: Vec<f32> = tb
+            .lengths
+            .iter()
+            .flat_map(|&n| (0..t).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, t), &self.device).map_err(&err)?;
+        let mask = Tensor::from_vec(mask, (b, t), &self.device).map_err(&err)?;
+        let hidden = self.model.forward(&ids, Some(&mask)).map_err(&err)?;
+        let keep = mask
+            .to_dtype(self.dtype)
+            .map_err(&err)?
+            .unsqueeze(2)
+            .map_err(&err)?;
+        let mut hidden = hidden.broadcast_mul(&keep).map_err(&err)?;
+        if t < self.max_length {
+            let d = self.model.config().d_model;
+            let pad = Tensor::zeros((b, self.max_length - t, d), self.dtype, &self.device)
+                .map_err(&err)?;
+            hidden = Tensor::cat(&[&hidden, &pad], 1).map_err(&err)?;
+        }
+        let lens: Vec<u32> = tb.lengths.iter().map(|&n| n as u32).collect();
+        let lens = Tensor::from_vec(lens, b, &self.device).map_err(&err)?;
+        Ok(vec![hidden, lens])
+    }
+
+    /// `t5_hidden` `[B, L, d_model]` (zero beyond each length) and `t5_len` `[B]` (u32).
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let mut out = chunked(texts, self.batch, "t5", |c| self.encode_chunk(c))?;
+        let lens = out.pop().expect("two outputs");
+        let hidden = out.pop().expect("two outputs");
+        Ok((hidden, lens))
+    }
+
+    /// The empty caption's `t5_hidden` `[L, d_model]` and its `t5_len` (1: `</s>`).
+    pub fn null_embedding(&self) -> Result<(Tensor, usize)> {
+        let (h, _) = self.encode_texts(&[""])?;
+        let n = self.tokenize(&[""])?.lengths[0];
+        Ok((h.squeeze(0).map_err(candle("t5"))?, n))
+    }
+
+    /// T5 as FluxPipeline runs it: ids padded to `L`, no attention mask, every row
+    /// kept (padding rows are not zero and captions influence each other's padding).
+    /// `[B, L, d_model]`.
+    pub fn encode_unmasked(&self, texts: &[&str]) -> Result<Tensor> {
+        let err = candle("t5");
+        let mut out = chunked(texts, self.batch, "t5", |c| {
+            let tb = self.tokenize(c)?;
+            let ids =
+                Tensor::from_vec(tb.ids, (c.len(), self.max_length), &self.device).map_err(&err)?;
+            Ok(vec![self.model.forward(&ids, None).map_err(&err)?])
+        })?;
+        Ok(out.pop().expect("one output"))
+    }
+}
+
+impl Encoder for T5TextEncoder {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let (h, l) = self.encode_texts(texts(input, "t5")?)?;
+        Ok(vec![("t5_hidden".into(), h), ("t5_len".into(), l)])
+    }
+
+    fn info(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+
+    fn takes_text(&self) -> bool {
+        true
+    }
+}
+
+/// The `clip_text` feature: CLIP text `pooler_output` (not projected).
+pub struct ClipTextEncoder {
+    model: ClipTextModel,
+    tokenizer: TextTokenizer,
+    max_length: usize,
+    batch: usize,
+    device: Device,
+    info: EncoderInfo,
+}
+
+impl ClipTextEncoder {
+    /// Loads the encoder a `[[encoders]]` table with `name = "clip_text"` describes.
+    /// `max_length` defaults to the model's `max_position_embeddings` (77) and may not
+    /// exceed it.
+    pub fn load(cfg: &EncoderConfig) -> Result<Self> {
+        let l = load(
+            cfg,
+            &["text_encoder", "text_encoder_2"],
+            |v| {
+                let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+                mt == "clip_text_model" || (mt == "clip" && v.get("text_config").is_some())
+            },
+            "CLIP text",
+            &["<|endoftext|>"],
+            false,
+        )?;
+        let ccfg = ClipTextConfig::from_json(&l.config).map_err(|e| bad_config(&l.dir, e))?;
+        let model = ClipTextModel::new(l.weights.var_builder(l.dtype, &l.device), &ccfg)
+            .map_err(|e| l.weights.error("clip_text", e))?;
+        let max_length = cfg.max_length.unwrap_or(ccfg.max_position_embeddings);
+        if max_length > ccfg.max_position_embeddings
+            || max_length <= l.tokenizer.special_tokens_added()
+        {
+            return Err(EncodeError::BadInput {
+                encoder: "clip_text".into(),
+                why: format!(
+                    "max_length {max_length} must be in {}..={} (max_position_embeddings)",
+                    l.tokenizer.special_tokens_added() + 1,
+                    ccfg.max_position_embeddings
+                ),
+            });
+        }
+        let info = EncoderInfo {
+            feature: "clip_text".into(),
+            model: format!(
+                "{} (CLIPTextModel pooler_output, hidden {}, {} layers)",
+                l.dir.spec, ccfg.hidden_size, ccfg.num_hidden_layers
+            ),
+            weights_sha256: fingerprint(&l.files)?,
+            preprocess: json!({
+                "max_length": max_length,
+                "tokenizer": l.tokenizer.path().display().to_string(),
+                "tokenizer_sha256": file_sha256(l.tokenizer.path())?,
+                "padding": "max_length",
+                "truncation": true,
+                "add_special_tokens": true,
+                "pooled": if ccfg.eos_token_id == 2 { "argmax(input_ids)" } else { "first eos_token_id" },
+                "dtype": format!("{:?}", l.dtype).to_lowercase(),
+            }),
+            arrays: vec![ArraySpec {
+                name: "clip_text_pooled".into(),
+                shape: vec![ccfg.hidden_size],
+            }],
+        };
+        Ok(Self {
+            model,
+            tokenizer: l.tokenizer,
+            max_length,
+            batch: cfg.batch,
+            device: l.device,
+            info,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokenizes as diffusers does (padded to 77, truncated keeping the end token).
+    pub fn tokenize(&self, texts: &[&str]) -> Result<TokenBatch> {
+        self.tokenizer.encode_batch(texts, self.max_length)
+    }
+
+    /// `clip_text_pooled` `[B, hidden]`.
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        let err = candle("clip_text");
+        let mut out = chunked(texts, self.batch, "clip_text", |c| {
+            let tb = self.tokenize(c)?;
+            let cfg = self.model.config();
+            let pos: Vec<usize> = (0..tb.len())
+                .map(|i| cfg.pooled_position(tb.row(i)))
+                .collect();
+            let t = pos.iter().copied().max().unwrap_or(0) + 1;
+            let _span = tracing::debug_span!("clip_text", batch = c.len(), tokens = t).entered();
+            let ids: Vec<u32> = (0..tb.len())
+                .flat_map(|i| tb.row(i)[..t].to_vec())
+                .collect();
+            let ids = Tensor::from_vec(ids, (c.len(), t), &self.device).map_err(&err)?;
+            Ok(vec![self.model.pooled(&ids, &pos).map_err(&err)?])
+        })?;
+        Ok(out.pop().expect("one output"))
+    }
+
+    /// The empty caption's `clip_text_pooled` `[hidden]`.
+    pub fn null_embedding(&self) -> Result<Tensor> {
+        self.encode_texts(&[""])?
+            .squeeze(0)
+            .map_err(candle("clip_text"))
+    }
+}
+
+impl Encoder for ClipTextEncoder {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let p = self.encode_texts(texts(input, "clip_text")?)?;
+        Ok(vec![("clip_text_pooled".into(), p)])
+    }
+
+    fn info(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+
+    fn takes_text(&self) -> bool {
+        true
+    }
+}
+
+/// The arrays a text encoder writes for the empty caption `""`, without the batch
+/// axis (per-sample shapes as in [`EncoderInfo::arrays`]): what Flux reconditioning
+/// and conditioning dropout use, and what the store records.
+pub fn null_embedding(encoder: &dyn Encoder) -> Result<Vec<(String, Tensor)>> {
+    let info = encoder.info();
+    if !encoder.takes_text() {
+        return Err(EncodeError::BadInput {
+            encoder: info.feature,
+            why: "has no empty-caption embedding: it does not take text".into(),
+        });
+    }
+    encoder
+        .encode(Input::Texts(&[""]))?
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t.squeeze(0).map_err(|source| EncodeError::Candle {
+                encoder: info.feature.clone(),
+                source,
+            })?;
+            Ok((name, t))
+        })
+        .collect()
+}
