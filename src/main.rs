@@ -20,7 +20,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Summarise a store (parts, samples, features, bytes); --verify checks every shard.
+    Inspect(cmd::inspect::InspectArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +31,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<ExitCode> = match cli.command {};
+    let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(&args),
+    };
     match result {
         Ok(code) => code,
         Err(err) => {
