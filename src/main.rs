@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Clean captions (PixArt / diffusers), index the SA-1B captions, look them up.
     Captions(cmd::captions::CaptionsArgs),
+    /// Summarise a store (parts, samples, features, bytes); --verify checks every shard.
+    Inspect(cmd::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         .init();
     let result: anyhow::Result<ExitCode> = match cli.command {
         Command::Captions(args) => cmd::captions::run(args),
+        Command::Inspect(args) => cmd::inspect::run(&args),
     };
     match result {
         Ok(code) => code,
