@@ -1,5 +1,6 @@
 //! End-to-end tests of the `tensorbake` binary. All of them compile into this one
 //! test binary (ripgrep's habit); each test works in a fresh temporary directory.
 
+mod captions;
 mod store;
 mod util;

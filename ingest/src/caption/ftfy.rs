@@ -205,10 +205,11 @@ impl Ftfy {
         }
         // ftfy tests for "windows-1252" among the possible encodings, a name that
         // list never holds ("sloppy-windows-1252" is), so this branch always runs.
-        if possible_latin1 && let Some(fixed) = latin1_to_windows1252(text) {
-            if fixed != text {
-                return Ok(fixed);
-            }
+        if possible_latin1
+            && let Some(fixed) = latin1_to_windows1252(text)
+            && fixed != text
+        {
+            return Ok(fixed);
         }
         if text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)) {
             return Ok(self.fix_c1_controls(text));

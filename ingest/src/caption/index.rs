@@ -42,9 +42,9 @@ pub enum IndexError {
     Db {
         /// The database file.
         path: PathBuf,
-        /// What redb reported.
+        /// What redb reported (boxed: redb's error is large).
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     /// The caption tar could not be read.
     #[error("caption index {path}: reading {label} at tar entry {entry}: {source}")]
@@ -106,7 +106,7 @@ pub enum IndexError {
 fn db_err(path: &Path, e: impl Into<redb::Error>) -> IndexError {
     IndexError::Db {
         path: path.to_path_buf(),
-        source: e.into(),
+        source: Box::new(e.into()),
     }
 }
 
