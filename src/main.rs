@@ -20,7 +20,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Benchmarks of whole stages beside their Python peers.
+    Bench(cmd::bench::BenchArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +31,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<ExitCode> = match cli.command {};
+    let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Bench(args) => cmd::bench::run(args),
+    };
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -1,1 +1,2 @@
 //! tensorbake-ingest: from shard URLs to clean samples.
+pub mod image;
