@@ -4,6 +4,7 @@
 # virtualenv, then runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/build-deps.sh
 VENV=${TENSORBAKE_TEST_VENV:-$PWD/.venv-test}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

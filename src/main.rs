@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod manifest;
 
 /// Stream image datasets, bake frozen diffusion encoders into Zarr v3, train from the cache.
 #[derive(Debug, Parser)]
@@ -21,10 +22,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Stream a manifest's shards into clean samples; --list prints them as JSON lines.
+    Ingest(cmd::ingest::Args),
+    /// Run the pipeline on synthetic SA-1B shards served over loopback HTTP, offline.
+    Demo(cmd::demo::Args),
     /// Clean captions (PixArt / diffusers), index the SA-1B captions, look them up.
     Captions(cmd::captions::CaptionsArgs),
     /// Summarise a store (parts, samples, features, bytes); --verify checks every shard.
     Inspect(cmd::inspect::InspectArgs),
+    /// Benchmarks of whole stages beside their Python peers.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,8 +41,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Ingest(args) => cmd::ingest::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Captions(args) => cmd::captions::run(args),
         Command::Inspect(args) => cmd::inspect::run(&args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,5 +2,7 @@
 //! test binary (ripgrep's habit); each test works in a fresh temporary directory.
 
 mod captions;
+mod demo;
+mod ingest;
 mod store;
 mod util;

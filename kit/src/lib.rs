@@ -9,3 +9,4 @@
 pub mod http;
 pub mod rank;
 pub mod synth;
+pub mod synth_image;

@@ -18,30 +18,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// A photo-like JPEG of `width` x `height` (quality 90), seeded.
+/// A photo-like JPEG of `width` x `height` (quality 90, 4:2:0), seeded
+/// ([`crate::synth_image::photo_jpeg`]).
 pub fn jpeg(width: u32, height: u32, seed: u64) -> Vec<u8> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let c0: [f32; 3] = [rng.random(), rng.random(), rng.random()];
-    let c1: [f32; 3] = [rng.random(), rng.random(), rng.random()];
-    let (fx, fy) = (rng.random_range(1.0..6.0f32), rng.random_range(1.0..6.0f32));
-    let mut img = image::RgbImage::new(width, height);
-    for (x, y, p) in img.enumerate_pixels_mut() {
-        let u = x as f32 / width as f32;
-        let v = y as f32 / height as f32;
-        let t = 0.5
-            + 0.5
-                * ((u * fx * std::f32::consts::TAU).sin() * (v * fy * std::f32::consts::TAU).cos());
-        let noise = rng.random_range(-12.0..12.0f32);
-        for c in 0..3 {
-            let val = 255.0 * (c0[c] * (1.0 - t) + c1[c] * t * (0.6 + 0.4 * u)) + noise;
-            p[c] = val.clamp(0.0, 255.0) as u8;
-        }
-    }
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .encode_image(&img)
-        .expect("JPEG encoding into memory cannot fail");
-    out
+    crate::synth_image::photo_jpeg(width, height, seed, 90)
+        .expect("JPEG encoding into memory cannot fail")
 }
 
 /// Writes a tar of `members` (name, bytes) to `path`, gzip-compressed if `gzip`.

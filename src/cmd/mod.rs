@@ -1,4 +1,7 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod captions;
+pub mod demo;
+pub mod ingest;
 pub mod inspect;
