@@ -154,6 +154,53 @@ pub(crate) fn py_strip(s: &str) -> &str {
 /// escapes inside), groups and lookaround, quantifiers, `\b \B \A \Z`, `^ $ .`, and
 /// `\xHH \uHHHH \UHHHHHHHH` escapes.
 pub(crate) fn translate(pattern: &str, verbose: bool) -> String {
+    translate_mode(pattern, verbose, false)
+}
+
+/// Like [`translate`], with every zero-width assertion (`\b`, `\B`, `$`,
+/// lookaround) dropped: the result matches a superset of what the pattern matches,
+/// has no lookaround, and so runs on the `regex` crate's automata. It is used as a
+/// prefilter: where it finds nothing, the exact pattern cannot match either.
+fn translate_relaxed(pattern: &str, verbose: bool) -> String {
+    translate_mode(pattern, verbose, true)
+}
+
+/// The index after the group opened at `chars[i] == '('` closes.
+fn skip_group(chars: &[char], mut i: usize) -> usize {
+    let mut depth = 0usize;
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => i += 1,
+            '[' => {
+                i += 1;
+                if chars.get(i) == Some(&'^') {
+                    i += 1;
+                }
+                if chars.get(i) == Some(&']') {
+                    i += 1;
+                }
+                while i < chars.len() && chars[i] != ']' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    i
+}
+
+fn translate_mode(pattern: &str, verbose: bool, relaxed: bool) -> String {
     let cls = &*CLASSES;
     let chars: Vec<char> = pattern.chars().collect();
     let mut out = String::with_capacity(pattern.len() * 2);
@@ -184,6 +231,7 @@ pub(crate) fn translate(pattern: &str, verbose: bool) -> String {
                         push_ranges(&mut out, &ranges);
                         out.push(']');
                     }
+                    Escape::Boundary | Escape::NotBoundary if relaxed => {}
                     Escape::Boundary => out.push_str(&cls.boundary),
                     Escape::NotBoundary => out.push_str(&cls.not_boundary),
                     Escape::Start => out.push_str("\\A"),
@@ -191,7 +239,17 @@ pub(crate) fn translate(pattern: &str, verbose: bool) -> String {
                 }
                 continue;
             }
+            '$' if relaxed => {}
             '$' => out.push_str("(?=\\n?\\z)"),
+            '(' if relaxed
+                && chars.get(i + 1) == Some(&'?')
+                && (matches!(chars.get(i + 2), Some('=' | '!'))
+                    || (chars.get(i + 2) == Some(&'<')
+                        && matches!(chars.get(i + 3), Some('=' | '!')))) =>
+            {
+                i = skip_group(&chars, i);
+                continue;
+            }
             '[' => {
                 i = parse_class(&chars, i + 1, &mut out);
                 continue;
@@ -335,6 +393,10 @@ fn parse_class(chars: &[char], mut i: usize, out: &mut String) -> usize {
 #[derive(Debug)]
 pub(crate) struct PyRe {
     re: Regex,
+    /// A lookaround-free superset of `re` on the `regex` crate (see
+    /// [`translate_relaxed`]): most captions match few patterns, and this rejects
+    /// them without running the backtracking VM.
+    prefilter: Option<regex::Regex>,
 }
 
 impl PyRe {
@@ -357,11 +419,24 @@ impl PyRe {
             .delegate_dfa_size_limit(1 << 26)
             .build()
             .unwrap_or_else(|e| panic!("built-in pattern {pattern:?} does not compile: {e}"));
-        Self { re }
+        let prefilter = regex::RegexBuilder::new(&translate_relaxed(pattern, verbose))
+            .size_limit(1 << 26)
+            .dfa_size_limit(1 << 26)
+            .build()
+            .ok();
+        Self { re, prefilter }
+    }
+
+    /// False when the prefilter proves the pattern cannot match `text`.
+    fn may_match(&self, text: &str) -> bool {
+        self.prefilter.as_ref().is_none_or(|p| p.is_match(text))
     }
 
     /// `re.sub(pattern, literal, text)`.
     pub(crate) fn sub<'t>(&self, text: &'t str, literal: &str) -> Result<Cow<'t, str>, RegexLimit> {
+        if !self.may_match(text) {
+            return Ok(Cow::Borrowed(text));
+        }
         self.re
             .try_replacen(text, 0, fancy_regex::NoExpand(literal))
             .map_err(|_| RegexLimit)
@@ -373,16 +448,25 @@ impl PyRe {
         text: &'t str,
         f: impl FnMut(&Captures<'_, str>) -> String,
     ) -> Result<Cow<'t, str>, RegexLimit> {
+        if !self.may_match(text) {
+            return Ok(Cow::Borrowed(text));
+        }
         self.re.try_replacen(text, 0, f).map_err(|_| RegexLimit)
     }
 
     /// `bool(re.search(pattern, text))`.
     pub(crate) fn search(&self, text: &str) -> Result<bool, RegexLimit> {
+        if !self.may_match(text) {
+            return Ok(false);
+        }
         self.re.is_match(text).map_err(|_| RegexLimit)
     }
 
     /// `len(re.findall(pattern, text))`.
     pub(crate) fn count(&self, text: &str) -> Result<usize, RegexLimit> {
+        if !self.may_match(text) {
+            return Ok(0);
+        }
         let mut n = 0;
         for m in self.re.find_iter(text) {
             m.map_err(|_| RegexLimit)?;
@@ -427,6 +511,21 @@ mod tests {
         assert!(re.search("q b").unwrap());
         assert!(!re.search("qb").unwrap());
         assert!(!re.search("q  b").unwrap());
+    }
+
+    #[test]
+    fn relaxed_patterns_drop_only_zero_width_assertions() {
+        let r = translate_relaxed(r"\bab(?!@)c(?<=c)$", false);
+        assert_eq!(r, "abc");
+        let r = translate_relaxed(r"x(?<![\)(])y", false);
+        assert_eq!(r, "xy");
+        // Every built-in pattern gets a prefilter.
+        for re in [
+            PyRe::new(r"\b\d+[a-zA-Z]+\d+\b"),
+            PyRe::verbose(super::tables::FTFY_BADNESS),
+        ] {
+            assert!(re.prefilter.is_some());
+        }
     }
 
     #[test]
