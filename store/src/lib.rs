@@ -14,7 +14,7 @@
 //! One part per input shard, written by exactly one [`PartWriter`] and committed last;
 //! readers see only committed parts. Arrays are sharded (`sharding_indexed`), one sample
 //! per inner chunk, `bytes`/`vlen-utf8` + `zstd` + `crc32c` inside, a `crc32c`-checked
-//! shard index, so [`verify`] finds damaged bytes and a reader never returns them.
+//! shard index, so [`verify()`] finds damaged bytes and a reader never returns them.
 //!
 //! ```no_run
 //! use std::collections::BTreeMap;
