@@ -71,3 +71,19 @@ pub use writer::{FeatureValue, PartWriter, Record, Store};
 
 /// Result alias of this crate.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    /// The pipeline moves a writer to its own thread and shares readers between
+    /// loader threads: these bounds are part of the API.
+    #[test]
+    fn thread_bounds() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<crate::PartWriter>();
+        send_sync::<crate::Store>();
+        send_sync::<crate::StoreReader>();
+        send::<crate::Loader>();
+        send::<crate::Batch>();
+    }
+}
