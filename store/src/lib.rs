@@ -14,7 +14,7 @@
 //! One part per input shard, written by exactly one [`PartWriter`] and committed last;
 //! readers see only committed parts. Arrays are sharded (`sharding_indexed`), one sample
 //! per inner chunk, `bytes`/`vlen-utf8` + `zstd` + `crc32c` inside, a `crc32c`-checked
-//! shard index, so [`verify`] finds damaged bytes and a reader never returns them.
+//! shard index, so [`verify()`] finds damaged bytes and a reader never returns them.
 //!
 //! ```no_run
 //! use std::collections::BTreeMap;
@@ -71,3 +71,19 @@ pub use writer::{FeatureValue, PartWriter, Record, Store};
 
 /// Result alias of this crate.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    /// The pipeline moves a writer to its own thread and shares readers between
+    /// loader threads: these bounds are part of the API.
+    #[test]
+    fn thread_bounds() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<crate::PartWriter>();
+        send_sync::<crate::Store>();
+        send_sync::<crate::StoreReader>();
+        send::<crate::Loader>();
+        send::<crate::Batch>();
+    }
+}

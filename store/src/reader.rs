@@ -241,12 +241,11 @@ impl StoreReader {
         })?;
         let mut indices = vec![0u64; open.array.dimensionality()];
         indices[0] = row;
+        // One inner chunk: decode it on this thread. Parallelism comes from the loader's
+        // threads; a rayon fan-out per sample only adds wake-ups.
+        let single = CodecOptions::default().with_concurrent_target(1);
         open.array
-            .retrieve_subchunk_opt::<ArrayBytes<'static>>(
-                &open.cache,
-                &indices,
-                &CodecOptions::default(),
-            )
+            .retrieve_subchunk_opt::<ArrayBytes<'static>>(&open.cache, &indices, &single)
             .map_err(|e| StoreError::Array {
                 location: self.backend.location.to_string(),
                 part: self.parts[p].name.clone(),

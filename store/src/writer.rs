@@ -685,7 +685,12 @@ impl PartWriter {
                     .map_err(|e| array_err(zarrs::array::ArrayError::Other(e.to_string())))?
             }
         };
-        a.array.store_chunk(&indices, bytes).map_err(array_err)?;
+        // Store the shard even when every sample in it is the fill value (a part whose
+        // captions are all empty): `verify` expects every shard of the part to exist.
+        let options = zarrs::array::CodecOptions::default().with_store_empty_chunks(true);
+        a.array
+            .store_chunk_opt(&indices, bytes, &options)
+            .map_err(array_err)?;
         tracing::trace!(part = %part, array = %a.name, shard, samples = a.buffered, "wrote shard");
         a.buffered = 0;
         a.shards_written += 1;

@@ -356,6 +356,19 @@ fn uncommitted_parts_are_invisible_and_committed_ones_are_never_rewritten() {
         Err(StoreError::InvalidPartName { .. })
     ));
 
+    // A part whose captions are all empty (fill value) still has every shard on disk,
+    // so verify does not mistake it for damage.
+    let mut w = store.part_writer("nocap", "src-nocap").unwrap();
+    for i in 0..6 {
+        let mut r = record(&expected(5, i));
+        r.caption = String::new();
+        w.push(r).unwrap();
+    }
+    w.commit().unwrap();
+    assert!(dir.path().join("s.zarr/parts/nocap/caption/c/1").exists());
+    assert!(tensorbake_store::verify(&loc).unwrap().ok());
+    assert_eq!(StoreReader::open(&loc).unwrap().get(0).unwrap().caption, "");
+
     // An empty part commits too (a shard whose samples were all skipped is done).
     store
         .part_writer("empty", "src-empty")
@@ -365,7 +378,11 @@ fn uncommitted_parts_are_invisible_and_committed_ones_are_never_rewritten() {
     let reader = StoreReader::open(&loc).unwrap();
     assert_eq!(
         reader.parts(),
-        [("empty".to_string(), 0), ("p".to_string(), 5)]
+        [
+            ("empty".to_string(), 0),
+            ("nocap".to_string(), 6),
+            ("p".to_string(), 5)
+        ]
     );
-    assert_eq!(reader.len(), 5);
+    assert_eq!(reader.len(), 11);
 }
