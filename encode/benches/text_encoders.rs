@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_main};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_main};
 use tensorbake_encode::clip_text::{ClipTextConfig, ClipTextModel};
 use tensorbake_encode::t5::{T5Config, T5EncoderModel};
 use tensorbake_encode::tokenize::TextTokenizer;
@@ -94,7 +94,12 @@ fn bench(c: &mut Criterion) {
     let vb = || VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
 
     let mut g = c.benchmark_group("text_encoders");
+    // One iteration of a full-width T5 layer takes seconds on a small CPU: flat
+    // sampling, ten samples.
     g.sample_size(10);
+    g.sampling_mode(SamplingMode::Flat);
+    g.warm_up_time(std::time::Duration::from_secs(1));
+    g.measurement_time(std::time::Duration::from_secs(5));
     g.throughput(Throughput::Elements(batch as u64));
 
     // CLIP ViT-L/14 text, full size, 77 tokens.
