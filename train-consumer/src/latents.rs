@@ -19,9 +19,15 @@ pub struct LatentScaling {
 
 impl LatentScaling {
     /// sd-vae-ft-ema, the VAE of PixArt-α and Stable Diffusion 1.x/2.x.
-    pub const SD: Self = Self { shift: 0.0, scale: 0.18215 };
+    pub const SD: Self = Self {
+        shift: 0.0,
+        scale: 0.18215,
+    };
     /// The 16-channel Flux autoencoder.
-    pub const FLUX: Self = Self { shift: 0.1159, scale: 0.3611 };
+    pub const FLUX: Self = Self {
+        shift: 0.1159,
+        scale: 0.3611,
+    };
 
     /// Raw latent -> model latent: `(z - shift) * scale`.
     pub fn apply(&self, z: &Tensor) -> Result<Tensor> {
@@ -78,10 +84,17 @@ mod tests {
         let n = 200_000;
         let mean = Tensor::full(0.7f32, n, &dev)?;
         let std = Tensor::full(0.3f32, n, &dev)?;
-        let unit = LatentScaling { shift: 0.0, scale: 1.0 };
+        let unit = LatentScaling {
+            shift: 0.0,
+            scale: 1.0,
+        };
         let z = sample_latents(&mean, &std, unit)?;
         let m = z.mean_all()?.to_scalar::<f32>()?;
-        let var = z.affine(1.0, -f64::from(m))?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        let var = z
+            .affine(1.0, -f64::from(m))?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()?;
         assert!((m - 0.7).abs() < 0.005, "mean {m}");
         assert!((var.sqrt() - 0.3).abs() < 0.005, "std {}", var.sqrt());
         // zero std gives back the mean exactly
