@@ -19,6 +19,12 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod clip_vision;
+pub mod image_ops;
+pub mod loader;
+pub mod siglip;
+pub mod vae;
+pub mod vision;
 pub mod weights;
 
 /// Errors of the encoders. Variants name the file, tensor or encoder concerned.
@@ -255,11 +261,16 @@ pub const KNOWN_ENCODERS: &[&str] = &[
 /// Builds the encoder a config names. `resolution` is the pipeline's image size (the
 /// VAE input size); text encoders ignore it.
 pub fn build_encoder(cfg: &EncoderConfig, resolution: u32) -> Result<Box<dyn Encoder>> {
-    let _ = resolution;
-    Err(EncodeError::UnknownEncoder {
-        name: cfg.name.clone(),
-        known: KNOWN_ENCODERS.join(", "),
-    })
+    match cfg.name.as_str() {
+        // Image features (vision.rs).
+        "sd_vae" | "flux_vae" => Ok(Box::new(vision::build_vae(cfg, resolution)?)),
+        "siglip" => Ok(Box::new(vision::build_siglip(cfg)?)),
+        "clip_vision" => Ok(Box::new(vision::build_clip_vision(cfg)?)),
+        _ => Err(EncodeError::UnknownEncoder {
+            name: cfg.name.clone(),
+            known: KNOWN_ENCODERS.join(", "),
+        }),
+    }
 }
 
 #[cfg(test)]
