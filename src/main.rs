@@ -20,7 +20,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run one encoder over image files (or captions) into a safetensors file.
+    Encode(cmd::encode::EncodeArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +31,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<ExitCode> = match cli.command {};
+    let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Encode(args) => cmd::encode::run(args),
+    };
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -39,6 +39,20 @@ pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// See [`CLIP_MEAN`].
 pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
+/// candle's CPU backend has no bf16 matrix multiply: refuse the combination up front
+/// rather than fail on the first batch.
+fn check_dtype(feature: &str, device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(EncodeError::BadInput {
+            encoder: feature.to_string(),
+            why: "bf16 is not supported on the CPU (candle has no CPU bf16 matmul); \
+                  use f32 or f16 on the CPU, bf16 on CUDA"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 fn candle_err(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
     move |source| EncodeError::Candle {
         encoder: encoder.to_string(),
@@ -214,6 +228,7 @@ pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
     };
     let device = parse_device(&cfg.device)?;
     let dtype = cfg.dtype.dtype();
+    check_dtype(feature, &device, dtype)?;
     let mut dir = ModelDir::resolve(&cfg.weights)?;
     if dir.file("model_index.json").is_some()
         && let Some(v) = dir.sub("vae")
@@ -395,6 +410,7 @@ pub struct SiglipFeature {
 pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
     let device = parse_device(&cfg.device)?;
     let dtype = cfg.dtype.dtype();
+    check_dtype("siglip", &device, dtype)?;
     let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
     let raw = read_config(&dir)?;
     let scfg = siglip::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;
@@ -556,6 +572,7 @@ pub struct ClipVisionFeature {
 pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
     let device = parse_device(&cfg.device)?;
     let dtype = cfg.dtype.dtype();
+    check_dtype("clip_vision", &device, dtype)?;
     let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
     let raw = read_config(&dir)?;
     let ccfg = clip_vision::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;

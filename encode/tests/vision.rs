@@ -109,6 +109,7 @@ fn pillow_resampling_is_reproduced() {
                 .collect();
             let max = *diffs.iter().max().unwrap();
             let mad = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64 / 255.0;
+            eprintln!("resample {name} image {i}: MAD {mad:.2e}, max {max} levels");
             assert!(mad <= 1.0 / 255.0, "{name} image {i}: MAD {mad}");
             if HORIZONTAL_FIRST.contains(&i) || filter == Filter::Nearest {
                 // Same integer arithmetic as Pillow: identical bytes.
@@ -146,6 +147,14 @@ fn preprocessing_matches_the_reference_processors() {
                 .to_vec1()
                 .unwrap();
             let m = mad(&ours, &theirs);
+            let max = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "preprocess {what} image {i}: MAD {m:.2e}, max {max:.2e} (pixel_values units)"
+            );
             assert!(m <= 1.0 / 255.0, "{what} image {i}: MAD {m}");
             // CLIP's resizes of all three, and SigLIP's of images 0 and 2, are ones
             // Pillow 13 runs horizontal pass first.
@@ -205,6 +214,7 @@ fn vae_posteriors_match_diffusers() {
         for moment in ["mean", "std"] {
             let name = format!("{feature}_{moment}");
             let e = rel_err(&out[&name], &stack(&g, &name));
+            eprintln!("parity {dir} {name}: max relative error {e:.2e}");
             assert!(e <= REL_TOL, "{dir} {name}: relative error {e}");
         }
         let info = enc.info();
@@ -227,6 +237,9 @@ fn siglip_and_clip_match_transformers() {
             &enc.forward_pixels(&px).unwrap(),
             &stack(&g, "siglip_hidden"),
         );
+        eprintln!(
+            "parity {dir} siglip_hidden (reference pixel values): max relative error {e:.2e}"
+        );
         assert!(e <= REL_TOL, "{dir}: model relative error {e}");
         let out = outputs(&enc, &imgs);
         for i in 0..N_IMAGES {
@@ -238,6 +251,9 @@ fn siglip_and_clip_match_transformers() {
             // first: a few pixels differ by a level, which the tiny random model
             // amplifies, so a looser bound there.
             let tol = if i == 1 { 0.05 } else { REL_TOL };
+            eprintln!(
+                "parity {dir} siglip_hidden image {i} (from the image file): max relative error {e:.2e}"
+            );
             assert!(
                 e <= tol,
                 "{dir}: image {i}: image-to-features relative error {e}"
@@ -252,9 +268,15 @@ fn siglip_and_clip_match_transformers() {
             &enc.forward_pixels(&px).unwrap(),
             &stack(&g, "clip_image_embeds"),
         );
+        eprintln!(
+            "parity {dir} clip_image_embeds (reference pixel values): max relative error {e:.2e}"
+        );
         assert!(e <= REL_TOL, "{dir}: model relative error {e}");
         let out = outputs(&enc, &imgs);
         let e = rel_err(&out["clip_image_embeds"], &stack(&g, "clip_image_embeds"));
+        eprintln!(
+            "parity {dir} clip_image_embeds (from the image files): max relative error {e:.2e}"
+        );
         assert!(e <= REL_TOL, "{dir}: image-to-features relative error {e}");
         assert_eq!(enc.info().arrays[0].shape, vec![24]);
     }
