@@ -69,8 +69,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
             parts.entry(name).or_default().push(t);
         }
     };
-    let inputs: Vec<String>;
-    if encoder.takes_text() {
+    let inputs: Vec<String> = if encoder.takes_text() {
         if !args.images.is_empty() {
             bail!(
                 "`{}` is a text encoder: give --text-file, not image files",
@@ -88,7 +87,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             push(encoder.encode(Input::Texts(&refs))?);
         }
-        inputs = vec![path.display().to_string()];
+        vec![path.display().to_string()]
     } else {
         if args.text_file.is_some() {
             bail!(
@@ -107,12 +106,11 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
             let views: Vec<_> = imgs.iter().map(RgbImage::view).collect();
             push(encoder.encode(Input::Images(&views))?);
         }
-        inputs = args
-            .images
+        args.images
             .iter()
             .map(|p| p.display().to_string())
-            .collect();
-    }
+            .collect()
+    };
     let mut arrays = Vec::new();
     for spec in &info.arrays {
         let ts = parts
