@@ -32,6 +32,8 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Benchmarks of whole stages beside their Python peers.
     Bench(cmd::bench::BenchArgs),
+    /// Run one encoder over image files (or captions) into a safetensors file.
+    Encode(cmd::encode::EncodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Captions(args) => cmd::captions::run(args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Encode(args) => cmd::encode::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 mod captions;
 mod demo;
+mod encode;
 mod ingest;
 mod store;
 mod util;

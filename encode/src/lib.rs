@@ -19,6 +19,12 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod clip_vision;
+pub mod image_ops;
+pub mod loader;
+pub mod siglip;
+pub mod vae;
+pub mod vision;
 pub mod weights;
 
 // Text encoders (t5, clip_text).
@@ -264,8 +270,11 @@ pub const KNOWN_ENCODERS: &[&str] = &[
 /// Builds the encoder a config names. `resolution` is the pipeline's image size (the
 /// VAE input size); text encoders ignore it.
 pub fn build_encoder(cfg: &EncoderConfig, resolution: u32) -> Result<Box<dyn Encoder>> {
-    let _ = resolution;
     match cfg.name.as_str() {
+        // Image features (vision.rs).
+        "sd_vae" | "flux_vae" => Ok(Box::new(vision::build_vae(cfg, resolution)?)),
+        "siglip" => Ok(Box::new(vision::build_siglip(cfg)?)),
+        "clip_vision" => Ok(Box::new(vision::build_clip_vision(cfg)?)),
         // Text encoders.
         "t5" => Ok(Box::new(T5TextEncoder::load(cfg)?)),
         "clip_text" => Ok(Box::new(ClipTextEncoder::load(cfg)?)),

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod captions;
 pub mod demo;
+pub mod encode;
 pub mod ingest;
 pub mod inspect;

@@ -1,0 +1,682 @@
+//! The image features (`sd_vae`, `flux_vae`, `siglip`, `clip_vision`) as [`Encoder`]s:
+//! finding the model in its directory, loading checked weights, preprocessing as the
+//! reference processors do, batching, and naming the output arrays.
+//!
+//! Directory layouts understood (local path or hub id in the HF cache):
+//!
+//! | feature | directories |
+//! |---|---|
+//! | `sd_vae` | a diffusers VAE (`config.json` + `diffusion_pytorch_model.safetensors`, e.g. stabilityai/sd-vae-ft-ema), or a pipeline with `vae/` (PixArt-alpha/PixArt-XL-2-512x512) |
+//! | `flux_vae` | the same, 16 latent channels (FLUX.1-dev `vae/`), or BFL's `ae.safetensors` without a config (architecture read from the tensor shapes) |
+//! | `siglip` | a full `SiglipModel` (google/siglip-so400m-patch14-384) or a vision-only `SiglipVisionModel`; a Flux Redux pipeline's `image_encoder/` with `feature_extractor/` |
+//! | `clip_vision` | a full `CLIPModel` (openai/clip-vit-large-patch14) or a `CLIPVisionModelWithProjection`, also as a pipeline's `image_encoder/` |
+//!
+//! Preprocessing: the VAEs take the image resized (shortest side, Pillow bicubic) and
+//! centre-cropped to the pipeline resolution (images already at that size pass
+//! unchanged), scaled to [-1, 1]. SigLIP and CLIP run their `preprocessor_config.json`
+//! (the model's, or the pipeline's `feature_extractor/`; the checkpoint's defaults when
+//! there is none) through [`ImageProcessor`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::clip_vision::{self, ClipVisionWithProjection};
+use crate::image_ops::{Filter, ImageProcessor, PreprocessorConfig, ResizeRule, RgbImage};
+use crate::loader::{NameMap, WeightFiles, same_names};
+use crate::siglip::{self, SiglipVision};
+use crate::vae::{self, VaeEncoder};
+use crate::weights::{ModelDir, fingerprint};
+use crate::{
+    ArraySpec, DTypeName, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8,
+    parse_device,
+};
+
+/// OpenAI CLIP's normalisation (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
+pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// See [`CLIP_MEAN`].
+pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// candle's CPU backend has no bf16 matrix multiply: refuse the combination up front
+/// rather than fail on the first batch.
+fn check_dtype(feature: &str, device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(EncodeError::BadInput {
+            encoder: feature.to_string(),
+            why: "bf16 is not supported on the CPU (candle has no CPU bf16 matmul); \
+                  use f32 or f16 on the CPU, bf16 on CUDA"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn candle_err(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
+    move |source| EncodeError::Candle {
+        encoder: encoder.to_string(),
+        source,
+    }
+}
+
+fn images<'a>(encoder: &str, input: Input<'a>) -> Result<&'a [Rgb8<'a>]> {
+    match input {
+        Input::Images(i) => {
+            if let Some((k, bad)) = i.iter().enumerate().find(|(_, im)| {
+                im.width == 0
+                    || im.height == 0
+                    || im.pixels.len() != im.width as usize * im.height as usize * 3
+            }) {
+                return Err(EncodeError::BadInput {
+                    encoder: encoder.to_string(),
+                    why: format!(
+                        "image {k} is {}x{} with {} bytes (expected RGB8, {} bytes)",
+                        bad.width,
+                        bad.height,
+                        bad.pixels.len(),
+                        bad.width as usize * bad.height as usize * 3
+                    ),
+                });
+            }
+            Ok(i)
+        }
+        Input::Texts(_) => Err(EncodeError::BadInput {
+            encoder: encoder.to_string(),
+            why: "this is an image encoder; it was given texts".into(),
+        }),
+    }
+}
+
+/// A model directory's config read as JSON, with the error naming the file.
+fn read_config(dir: &ModelDir) -> Result<serde_json::Value> {
+    dir.json("config.json")
+}
+
+fn bad_config(dir: &ModelDir, why: String) -> EncodeError {
+    EncodeError::BadFile {
+        path: dir.root.join("config.json"),
+        why,
+    }
+}
+
+/// Where a model's `preprocessor_config.json` is: in its directory, else in the
+/// pipeline's `feature_extractor/` beside it.
+fn find_preprocessor(dir: &ModelDir) -> Option<PathBuf> {
+    if let Some(p) = dir.file("preprocessor_config.json") {
+        return Some(p);
+    }
+    let sibling = dir
+        .root
+        .parent()?
+        .join("feature_extractor/preprocessor_config.json");
+    sibling.is_file().then_some(sibling)
+}
+
+fn apply_preprocessor(base: ImageProcessor, dir: &ModelDir) -> Result<(ImageProcessor, String)> {
+    let Some(path) = find_preprocessor(dir) else {
+        return Ok((base, "model defaults (no preprocessor_config.json)".into()));
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| EncodeError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg: PreprocessorConfig =
+        serde_json::from_str(&text).map_err(|e| EncodeError::BadFile {
+            path: path.clone(),
+            why: format!("invalid preprocessor config: {e}"),
+        })?;
+    let p = base.with_config(&cfg).map_err(|why| EncodeError::BadFile {
+        path: path.clone(),
+        why,
+    })?;
+    Ok((p, path.display().to_string()))
+}
+
+/// A model dir that holds `config.json`, or the sub-directory `sub` of a pipeline.
+fn model_or_sub(dir: ModelDir, sub: &str) -> ModelDir {
+    if dir.file("config.json").is_none()
+        && let Some(s) = dir.sub(sub)
+    {
+        return s;
+    }
+    dir
+}
+
+fn to_batch(
+    pix: Vec<Vec<f32>>,
+    h: usize,
+    w: usize,
+    dev: &Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let b = pix.len();
+    let flat: Vec<f32> = pix.into_iter().flatten().collect();
+    Tensor::from_vec(flat, (b, 3, h, w), &Device::Cpu)?
+        .to_device(dev)?
+        .to_dtype(dtype)
+}
+
+/// Runs `f` over `items` in chunks of `batch` and concatenates each output on axis 0.
+fn chunked<T>(
+    items: &[T],
+    batch: usize,
+    mut f: impl FnMut(&[T]) -> Result<Vec<Tensor>>,
+    encoder: &str,
+) -> Result<Vec<Tensor>> {
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for chunk in items.chunks(batch.max(1)) {
+        let outs = f(chunk)?;
+        if parts.is_empty() {
+            parts = outs.into_iter().map(|t| vec![t]).collect();
+        } else {
+            for (p, t) in parts.iter_mut().zip(outs) {
+                p.push(t);
+            }
+        }
+    }
+    parts
+        .into_iter()
+        .map(|p| Tensor::cat(&p, 0).map_err(candle_err(encoder)))
+        .collect()
+}
+
+fn empty_outputs(
+    arrays: &[ArraySpec],
+    dtype: DType,
+    dev: &Device,
+    encoder: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    arrays
+        .iter()
+        .map(|a| {
+            let mut shape = vec![0];
+            shape.extend(&a.shape);
+            Tensor::zeros(shape, dtype, dev)
+                .map(|t| (a.name.clone(), t))
+                .map_err(candle_err(encoder))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- VAEs
+
+/// `sd_vae` / `flux_vae`: posterior mean and std of the VAE encoder.
+pub struct VaeFeature {
+    feature: String,
+    model: VaeEncoder,
+    resolution: u32,
+    device: Device,
+    dtype: DType,
+    batch: usize,
+    info: EncoderInfo,
+}
+
+/// Loads a VAE feature (`cfg.name` is `sd_vae` or `flux_vae`) for images of
+/// `resolution` pixels (a multiple of the VAE's downscale factor).
+pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
+    let feature = cfg.name.as_str();
+    let expected_latents = match feature {
+        "sd_vae" => 4,
+        "flux_vae" => 16,
+        other => {
+            return Err(EncodeError::UnknownEncoder {
+                name: other.to_string(),
+                known: "sd_vae, flux_vae".into(),
+            });
+        }
+    };
+    let device = parse_device(&cfg.device)?;
+    let dtype = cfg.dtype.dtype();
+    check_dtype(feature, &device, dtype)?;
+    let mut dir = ModelDir::resolve(&cfg.weights)?;
+    if dir.file("model_index.json").is_some()
+        && let Some(v) = dir.sub("vae")
+    {
+        dir = v;
+    }
+    let dir = if dir.file("config.json").is_none()
+        && dir.file("ae.safetensors").is_none()
+        && dir.file("diffusion_pytorch_model.safetensors").is_none()
+    {
+        model_or_sub(dir, "vae")
+    } else {
+        dir
+    };
+    let files = dir.safetensors(&["diffusion_pytorch_model", "ae", "model"])?;
+    let weights = Arc::new(WeightFiles::open(&files)?);
+    let (vcfg, layout) = if dir.file("config.json").is_some() {
+        let v = read_config(&dir)?;
+        let c: vae::Config =
+            serde_json::from_value(v).map_err(|e| bad_config(&dir, e.to_string()))?;
+        (c, "config.json")
+    } else {
+        let c = vae::Config::from_ldm_shapes(|n| weights.meta(n).map(|m| m.shape.clone()))
+            .ok_or_else(|| EncodeError::BadFile {
+                path: dir.root.join("config.json"),
+                why: format!(
+                    "missing, and {} is not in the BFL/LDM autoencoder layout \
+                     (no encoder.conv_in / encoder.down.0.block.0 / encoder.conv_out tensors) \
+                     from which the architecture could be read",
+                    files[0].display()
+                ),
+            })?;
+        (c, "architecture from the tensor shapes")
+    };
+    vcfg.validate().map_err(|why| bad_config(&dir, why))?;
+    if vcfg.latent_channels != expected_latents {
+        return Err(bad_config(
+            &dir,
+            format!(
+                "`{feature}` takes a VAE with {expected_latents} latent channels; this one has {} \
+                 (is it the {} VAE?)",
+                vcfg.latent_channels,
+                if feature == "sd_vae" { "Flux" } else { "SD" }
+            ),
+        ));
+    }
+    let f = vcfg.downscale() as u32;
+    if resolution == 0 || !resolution.is_multiple_of(f) {
+        return Err(EncodeError::BadInput {
+            encoder: feature.to_string(),
+            why: format!(
+                "resolution {resolution} is not a positive multiple of the VAE's downscale factor {f}"
+            ),
+        });
+    }
+    // diffusers names (and their pre-0.14 attention aliases), or the LDM / BFL layout:
+    // one naming per file, so that a missing tensor is reported under the file's own name.
+    let ldm = weights
+        .names()
+        .iter()
+        .any(|n| n.starts_with("encoder.down."));
+    let map: NameMap = if ldm {
+        Arc::new(|n: &str| vec![vae::ldm_names(n).unwrap_or_else(|| n.to_string())])
+    } else {
+        Arc::new(|n: &str| {
+            let mut c = vec![n.to_string()];
+            c.extend(vae::legacy_attention_name(n));
+            c
+        })
+    };
+    let model = weights.build(feature, map, dtype, &device, |vb| {
+        VaeEncoder::new(vb, &vcfg)
+    })?;
+    let lat = (resolution / f) as usize;
+    let c = vcfg.latent_channels;
+    let info = EncoderInfo {
+        feature: feature.to_string(),
+        model: format!(
+            "{} (AutoencoderKL encoder; {} names; {layout})",
+            cfg.weights,
+            if ldm { "BFL/LDM" } else { "diffusers" }
+        ),
+        weights_sha256: fingerprint(&files)?,
+        preprocess: json!({
+            "resolution": resolution,
+            "resize": "shortest_side",
+            "resample": "bicubic (Pillow)",
+            "crop": "center",
+            "range": [-1.0, 1.0],
+            "posterior": "mean, std = exp(0.5 * clamp(logvar, -30, 20))",
+            "scaling_factor": vcfg.scaling_factor,
+            "shift_factor": vcfg.shift_factor,
+            "dtype": dtype_label(cfg.dtype),
+        }),
+        arrays: vec![
+            ArraySpec {
+                name: format!("{feature}_mean"),
+                shape: vec![c, lat, lat],
+            },
+            ArraySpec {
+                name: format!("{feature}_std"),
+                shape: vec![c, lat, lat],
+            },
+        ],
+    };
+    Ok(VaeFeature {
+        feature: feature.to_string(),
+        model,
+        resolution,
+        device,
+        dtype,
+        batch: cfg.batch,
+        info,
+    })
+}
+
+impl VaeFeature {
+    /// The VAE input of one image: shortest side to the resolution and centre crop
+    /// (unchanged if already at the resolution).
+    pub fn prepare(&self, img: &Rgb8<'_>) -> RgbImage {
+        crate::image_ops::resize_shortest_side_crop(img, self.resolution, Filter::Bicubic)
+    }
+}
+
+impl Encoder for VaeFeature {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let imgs = images(&self.feature, input)?;
+        let names: Vec<String> = self.info.arrays.iter().map(|a| a.name.clone()).collect();
+        if imgs.is_empty() {
+            return empty_outputs(&self.info.arrays, self.dtype, &self.device, &self.feature);
+        }
+        let n = self.resolution as usize;
+        let outs = chunked(
+            imgs,
+            self.batch,
+            |chunk| {
+                let pix: Vec<Vec<f32>> = chunk
+                    .iter()
+                    .map(|im| {
+                        let r = self.prepare(im);
+                        // HWC u8 -> CHW in [-1, 1]
+                        let mut v = vec![0f32; 3 * n * n];
+                        for (i, px) in r.pixels.chunks_exact(3).enumerate() {
+                            for ch in 0..3 {
+                                v[ch * n * n + i] = f32::from(px[ch]) / 127.5 - 1.0;
+                            }
+                        }
+                        v
+                    })
+                    .collect();
+                let x = to_batch(pix, n, n, &self.device, self.dtype)
+                    .map_err(candle_err(&self.feature))?;
+                let (mean, std) = self.model.forward(&x).map_err(candle_err(&self.feature))?;
+                Ok(vec![mean, std])
+            },
+            &self.feature,
+        )?;
+        Ok(names.into_iter().zip(outs).collect())
+    }
+
+    fn info(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+}
+
+// ---------------------------------------------------------------- SigLIP
+
+/// `siglip`: the vision tower's `last_hidden_state`.
+pub struct SiglipFeature {
+    model: SiglipVision,
+    processor: ImageProcessor,
+    device: Device,
+    dtype: DType,
+    batch: usize,
+    info: EncoderInfo,
+}
+
+/// Loads the `siglip` feature.
+pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
+    let device = parse_device(&cfg.device)?;
+    let dtype = cfg.dtype.dtype();
+    check_dtype("siglip", &device, dtype)?;
+    let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
+    let raw = read_config(&dir)?;
+    let scfg = siglip::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;
+    let v = &scfg.vision;
+    let side = v.image_size as u32;
+    let base = ImageProcessor {
+        resize: Some(ResizeRule::Exact {
+            height: side,
+            width: side,
+        }),
+        resample: Filter::Bicubic,
+        crop: None,
+        rescale: Some(1.0 / 255.0),
+        normalize: Some(([0.5; 3], [0.5; 3])),
+    };
+    let (processor, pp_source) = apply_preprocessor(base, &dir)?;
+    check_processor_output(&processor, side, "siglip", &dir)?;
+    let files = dir.safetensors(&["model"])?;
+    let weights = Arc::new(WeightFiles::open(&files)?);
+    // Hub checkpoints keep the tower under `vision_model.`; transformers 5 writes a
+    // vision-only model without it.
+    let map: NameMap = Arc::new(|n: &str| {
+        let mut c = vec![n.to_string()];
+        if let Some(s) = n.strip_prefix("vision_model.") {
+            c.push(s.to_string());
+        }
+        c
+    });
+    let model = weights.build("siglip", map, dtype, &device, |vb| {
+        SiglipVision::new(vb.pp("vision_model"), v)
+    })?;
+    let info = EncoderInfo {
+        feature: "siglip".into(),
+        model: format!(
+            "{} ({}; vision last_hidden_state)",
+            cfg.weights,
+            if scfg.full_model {
+                "SiglipModel"
+            } else {
+                "SiglipVisionModel"
+            }
+        ),
+        weights_sha256: fingerprint(&files)?,
+        preprocess: json!({
+            "processor": processor,
+            "source": pp_source,
+            "dtype": dtype_label(cfg.dtype),
+        }),
+        arrays: vec![ArraySpec {
+            name: "siglip_hidden".into(),
+            shape: vec![v.num_patches(), v.hidden_size],
+        }],
+    };
+    Ok(SiglipFeature {
+        model,
+        processor,
+        device,
+        dtype,
+        batch: cfg.batch,
+        info,
+    })
+}
+
+fn check_processor_output(
+    p: &ImageProcessor,
+    side: u32,
+    feature: &str,
+    dir: &ModelDir,
+) -> Result<()> {
+    // The output size of a shortest-edge resize without crop depends on the image.
+    let fixed = p.crop.is_some() || matches!(p.resize, Some(ResizeRule::Exact { .. }));
+    let out = p.output_size(side + 7, side + 3);
+    if !fixed || out != (side, side) {
+        return Err(EncodeError::BadFile {
+            path: find_preprocessor(dir)
+                .unwrap_or_else(|| dir.root.join("preprocessor_config.json")),
+            why: format!(
+                "`{feature}` needs {side}x{side} pixel values (the model's image_size), \
+                 but this preprocessor config does not produce a fixed {side}x{side} image"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn processed_batch(
+    p: &ImageProcessor,
+    chunk: &[Rgb8<'_>],
+    side: usize,
+    dev: &Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let pix: Vec<Vec<f32>> = chunk.iter().map(|im| p.pixel_values(im)).collect();
+    to_batch(pix, side, side, dev, dtype)
+}
+
+impl SiglipFeature {
+    /// `last_hidden_state` of already-processed pixel values `[B, 3, S, S]`.
+    pub fn forward_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.model
+            .forward(
+                &pixel_values
+                    .to_dtype(self.dtype)
+                    .map_err(candle_err("siglip"))?,
+            )
+            .map_err(candle_err("siglip"))
+    }
+
+    /// The image processor in use.
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+}
+
+impl Encoder for SiglipFeature {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let imgs = images("siglip", input)?;
+        if imgs.is_empty() {
+            return empty_outputs(&self.info.arrays, self.dtype, &self.device, "siglip");
+        }
+        let (side, _) = self.processor.output_size(1, 1);
+        let mut outs = chunked(
+            imgs,
+            self.batch,
+            |chunk| {
+                let x = processed_batch(
+                    &self.processor,
+                    chunk,
+                    side as usize,
+                    &self.device,
+                    self.dtype,
+                )
+                .map_err(candle_err("siglip"))?;
+                Ok(vec![self.forward_pixels(&x)?])
+            },
+            "siglip",
+        )?;
+        Ok(vec![("siglip_hidden".into(), outs.remove(0))])
+    }
+
+    fn info(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+}
+
+// ---------------------------------------------------------------- CLIP
+
+/// `clip_vision`: CLIP's projected image embedding.
+pub struct ClipVisionFeature {
+    model: ClipVisionWithProjection,
+    processor: ImageProcessor,
+    device: Device,
+    dtype: DType,
+    batch: usize,
+    info: EncoderInfo,
+}
+
+/// Loads the `clip_vision` feature.
+pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
+    let device = parse_device(&cfg.device)?;
+    let dtype = cfg.dtype.dtype();
+    check_dtype("clip_vision", &device, dtype)?;
+    let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
+    let raw = read_config(&dir)?;
+    let ccfg = clip_vision::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;
+    let side = ccfg.vision.image_size as u32;
+    let base = ImageProcessor {
+        resize: Some(ResizeRule::ShortestEdge(side)),
+        resample: Filter::Bicubic,
+        crop: Some((side, side)),
+        rescale: Some(1.0 / 255.0),
+        normalize: Some((CLIP_MEAN, CLIP_STD)),
+    };
+    let (processor, pp_source) = apply_preprocessor(base, &dir)?;
+    check_processor_output(&processor, side, "clip_vision", &dir)?;
+    let files = dir.safetensors(&["model"])?;
+    let weights = Arc::new(WeightFiles::open(&files)?);
+    let model = weights.build("clip_vision", same_names(), dtype, &device, |vb| {
+        ClipVisionWithProjection::new(vb, &ccfg)
+    })?;
+    let info = EncoderInfo {
+        feature: "clip_vision".into(),
+        model: format!(
+            "{} ({}; image_embeds)",
+            cfg.weights,
+            if ccfg.full_model {
+                "CLIPModel"
+            } else {
+                "CLIPVisionModelWithProjection"
+            }
+        ),
+        weights_sha256: fingerprint(&files)?,
+        preprocess: json!({
+            "processor": processor,
+            "source": pp_source,
+            "dtype": dtype_label(cfg.dtype),
+        }),
+        arrays: vec![ArraySpec {
+            name: "clip_image_embeds".into(),
+            shape: vec![ccfg.projection_dim],
+        }],
+    };
+    Ok(ClipVisionFeature {
+        model,
+        processor,
+        device,
+        dtype,
+        batch: cfg.batch,
+        info,
+    })
+}
+
+impl ClipVisionFeature {
+    /// `image_embeds` of already-processed pixel values `[B, 3, S, S]`.
+    pub fn forward_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.model
+            .forward(
+                &pixel_values
+                    .to_dtype(self.dtype)
+                    .map_err(candle_err("clip_vision"))?,
+            )
+            .map_err(candle_err("clip_vision"))
+    }
+
+    /// The image processor in use.
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+}
+
+impl Encoder for ClipVisionFeature {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let imgs = images("clip_vision", input)?;
+        if imgs.is_empty() {
+            return empty_outputs(&self.info.arrays, self.dtype, &self.device, "clip_vision");
+        }
+        let (side, _) = self.processor.output_size(1, 1);
+        let mut outs = chunked(
+            imgs,
+            self.batch,
+            |chunk| {
+                let x = processed_batch(
+                    &self.processor,
+                    chunk,
+                    side as usize,
+                    &self.device,
+                    self.dtype,
+                )
+                .map_err(candle_err("clip_vision"))?;
+                Ok(vec![self.forward_pixels(&x)?])
+            },
+            "clip_vision",
+        )?;
+        Ok(vec![("clip_image_embeds".into(), outs.remove(0))])
+    }
+
+    fn info(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+}
+
+/// The dtype name as the store records it.
+pub fn dtype_label(d: DTypeName) -> &'static str {
+    match d {
+        DTypeName::F32 => "f32",
+        DTypeName::Bf16 => "bf16",
+        DTypeName::F16 => "f16",
+    }
+}
