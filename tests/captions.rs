@@ -202,16 +202,12 @@ fn index_errors_name_the_source() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.tar.gz"));
-    let out = tensorbake(
-        dir.path(),
-        &[
-            "captions",
-            "index",
-            "https://example.invalid/SA1B_caption.tar.gz",
-            "--db",
-            db.to_str().unwrap(),
-        ],
-    );
+    // over HTTP: a missing caption tar fails at once (404) and names the URL
+    let server = tensorbake_kit::http::FileServer::start(dir.path()).unwrap();
+    let url = server.url("SA1B_caption.tar.gz");
+    let out = tensorbake(dir.path(), &["captions", "index", &url, "--db", db.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&url) && err.contains("404"), "{err}");
+    assert!(!db.exists(), "nothing written for a source that cannot be read");
 }
