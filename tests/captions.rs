@@ -205,9 +205,15 @@ fn index_errors_name_the_source() {
     // over HTTP: a missing caption tar fails at once (404) and names the URL
     let server = tensorbake_kit::http::FileServer::start(dir.path()).unwrap();
     let url = server.url("SA1B_caption.tar.gz");
-    let out = tensorbake(dir.path(), &["captions", "index", &url, "--db", db.to_str().unwrap()]);
+    let out = tensorbake(
+        dir.path(),
+        &["captions", "index", &url, "--db", db.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&url) && err.contains("404"), "{err}");
-    assert!(!db.exists(), "nothing written for a source that cannot be read");
+    assert!(
+        !db.exists(),
+        "nothing written for a source that cannot be read"
+    );
 }

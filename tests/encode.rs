@@ -259,3 +259,108 @@ fn encode_errors_name_what_is_wrong() {
     assert!(e.contains("dino") && e.contains("clip_vision"), "{e}");
     assert!(!dir.path().join("o.safetensors").exists());
 }
+
+/// `--text-file` through the same command: T5 (masked, zero beyond `t5_len`) and CLIP
+/// text pooled, against the transformers golden outputs of encode/tests/fixtures/text.
+#[test]
+fn encode_text_files_with_t5_and_clip_text() {
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("encode/tests/fixtures/text");
+    let g = candle_core::safetensors::load(text.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(text.join("golden.json")).unwrap()).unwrap();
+    let captions: Vec<String> = serde_json::from_value(meta["captions"].clone()).unwrap();
+    let lengths: Vec<u32> = serde_json::from_value(meta["t5_lengths"].clone()).unwrap();
+    let dir = tempdir();
+    let jsonl: String = captions
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("caps.jsonl"), jsonl).unwrap();
+    let t5 = text.join("t5");
+    run_ok(
+        dir.path(),
+        &[
+            "encode",
+            "--encoder",
+            "t5",
+            "--weights",
+            t5.to_str().unwrap(),
+            "--max-length",
+            "32",
+            "--batch",
+            "4",
+            "--text-file",
+            "caps.jsonl",
+            "--out",
+            "t5.safetensors",
+        ],
+    );
+    let out =
+        candle_core::safetensors::load(dir.path().join("t5.safetensors"), &Device::Cpu).unwrap();
+    let hidden = &out["t5_hidden"];
+    assert_eq!(hidden.dims(), &[captions.len(), 32, 48]);
+    let lens: Vec<u32> = out["t5_len"].to_vec1().unwrap();
+    assert_eq!(lens, lengths);
+    for (i, &len) in lengths.iter().enumerate() {
+        let len = len as usize;
+        let got = hidden.get(i).unwrap();
+        let want = g["t5_hidden"].get(i).unwrap().narrow(0, 0, len).unwrap();
+        let err = rel_err(&got.narrow(0, 0, len).unwrap(), &want);
+        assert!(err < 1e-4, "caption {i}: rel err {err}");
+        if len < 32 {
+            let pad = got
+                .narrow(0, len, 32 - len)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(
+                pad.to_scalar::<f32>().unwrap(),
+                0.0,
+                "caption {i}: rows beyond t5_len"
+            );
+        }
+    }
+    assert_eq!(
+        metadata(&dir.path().join("t5.safetensors"))["feature"],
+        "t5"
+    );
+
+    let clip = text.join("clip");
+    run_ok(
+        dir.path(),
+        &[
+            "encode",
+            "--encoder",
+            "clip_text",
+            "--weights",
+            clip.to_str().unwrap(),
+            "--text-file",
+            "caps.jsonl",
+            "--out",
+            "clip.safetensors",
+        ],
+    );
+    let out =
+        candle_core::safetensors::load(dir.path().join("clip.safetensors"), &Device::Cpu).unwrap();
+    let pooled = &out["clip_text_pooled"];
+    assert_eq!(pooled.dims(), &[captions.len(), 32]);
+    let err = rel_err(pooled, &g["clip_pooled"]);
+    assert!(err < 1e-4, "clip pooled rel err {err}");
+    // an image encoder given captions, and a text encoder given images, say so
+    let e = run_err(
+        dir.path(),
+        &[
+            "encode",
+            "--encoder",
+            "t5",
+            "--weights",
+            t5.to_str().unwrap(),
+            "--out",
+            "x.safetensors",
+            "a.jpg",
+        ],
+    );
+    assert!(e.to_lowercase().contains("text"), "{e}");
+}
