@@ -111,6 +111,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .map(|(pos, s)| (s.index, pos))
         .collect();
     let state = Mutex::new(Reorder::default());
+    // A progress bar on stderr when it is a terminal (indicatif hides itself otherwise;
+    // the summary line at the end reports in any case).
+    let bar = indicatif::ProgressBar::new(shards.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} shards {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let counts = Mutex::new((0u64, 0u64, 0u64)); // kept, skipped, bytes
     let stop = AtomicBool::new(false);
     let list = args.list;
     let on_event = |e: Event| {
@@ -119,6 +128,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let mut out = stdout.lock();
         match e {
             Event::Sample(s) => {
+                counts.lock().expect("counts").0 += 1;
                 if list {
                     let line = json!({
                         "key": s.key, "shard": names[s.shard], "fields": s.fields,
@@ -128,24 +138,36 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
             }
             Event::Skip(s) => {
-                eprintln!(
+                counts.lock().expect("counts").1 += 1;
+                bar.suspend(|| eprintln!(
                     "{}",
                     json!({"skipped": s.key, "shard": names[s.shard], "reason": s.reason, "detail": s.detail})
-                );
+                ));
             }
             Event::ShardEnd(end) => {
+                let (kept, skipped, bytes) = {
+                    let mut c = counts.lock().expect("counts");
+                    c.2 += end.bytes;
+                    *c
+                };
+                bar.inc(1);
+                bar.set_message(format!(
+                    "{kept} kept, {skipped} skipped, {:.1} MB/s",
+                    bytes as f64 / 1e6 / bar.elapsed().as_secs_f64().max(1e-3)
+                ));
                 if let Some(err) = &end.error {
-                    eprintln!(
+                    bar.suspend(|| eprintln!(
                         "{}",
                         json!({"failed_shard": names[end.shard], "url": urls[end.shard],
                                "reason": err.reason(), "error": err.to_string(), "kept_before_failure": end.kept})
-                    );
+                    ));
                 }
                 st.finish(position[&end.shard], &mut out);
             }
         }
     };
     let summary = ingest.run(&shards, &stop, &on_event);
+    bar.finish_and_clear();
     eprintln!("{}", json!({ "summary": summary }));
     Ok(ExitCode::SUCCESS)
 }
