@@ -2,7 +2,8 @@
 //! bytes are intact.
 //!
 //! Exit status: 0 when the store opened (and, with `--verify`, no damage was found);
-//! 2 when `--verify` found damaged parts (the report lists them); 1 on any error.
+//! 2 when `--verify` found damaged parts or a damaged empty-caption embedding (the
+//! report lists them); 1 on any error.
 
 use std::process::ExitCode;
 
@@ -83,6 +84,18 @@ fn print_table(info: &StoreInfo, report: Option<&VerifyReport>) {
             model
         );
     }
+    println!();
+    println!(
+        "null         {}",
+        if info.null_embeddings.is_empty() {
+            "no empty-caption embedding recorded".to_string()
+        } else {
+            format!(
+                "empty-caption embedding of {}",
+                info.null_embeddings.join(", ")
+            )
+        }
+    );
     if !info.uncommitted_parts.is_empty() {
         println!();
         println!(
@@ -100,9 +113,22 @@ fn print_table(info: &StoreInfo, report: Option<&VerifyReport>) {
             if report.ok() {
                 "ok".to_string()
             } else {
-                format!("{} damaged", report.damaged.len())
+                format!(
+                    "{} damaged parts, {} null-embedding problems",
+                    report.damaged.len(),
+                    report.null_problems.len()
+                )
             }
         );
+        if report.null_arrays_checked > 0 {
+            println!(
+                "             {} null-embedding arrays checked",
+                report.null_arrays_checked
+            );
+        }
+        for p in &report.null_problems {
+            println!("damaged null embedding: {p}");
+        }
         for d in &report.damaged {
             println!("damaged part {} (source {}):", d.part, d.source);
             for p in &d.problems {

@@ -168,6 +168,16 @@ pub enum StoreError {
         #[source]
         source: candle_core::Error,
     },
+    /// Recording or reading the embedding of the empty caption failed for an array.
+    #[error("store {location}, null embedding {array}: {reason}")]
+    NullEmbedding {
+        /// The store location.
+        location: String,
+        /// The array name.
+        array: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A loader configuration that cannot work (batch size 0, ...).
     #[error("invalid loader config: {0}")]
     InvalidLoader(String),

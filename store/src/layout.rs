@@ -18,6 +18,13 @@ pub const BUILTIN_ARRAYS: [&str; 4] = ["key", "caption", "caption_raw", "orig_si
 /// Name of the group that holds the parts.
 pub const PARTS_DIR: &str = "parts";
 
+/// Name of the group that holds the embedding of the empty caption, one array per
+/// feature array (see [`crate::null`]).
+pub const NULL_DIR: &str = "null";
+
+/// Attribute of the `null` group: `{caption: "", arrays: [...]}`.
+pub const NULL_ATTR: &str = "tensorbake_null";
+
 /// Attribute of the root group holding the [`crate::StoreSpec`] (+ layout).
 pub const ROOT_ATTR: &str = "tensorbake";
 
@@ -108,6 +115,12 @@ pub fn part_prefix(part: &str) -> String {
 #[must_use]
 pub fn array_path(part: &str, array: &str) -> String {
     format!("/{PARTS_DIR}/{part}/{array}")
+}
+
+/// Zarr path (`/null/<array>`) of the empty-caption embedding of a feature array.
+#[must_use]
+pub fn null_array_path(array: &str) -> String {
+    format!("/{NULL_DIR}/{array}")
 }
 
 /// Builds the (unsaved) zarrs array of `kind` with `samples` rows at `path`.

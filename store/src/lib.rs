@@ -9,6 +9,10 @@
 //!                                 committed: true, ...}, written LAST
 //! STORE/parts/<part>/<array>      one array per feature + key, caption, caption_raw,
 //!                                 orig_size; axis 0 = sample within the part
+//! STORE/null/zarr.json            group; attributes.tensorbake_null = {caption: "",
+//!                                 arrays: [...]}, written after the arrays
+//! STORE/null/<array>              the embedding of the empty caption for a feature
+//!                                 array, shape [1, ...feature shape] (see [`null`])
 //! ```
 //!
 //! One part per input shard, written by exactly one [`PartWriter`] and committed last;
@@ -55,6 +59,7 @@ mod error;
 pub mod layout;
 pub mod loader;
 pub mod location;
+pub mod null;
 pub mod reader;
 pub mod spec;
 pub mod verify;

@@ -246,8 +246,12 @@ impl Backend {
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos());
+                // Unique per process, thread and call: concurrent writers of the same
+                // key (identical null embeddings) each rename their own temporary file.
+                static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let tmp = dir.join(format!(
-                    ".{}.tmp-{}-{nanos}",
+                    ".{}.tmp-{}-{nanos}-{seq}",
                     target
                         .file_name()
                         .and_then(|n| n.to_str())

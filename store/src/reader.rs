@@ -387,6 +387,8 @@ pub struct StoreInfo {
     pub bytes_per_sample: f64,
     /// Uncompressed / stored for the numeric arrays together.
     pub compression_ratio: Option<f64>,
+    /// Feature arrays whose empty-caption embedding is recorded under `null/`.
+    pub null_embeddings: Vec<String>,
 }
 
 /// Summarises the store at `location`.
@@ -447,5 +449,6 @@ pub fn inspect(location: &Location) -> Result<StoreInfo> {
             total_stored as f64 / samples as f64
         },
         compression_ratio: (numeric_stored > 0).then(|| numeric_raw as f64 / numeric_stored as f64),
+        null_embeddings: reader.null_embeddings()?,
     })
 }

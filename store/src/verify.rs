@@ -1,11 +1,13 @@
 //! Checking a store's bytes: every shard of every array of every committed part is
 //! read whole; its index checksum, every index entry's bounds and every inner chunk's
-//! crc32c are checked, and shards that should exist but do not are reported.
+//! crc32c are checked, and shards that should exist but do not are reported. The
+//! recorded empty-caption embeddings (`null/<array>`) are checked the same way.
 
 use serde::Serialize;
 
-use crate::layout::{self, ArrayKind};
-use crate::location::Location;
+use crate::layout::{self, ArrayKind, NULL_DIR};
+use crate::location::{Backend, Location};
+use crate::null::null_kind;
 use crate::reader::StoreReader;
 use crate::{Result, StoreError};
 
@@ -31,13 +33,17 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     /// Parts with at least one problem.
     pub damaged: Vec<DamagedPart>,
+    /// Empty-caption embedding arrays (`null/<array>`) checked.
+    pub null_arrays_checked: usize,
+    /// Problems of the empty-caption embedding arrays, one sentence each naming the key.
+    pub null_problems: Vec<String>,
 }
 
 impl VerifyReport {
     /// Whether no damage was found.
     #[must_use]
     pub fn ok(&self) -> bool {
-        self.damaged.is_empty()
+        self.damaged.is_empty() && self.null_problems.is_empty()
     }
 }
 
@@ -160,7 +166,75 @@ fn check_shard(bytes: &[u8], layout: &ShardLayout) -> (u64, Vec<String>) {
     (checked, problems)
 }
 
-/// Verifies every shard of every committed part of the store at `location`.
+/// Checks the metadata and every shard of the array under `prefix` (`parts/<part>/<name>`
+/// or `null/<name>`), which must hold `samples` rows of `kind`; returns the problems.
+fn check_array(
+    backend: &Backend,
+    prefix: &str,
+    kind: &ArrayKind,
+    samples: u64,
+    report: &mut VerifyReport,
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let meta_key = format!("{prefix}/zarr.json");
+    let doc = match backend.get_json(&meta_key) {
+        Ok(Some(doc)) => doc,
+        Ok(None) => {
+            problems.push(format!("{meta_key}: missing"));
+            return Ok(problems);
+        }
+        Err(StoreError::Metadata { reason, .. }) => {
+            problems.push(format!("{meta_key}: {reason}"));
+            return Ok(problems);
+        }
+        Err(e) => return Err(e),
+    };
+    let layout = match parse_layout(&doc) {
+        Ok(l) => l,
+        Err(reason) => {
+            problems.push(format!("{meta_key}: {reason}"));
+            return Ok(problems);
+        }
+    };
+    let want_dims = match kind {
+        ArrayKind::Fixed { shape, .. } => shape.len() + 1,
+        ArrayKind::Str => 1,
+    };
+    if layout.dims != want_dims {
+        problems.push(format!(
+            "{meta_key}: {} dimensions, expected {want_dims}",
+            layout.dims
+        ));
+        return Ok(problems);
+    }
+    if layout.samples != samples {
+        problems.push(format!(
+            "{meta_key}: {} samples but {samples} expected",
+            layout.samples
+        ));
+    }
+    let shards = layout.samples.div_ceil(layout.shard_samples);
+    for s in 0..shards {
+        let mut key = format!("{prefix}/c{}{s}", layout.separator);
+        for _ in 1..layout.dims {
+            key.push_str(&layout.separator);
+            key.push('0');
+        }
+        report.shards_checked += 1;
+        match backend.get(&key)? {
+            None => problems.push(format!("{key}: missing shard")),
+            Some(bytes) => {
+                let (checked, found) = check_shard(&bytes, &layout);
+                report.chunks_checked += checked;
+                problems.extend(found.into_iter().map(|p| format!("{key}: {p}")));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Verifies every shard of every committed part of the store at `location`, and the
+/// recorded empty-caption embeddings under `null/`.
 ///
 /// # Errors
 /// Only when the store cannot be opened or listed; damage is reported, not raised.
@@ -174,64 +248,14 @@ pub fn verify(location: &Location) -> Result<VerifyReport> {
     for part in reader.committed() {
         let mut problems = Vec::new();
         for (name, kind) in reader.array_kinds() {
-            let meta_key = format!("{}/{name}/zarr.json", layout::part_prefix(&part.name));
-            let doc = match backend.get_json(&meta_key) {
-                Ok(Some(doc)) => doc,
-                Ok(None) => {
-                    problems.push(format!("{meta_key}: missing"));
-                    continue;
-                }
-                Err(StoreError::Metadata { reason, .. }) => {
-                    problems.push(format!("{meta_key}: {reason}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let layout = match parse_layout(&doc) {
-                Ok(l) => l,
-                Err(reason) => {
-                    problems.push(format!("{meta_key}: {reason}"));
-                    continue;
-                }
-            };
-            let want_dims = match kind {
-                ArrayKind::Fixed { shape, .. } => shape.len() + 1,
-                ArrayKind::Str => 1,
-            };
-            if layout.dims != want_dims {
-                problems.push(format!(
-                    "{meta_key}: {} dimensions, expected {want_dims}",
-                    layout.dims
-                ));
-                continue;
-            }
-            if layout.samples != part.meta.samples {
-                problems.push(format!(
-                    "{meta_key}: {} samples but the part has {}",
-                    layout.samples, part.meta.samples
-                ));
-            }
-            let shards = layout.samples.div_ceil(layout.shard_samples);
-            for s in 0..shards {
-                let mut key = format!(
-                    "{}/{name}/c{}{s}",
-                    layout::part_prefix(&part.name),
-                    layout.separator
-                );
-                for _ in 1..layout.dims {
-                    key.push_str(&layout.separator);
-                    key.push('0');
-                }
-                report.shards_checked += 1;
-                match backend.get(&key)? {
-                    None => problems.push(format!("{key}: missing shard")),
-                    Some(bytes) => {
-                        let (checked, found) = check_shard(&bytes, &layout);
-                        report.chunks_checked += checked;
-                        problems.extend(found.into_iter().map(|p| format!("{key}: {p}")));
-                    }
-                }
-            }
+            let prefix = format!("{}/{name}", layout::part_prefix(&part.name));
+            problems.extend(check_array(
+                backend,
+                &prefix,
+                kind,
+                part.meta.samples,
+                &mut report,
+            )?);
         }
         if !problems.is_empty() {
             tracing::warn!(part = %part.name, problems = problems.len(), "damaged part");
@@ -241,6 +265,16 @@ pub fn verify(location: &Location) -> Result<VerifyReport> {
                 problems,
             });
         }
+    }
+    for name in reader.null_embeddings()? {
+        let kind = null_kind(backend, reader.spec(), &name)?;
+        let prefix = format!("{NULL_DIR}/{name}");
+        let problems = check_array(backend, &prefix, &kind, 1, &mut report)?;
+        report.null_arrays_checked += 1;
+        if !problems.is_empty() {
+            tracing::warn!(array = %name, problems = problems.len(), "damaged null embedding");
+        }
+        report.null_problems.extend(problems);
     }
     Ok(report)
 }

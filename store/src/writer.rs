@@ -84,12 +84,12 @@ pub struct PartMeta {
 /// A store opened for writing: its spec is fixed, parts are added one by one.
 #[derive(Debug)]
 pub struct Store {
-    backend: Arc<Backend>,
-    spec: Arc<StoreSpec>,
-    options: StoreOptions,
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) spec: Arc<StoreSpec>,
+    pub(crate) options: StoreOptions,
 }
 
-fn group_json(attr: &str, value: serde_json::Value) -> Vec<u8> {
+pub(crate) fn group_json(attr: &str, value: serde_json::Value) -> Vec<u8> {
     let mut attributes = serde_json::Map::new();
     if !value.is_null() {
         attributes.insert(attr.to_string(), value);
