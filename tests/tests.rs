@@ -5,5 +5,6 @@ mod captions;
 mod demo;
 mod encode;
 mod ingest;
+mod null_embedding;
 mod store;
 mod util;
