@@ -365,3 +365,71 @@ fn bad_manifests_fail_with_one_clear_line() {
         "{err}"
     );
 }
+
+/// SA-1B captions joined through the index: a caption that is not UTF-8 and an id with
+/// no caption are counted per sample; without a caption tar (and `require_caption =
+/// false`) every image is kept with a null caption.
+#[test]
+fn sa1b_caption_join_counts_bad_and_missing_captions() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let spec = Sa1bSpec {
+        shards: 1,
+        images_per_shard: 3,
+        short_side: 64,
+        mask_json_bytes: 1000,
+        seed: 3,
+        base_url: None,
+    };
+    let layout = synth::write_sa1b(&data, &spec).unwrap();
+    let ids = &layout.ids[0];
+    // captions: the first id fine, the second not UTF-8, the third absent
+    let caps = vec![
+        (format!("{}.txt", ids[0]), b"A red bicycle.".to_vec()),
+        (format!("{}.txt", ids[1]), vec![b'a', 0xff, 0xfe, b'b']),
+    ];
+    synth::write_tar(&data.join("caps.tar.gz"), &caps, true).unwrap();
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "name = \"x\"\n[source]\nkind = \"sa1b\"\nlinks = \"data/links.tsv\"\ncaptions = \"data/caps.tar.gz\"\n\
+         [preprocess]\nresolution = 32\n",
+    );
+    let out = tensorbake(dir.path(), &["ingest", &m, "--list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = lines(&out.stdout);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["key"], ids[0].as_str());
+    assert_eq!(kept[0]["caption"], "a red bicycle.");
+    let reasons: BTreeMap<String, String> = lines(&out.stderr)
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v.get("skipped")?.as_str()?.to_string(),
+                v["reason"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(reasons[&ids[1]], "caption_invalid_utf8", "{reasons:?}");
+    assert_eq!(reasons[&ids[2]], "missing_caption", "{reasons:?}");
+
+    let m = write(
+        dir.path(),
+        "nocap.toml",
+        "name = \"x\"\n[source]\nkind = \"sa1b\"\nlinks = \"data/links.tsv\"\nrequire_caption = false\n\
+         [preprocess]\nresolution = 32\n",
+    );
+    let out = tensorbake(dir.path(), &["ingest", &m, "--list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = lines(&out.stdout);
+    assert_eq!(kept.len(), 3);
+    assert!(kept.iter().all(|s| s["caption"].is_null()), "{kept:?}");
+}

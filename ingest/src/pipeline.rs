@@ -364,7 +364,7 @@ impl IngestConfig {
             .map(|(index, (name, url))| Shard { index, url, name })
             .collect();
         let captions = match src.kind {
-            SourceKind::Sa1b => Some(self.caption_index(&fetcher)?),
+            SourceKind::Sa1b => self.caption_index(&fetcher)?,
             _ => None,
         };
         Ok(Ingest {
@@ -376,7 +376,9 @@ impl IngestConfig {
         })
     }
 
-    fn caption_index(&self, fetcher: &Fetcher) -> Result<CaptionIndex, IngestError> {
+    /// The SA-1B caption index (built on first use), or `None` when the manifest gives
+    /// no caption tar and does not require captions.
+    fn caption_index(&self, fetcher: &Fetcher) -> Result<Option<CaptionIndex>, IngestError> {
         let src = &self.source;
         let Some(captions) = src.captions.as_deref() else {
             if src.require_caption {
@@ -384,9 +386,7 @@ impl IngestConfig {
                     "kind = \"sa1b\" needs `captions` (SA1B_caption.tar.gz), or require_caption = false".into(),
                 ));
             }
-            return Err(IngestError::Config(
-                "sa1b without captions is not supported yet".into(),
-            ));
+            return Ok(None);
         };
         let captions = resolve(captions, &self.base_dir);
         let db = match &src.caption_db {
@@ -413,6 +413,7 @@ impl IngestConfig {
                 }
             },
         )
+        .map(Some)
         .map_err(|e| IngestError::Captions {
             db: db.clone(),
             why: e.to_string(),
@@ -611,8 +612,9 @@ impl Ingest {
         };
         // caption: from a field, or from the SA-1B index
         let raw_caption: Option<Vec<u8>> = match (&self.captions, self.caption_field()) {
-            (Some(index), _) => match index.get(&key) {
-                Ok(c) => c.map(String::into_bytes),
+            // bytes, so that a caption that is not UTF-8 is counted as such by the cleaner
+            (Some(index), _) => match index.get_bytes(&key) {
+                Ok(c) => c,
                 Err(e) => return skip(key, "caption_index", e.to_string()),
             },
             (None, Some(f)) => s.data.get(&f).cloned(),
