@@ -527,28 +527,7 @@ impl SiglipFeature {
 
 impl Encoder for SiglipFeature {
     fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
-        let imgs = images("siglip", input)?;
-        if imgs.is_empty() {
-            return empty_outputs(&self.info.arrays, self.dtype, &self.device, "siglip");
-        }
-        let (side, _) = self.processor.output_size(1, 1);
-        let mut outs = chunked(
-            imgs,
-            self.batch,
-            |chunk| {
-                let x = processed_batch(
-                    &self.processor,
-                    chunk,
-                    side as usize,
-                    &self.device,
-                    self.dtype,
-                )
-                .map_err(candle_err("siglip"))?;
-                Ok(vec![self.forward_pixels(&x)?])
-            },
-            "siglip",
-        )?;
-        Ok(vec![("siglip_hidden".into(), outs.remove(0))])
+        self.encode_images(input)
     }
 
     fn info(&self) -> EncoderInfo {
@@ -643,32 +622,78 @@ impl ClipVisionFeature {
 
 impl Encoder for ClipVisionFeature {
     fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
-        let imgs = images("clip_vision", input)?;
-        if imgs.is_empty() {
-            return empty_outputs(&self.info.arrays, self.dtype, &self.device, "clip_vision");
-        }
-        let (side, _) = self.processor.output_size(1, 1);
-        let mut outs = chunked(
-            imgs,
-            self.batch,
-            |chunk| {
-                let x = processed_batch(
-                    &self.processor,
-                    chunk,
-                    side as usize,
-                    &self.device,
-                    self.dtype,
-                )
-                .map_err(candle_err("clip_vision"))?;
-                Ok(vec![self.forward_pixels(&x)?])
-            },
-            "clip_vision",
-        )?;
-        Ok(vec![("clip_image_embeds".into(), outs.remove(0))])
+        self.encode_images(input)
     }
 
     fn info(&self) -> EncoderInfo {
         self.info.clone()
+    }
+}
+
+/// The image features that run the model's own image processor on every image
+/// (SigLIP, CLIP): one shared `encode`, the parts differ.
+trait ProcessedImageFeature {
+    /// Feature name (errors, empty outputs).
+    const FEATURE: &'static str;
+    /// The store array the model output becomes.
+    const ARRAY: &'static str;
+    /// Processor, device, dtype, batch size and info.
+    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo);
+    /// The model on processed pixel values `[B, 3, S, S]`.
+    fn run(&self, pixel_values: &Tensor) -> Result<Tensor>;
+
+    fn encode_images(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+        let (processor, device, dtype, batch, info) = self.parts();
+        let imgs = images(Self::FEATURE, input)?;
+        if imgs.is_empty() {
+            return empty_outputs(&info.arrays, dtype, device, Self::FEATURE);
+        }
+        let (side, _) = processor.output_size(1, 1);
+        let mut outs = chunked(
+            imgs,
+            batch,
+            |chunk| {
+                let x = processed_batch(processor, chunk, side as usize, device, dtype)
+                    .map_err(candle_err(Self::FEATURE))?;
+                Ok(vec![self.run(&x)?])
+            },
+            Self::FEATURE,
+        )?;
+        Ok(vec![(Self::ARRAY.into(), outs.remove(0))])
+    }
+}
+
+impl ProcessedImageFeature for SiglipFeature {
+    const FEATURE: &'static str = "siglip";
+    const ARRAY: &'static str = "siglip_hidden";
+    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
+        (
+            &self.processor,
+            &self.device,
+            self.dtype,
+            self.batch,
+            &self.info,
+        )
+    }
+    fn run(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_pixels(pixel_values)
+    }
+}
+
+impl ProcessedImageFeature for ClipVisionFeature {
+    const FEATURE: &'static str = "clip_vision";
+    const ARRAY: &'static str = "clip_image_embeds";
+    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
+        (
+            &self.processor,
+            &self.device,
+            self.dtype,
+            self.batch,
+            &self.info,
+        )
+    }
+    fn run(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_pixels(pixel_values)
     }
 }
 
