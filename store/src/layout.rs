@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use zarrs::array::CodecSpecificOptions;
+use zarrs::array::codec::array_to_bytes::sharding::{ShardingCodecOptions, SubchunkWriteOrder};
 use zarrs::array::codec::{Crc32cCodec, ZstdCodec};
 use zarrs::array::{Array, ArrayBuilder, data_type};
 use zarrs::storage::ReadableWritableListableStorageTraits;
@@ -175,6 +177,12 @@ pub fn build_array(
         Arc::new(ZstdCodec::new(options.zstd_level, false)),
         Arc::new(Crc32cCodec::new()),
     ]);
+    // Inner chunks are encoded in parallel; laying them out in C order (not in the
+    // order they finish) makes a shard's bytes a function of its data alone, so the
+    // same samples written twice (a resumed run, another rank) are the same file.
+    builder.codec_specific_options(CodecSpecificOptions::default().with_option(
+        ShardingCodecOptions::default().with_subchunk_write_order(SubchunkWriteOrder::C),
+    ));
     builder.build(storage, path)
 }
 

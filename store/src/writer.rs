@@ -286,6 +286,45 @@ impl Store {
         })
     }
 
+    /// Opens an existing store for writing, without creating anything: `None` when
+    /// there is no store at `location` yet (no directory, or no root `zarr.json`).
+    /// Like [`Store::create_or_open`], a store of another spec is an error naming the
+    /// first differing field. A pipeline uses this to learn which parts are done and
+    /// to refuse a mismatch before it writes a single byte.
+    ///
+    /// # Errors
+    /// [`StoreError::SpecMismatch`], [`StoreError::NotAStore`] (a `zarr.json` that
+    /// tensorbake did not write), storage errors.
+    pub fn open_existing(
+        location: &Location,
+        spec: &StoreSpec,
+        options: StoreOptions,
+    ) -> Result<Option<Self>> {
+        spec.validate()?;
+        if let Location::Local(path) = location
+            && !path.is_dir()
+        {
+            return Ok(None);
+        }
+        let backend = Backend::open(location, false, 0)?;
+        let Some(stored) = read_root(&backend)? else {
+            return Ok(None);
+        };
+        if let Some((field, stored, requested)) = stored.first_difference(spec) {
+            return Err(StoreError::SpecMismatch {
+                location: location.to_string(),
+                field,
+                stored,
+                requested,
+            });
+        }
+        Ok(Some(Self {
+            backend: Arc::new(backend),
+            spec: Arc::new(stored),
+            options,
+        }))
+    }
+
     /// The spec the store was created with.
     #[must_use]
     pub fn spec(&self) -> &StoreSpec {

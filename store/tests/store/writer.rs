@@ -386,3 +386,65 @@ fn uncommitted_parts_are_invisible_and_committed_ones_are_never_rewritten() {
     );
     assert_eq!(reader.len(), 11);
 }
+
+/// All files under `dir`, by relative path (commit markers left out: they hold the
+/// commit time).
+fn shard_files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &std::path::Path, d: &std::path::Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if !p.ends_with("zarr.json") {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+#[test]
+fn the_same_samples_make_the_same_bytes_every_time() {
+    // Shards of 64 inner chunks are encoded on several threads; their layout in the
+    // shard must not depend on which thread finished first.
+    let write = |name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::Local(dir.path().join(name));
+        let opts = tensorbake_store::StoreOptions {
+            shard_bytes: 1 << 20,
+            max_shard_samples: 64,
+            ..tensorbake_store::StoreOptions::default()
+        };
+        let store = Store::create_or_open_with(&loc, spec(), opts).unwrap();
+        let mut w = store.part_writer("a", "file:///a.tar").unwrap();
+        for i in 0..150 {
+            w.push(record(&expected(3, i))).unwrap();
+        }
+        w.commit().unwrap();
+        (dir, dir_files(&loc))
+    };
+    fn dir_files(loc: &Location) -> BTreeMap<String, Vec<u8>> {
+        match loc {
+            Location::Local(p) => shard_files(p),
+            Location::S3 { .. } => unreachable!(),
+        }
+    }
+    let (_a, first) = write("a.zarr");
+    assert!(first.len() > 10, "{:?}", first.keys());
+    for _ in 0..3 {
+        let (_b, again) = write("a.zarr");
+        assert_eq!(
+            first.keys().collect::<Vec<_>>(),
+            again.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in &first {
+            assert!(
+                &again[k] == v,
+                "{k} differs between two writes of the same samples"
+            );
+        }
+    }
+}
