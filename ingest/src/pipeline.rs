@@ -443,6 +443,11 @@ impl Ingest {
         &self.cfg
     }
 
+    /// The fetcher shards are opened with (e.g. to [`Fetcher::probe`] them first).
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
     /// Streams `shards` (a subset of [`Ingest::shards`]) with up to
     /// `shards_in_flight` at once and reports every outcome to `on_event`, which is
     /// called from several threads; events of one shard arrive in order, its

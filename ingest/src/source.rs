@@ -222,6 +222,102 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// Checks quickly that `url` can be read, before a job commits to it: a local file
+    /// must exist; an HTTP(S) server must answer a one-byte `Range` GET (a GET, not a
+    /// HEAD: signed CDN links often refuse HEAD). Two attempts at most, each bounded by
+    /// the connect and stall timeouts, so a mistyped host fails in seconds rather
+    /// than after the stream's full retry schedule. A busy answer (429, 5xx) passes:
+    /// the stream itself waits those out.
+    ///
+    /// # Errors
+    /// [`SourceError::NotFound`], [`SourceError::Status`], [`SourceError::File`],
+    /// [`SourceError::Unsupported`], or [`SourceError::RetriesExhausted`] when no
+    /// answer came (connection refused, unknown host, timeout).
+    pub fn probe(&self, url: &str) -> Result<(), SourceError> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let path = match url.strip_prefix("file://") {
+                Some(p) => p,
+                None if url.contains("://") => {
+                    return Err(SourceError::Unsupported {
+                        url: url.to_string(),
+                    });
+                }
+                None => url,
+            };
+            return std::fs::File::open(path)
+                .map(drop)
+                .map_err(|source| SourceError::File {
+                    path: path.to_string(),
+                    source,
+                });
+        }
+        let cfg = &self.inner.cfg;
+        let limit = Duration::from_secs_f64(cfg.connect_timeout_s + cfg.stall_timeout_s);
+        let pause = Duration::from_secs_f64(cfg.backoff_initial_s);
+        let client = self.inner.client.clone();
+        self.inner.rt.block_on(async move {
+            let mut last = String::new();
+            const ATTEMPTS: u32 = 2;
+            for attempt in 1..=ATTEMPTS {
+                let req = client.get(url).header(RANGE, "bytes=0-0").send();
+                match tokio::time::timeout(limit, req).await {
+                    Ok(Ok(resp)) => {
+                        let status = resp.status();
+                        return match status {
+                            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                                Err(SourceError::NotFound {
+                                    url: url.to_string(),
+                                    status: status.as_u16(),
+                                })
+                            }
+                            s if s.is_success()
+                                || s.is_server_error()
+                                || s == StatusCode::TOO_MANY_REQUESTS
+                                || s == StatusCode::REQUEST_TIMEOUT
+                                // an empty file has no byte 0
+                                || s == StatusCode::RANGE_NOT_SATISFIABLE =>
+                            {
+                                Ok(())
+                            }
+                            s => Err(SourceError::Status {
+                                url: url.to_string(),
+                                status: s.as_u16(),
+                            }),
+                        };
+                    }
+                    Ok(Err(e)) => last = error_chain(&e),
+                    Err(_) => last = format!("no answer within {:.0} s", limit.as_secs_f64()),
+                }
+                if attempt < ATTEMPTS {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Err(SourceError::RetriesExhausted {
+                url: url.to_string(),
+                attempts: ATTEMPTS,
+                offset: 0,
+                last,
+            })
+        })
+    }
+}
+
+/// An error with its causes, outermost first (reqwest's own message omits them).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Opens one URL or path with default network settings (for one-off reads such as a
 /// caption tar or a links file).
 pub fn open_url(url: &str) -> Result<ShardStream, SourceError> {
