@@ -20,6 +20,7 @@ fn t5_null_embedding_is_recorded_by_the_store_and_read_back() {
         batch: 4,
         device: "cpu".into(),
         max_length: Some(32),
+        store_dtype: None,
     };
     let enc = build_encoder(&cfg, 0).unwrap();
     let info = enc.info();

@@ -33,6 +33,7 @@ pub mod clip_text;
 pub mod spm;
 pub mod t5;
 pub mod text;
+pub mod tiny;
 pub mod tokenize;
 pub use text::{ClipTextEncoder, T5TextEncoder, null_embedding};
 
@@ -247,6 +248,10 @@ pub struct EncoderConfig {
     /// Text encoders: maximum token length (T5: 120 for PixArt, 512 Flux-dev, 256 schnell).
     #[serde(default)]
     pub max_length: Option<usize>,
+    /// Dtype the float arrays are stored in (`tensorbake run`): by default bf16 for
+    /// embeddings and f32 for VAE latent moments; f16 halves the latents.
+    #[serde(default)]
+    pub store_dtype: Option<DTypeName>,
 }
 
 const fn default_batch() -> usize {

@@ -59,6 +59,7 @@ fn cfg(name: &str, weights: &Path, max_length: Option<usize>) -> EncoderConfig {
         batch: 16,
         device: "cpu".into(),
         max_length,
+        store_dtype: None,
     }
 }
 

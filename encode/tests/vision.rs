@@ -43,6 +43,7 @@ fn cfg(name: &str, dir: &Path, batch: usize) -> EncoderConfig {
         batch,
         device: "cpu".into(),
         max_length: None,
+        store_dtype: None,
     }
 }
 

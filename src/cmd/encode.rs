@@ -59,6 +59,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
         batch: args.batch,
         device: args.device.clone(),
         max_length: args.max_length,
+        store_dtype: None,
     };
     let encoder = build_encoder(&cfg, args.resolution)
         .with_context(|| format!("loading encoder `{}` from {}", args.encoder, args.weights))?;

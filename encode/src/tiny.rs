@@ -1,0 +1,727 @@
+//! Tiny random-weight models in the real Hugging Face layouts, for the demo and tests.
+//!
+//! [`write_tiny_model`] writes a model directory that the loaders of this crate (and
+//! transformers / diffusers, for the architectures they share) read exactly as they
+//! read the real checkpoint: the upstream `config.json` keys, the weight file name
+//! (`diffusion_pytorch_model.safetensors` for diffusers VAEs, `model.safetensors` for
+//! transformers models), the real tensor names, a `preprocessor_config.json` for the
+//! image towers and, for T5, a SentencePiece `spiece.model` with `tokenizer_config.json`
+//! as google/t5-v1_1-xxl ships them. Only the sizes are small (a few hundred kB).
+//!
+//! The tensor names are not listed by hand: the model is built once through a
+//! `VarBuilder` whose backend records every tensor the model asks for and makes it up
+//! from a seeded generator, so the file holds exactly what the loader reads, under the
+//! names it reads. Values are scaled like an initialised network (weights `N(0,
+//! 1/fan_in)`, norm scales near 1, small biases) so activations stay finite through
+//! every layer. The same `(name, seed)` writes the same bytes on every machine and
+//! version (SplitMix64 + Box-Muller, not `rand`).
+//!
+//! ```no_run
+//! use tensorbake_encode::tiny::{write_tiny_model, TinyModel};
+//! let dir = std::env::temp_dir().join("tiny-t5");
+//! write_tiny_model(TinyModel::T5, &dir, 7).unwrap();
+//! assert!(dir.join("spiece.model").is_file());
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+use serde_json::{Value, json};
+
+use crate::{EncodeError, Result};
+
+/// The architectures [`write_tiny_model`] writes, by the feature they serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyModel {
+    /// diffusers `AutoencoderKL`, 4 latent channels, with `quant_conv` (sd-vae-ft-ema).
+    SdVae,
+    /// diffusers `AutoencoderKL`, 16 latent channels, no `quant_conv` (FLUX.1 `vae/`).
+    FluxVae,
+    /// transformers `SiglipVisionModel` (`vision_model.*`).
+    Siglip,
+    /// transformers `CLIPVisionModelWithProjection`.
+    ClipVision,
+    /// transformers `T5EncoderModel` (v1.1: gated GELU) with a SentencePiece model.
+    T5,
+}
+
+impl TinyModel {
+    /// The model serving a feature name (`sd_vae`, `flux_vae`, `siglip`,
+    /// `clip_vision`, `t5`), `None` for the others.
+    pub fn for_feature(name: &str) -> Option<Self> {
+        Some(match name {
+            "sd_vae" => Self::SdVae,
+            "flux_vae" => Self::FluxVae,
+            "siglip" => Self::Siglip,
+            "clip_vision" => Self::ClipVision,
+            "t5" => Self::T5,
+            _ => return None,
+        })
+    }
+
+    /// The feature name this model serves.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Self::SdVae => "sd_vae",
+            Self::FluxVae => "flux_vae",
+            Self::Siglip => "siglip",
+            Self::ClipVision => "clip_vision",
+            Self::T5 => "t5",
+        }
+    }
+}
+
+/// SplitMix64: fixed output forever, so tiny models are the same bytes everywhere.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unit(), self.unit());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// FNV-1a of the tensor name, mixed with the seed: each tensor has its own stream.
+fn stream(seed: u64, name: &str) -> SplitMix64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    SplitMix64(h ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// Values for one tensor, by its name and shape: norm scales near 1, small biases,
+/// embeddings of unit scale, other weights `N(0, 1/fan_in)`.
+fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
+    let mut rng = stream(seed, name);
+    let n: usize = dims.iter().product();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let embedding = name.contains("embed") || name.starts_with("shared");
+    let (mean, std) = if name.contains("relative_attention_bias") {
+        (0.0, 0.1)
+    } else if leaf == "bias" {
+        (0.0, 0.02)
+    } else if dims.len() == 1 && !embedding {
+        (1.0, 0.05)
+    } else if embedding {
+        (0.0, if dims.len() == 1 { 0.02 } else { 1.0 })
+    } else {
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        (0.0, 1.0 / (fan_in as f64).sqrt())
+    };
+    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+}
+
+/// A `VarBuilder` backend that makes up every tensor asked for and remembers it.
+struct Recorder {
+    seed: u64,
+    made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+}
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = made.get(name) {
+            if t.dims() != s.dims() {
+                candle_core::bail!(
+                    "tensor `{name}` asked for as {:?} and as {:?}",
+                    t.dims(),
+                    s.dims()
+                );
+            }
+            return t.to_dtype(dtype)?.to_device(dev);
+        }
+        let t = Tensor::from_vec(values(self.seed, name, s.dims()), s.dims(), &Device::Cpu)?;
+        made.insert(name.to_string(), t.clone());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("tensor `{name}` asked for without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Builds a model through a recording `VarBuilder` and returns the tensors it read.
+fn record(
+    seed: u64,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    let made = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(
+        Box::new(Recorder {
+            seed,
+            made: made.clone(),
+        }),
+        DType::F32,
+        Device::Cpu,
+    );
+    build(vb)?;
+    let out = std::mem::take(&mut *made.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(out)
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EncodeError + '_ {
+    move |source| EncodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+    std::fs::write(path, text).map_err(io_err(path))
+}
+
+fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    // safetensors orders the file by dtype and name, so the bytes do not depend on
+    // the map's order.
+    let map: std::collections::HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path).map_err(|e| EncodeError::BadFile {
+        path: path.to_path_buf(),
+        why: format!("writing safetensors: {e}"),
+    })
+}
+
+fn candle(model: TinyModel) -> impl Fn(candle_core::Error) -> EncodeError {
+    move |source| EncodeError::Candle {
+        encoder: format!("tiny {}", model.feature()),
+        source,
+    }
+}
+
+/// Writes a tiny random-weight `model` into `dir` (created if need be) in the real
+/// Hugging Face layout, its weights drawn from `seed`.
+///
+/// # Errors
+/// I/O errors naming the file; a model that does not build from its own config
+/// (a bug).
+pub fn write_tiny_model(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    match model {
+        TinyModel::SdVae | TinyModel::FluxVae => write_vae(model, dir, seed),
+        TinyModel::Siglip => write_siglip(dir, seed),
+        TinyModel::ClipVision => write_clip_vision(dir, seed),
+        TinyModel::T5 => write_t5(dir, seed),
+    }
+}
+
+fn write_vae(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
+    let flux = model == TinyModel::FluxVae;
+    // Four down blocks as in the real VAEs (8x downscale), tiny widths.
+    let config = json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.32.2",
+        "act_fn": "silu",
+        "block_out_channels": [8, 8, 16, 16],
+        "down_block_types": vec!["DownEncoderBlock2D"; 4],
+        "force_upcast": true,
+        "in_channels": 3,
+        "latent_channels": if flux { 16 } else { 4 },
+        "layers_per_block": 1,
+        "mid_block_add_attention": true,
+        "norm_num_groups": 4,
+        "out_channels": 3,
+        "sample_size": 256,
+        "scaling_factor": if flux { 0.3611 } else { 0.18215 },
+        "shift_factor": if flux { json!(0.1159) } else { Value::Null },
+        "up_block_types": vec!["UpDecoderBlock2D"; 4],
+        "use_post_quant_conv": !flux,
+        "use_quant_conv": !flux,
+    });
+    let cfg: crate::vae::Config =
+        serde_json::from_value(config.clone()).map_err(|e| EncodeError::BadFile {
+            path: dir.join("config.json"),
+            why: e.to_string(),
+        })?;
+    let tensors = record(seed, |vb| crate::vae::VaeEncoder::new(vb, &cfg).map(|_| ()))
+        .map_err(candle(model))?;
+    write_json(&dir.join("config.json"), &config)?;
+    save(&tensors, &dir.join("diffusion_pytorch_model.safetensors"))
+}
+
+fn image_preprocessor(kind: &str, side: u32, mean: [f64; 3], std: [f64; 3]) -> Value {
+    let mut v = json!({
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": mean,
+        "image_std": std,
+        "image_processor_type": kind,
+        "resample": 3,
+        "rescale_factor": 1.0 / 255.0,
+    });
+    if kind == "SiglipImageProcessor" {
+        v["size"] = json!({"height": side, "width": side});
+    } else {
+        v["size"] = json!({"shortest_edge": side});
+        v["do_center_crop"] = json!(true);
+        v["crop_size"] = json!({"height": side, "width": side});
+        v["do_convert_rgb"] = json!(true);
+    }
+    v
+}
+
+fn write_siglip(dir: &Path, seed: u64) -> Result<()> {
+    let side = 64;
+    let config = json!({
+        "architectures": ["SiglipVisionModel"],
+        "model_type": "siglip_vision_model",
+        "attention_dropout": 0.0,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 32,
+        "image_size": side,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-6,
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "num_hidden_layers": 2,
+        "patch_size": 16,
+        "torch_dtype": "float32",
+    });
+    let cfg = crate::siglip::Config::from_json(&config).map_err(|why| EncodeError::BadFile {
+        path: dir.join("config.json"),
+        why,
+    })?;
+    let tensors = record(seed, |vb| {
+        crate::siglip::SiglipVision::new(vb.pp("vision_model"), &cfg.vision).map(|_| ())
+    })
+    .map_err(candle(TinyModel::Siglip))?;
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &image_preprocessor("SiglipImageProcessor", side, [0.5; 3], [0.5; 3]),
+    )?;
+    save(&tensors, &dir.join("model.safetensors"))
+}
+
+fn write_clip_vision(dir: &Path, seed: u64) -> Result<()> {
+    let side = 32;
+    let config = json!({
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "model_type": "clip_vision_model",
+        "attention_dropout": 0.0,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 32,
+        "image_size": side,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-5,
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "num_hidden_layers": 2,
+        "patch_size": 8,
+        "projection_dim": 16,
+        "torch_dtype": "float32",
+    });
+    let cfg =
+        crate::clip_vision::Config::from_json(&config).map_err(|why| EncodeError::BadFile {
+            path: dir.join("config.json"),
+            why,
+        })?;
+    let tensors = record(seed, |vb| {
+        crate::clip_vision::ClipVisionWithProjection::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(candle(TinyModel::ClipVision))?;
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &image_preprocessor(
+            "CLIPImageProcessor",
+            side,
+            crate::vision::CLIP_MEAN,
+            crate::vision::CLIP_STD,
+        ),
+    )?;
+    save(&tensors, &dir.join("model.safetensors"))
+}
+
+/// Words of the tiny T5 vocabulary (whole-word pieces `▁word`); anything else is
+/// spelled from the letter, digit and punctuation pieces.
+const T5_WORDS: &[&str] = &[
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "or",
+    "to",
+    "from",
+    "by",
+    "for",
+    "is",
+    "are",
+    "was",
+    "it",
+    "its",
+    "this",
+    "that",
+    "there",
+    "two",
+    "three",
+    "some",
+    "many",
+    "red",
+    "blue",
+    "green",
+    "white",
+    "black",
+    "yellow",
+    "old",
+    "new",
+    "small",
+    "large",
+    "bright",
+    "dark",
+    "people",
+    "person",
+    "man",
+    "woman",
+    "child",
+    "dog",
+    "cat",
+    "car",
+    "bicycle",
+    "bike",
+    "street",
+    "road",
+    "town",
+    "city",
+    "square",
+    "market",
+    "building",
+    "house",
+    "wall",
+    "brick",
+    "window",
+    "door",
+    "tree",
+    "trees",
+    "sky",
+    "sun",
+    "cloud",
+    "water",
+    "river",
+    "sea",
+    "beach",
+    "mountain",
+    "field",
+    "grass",
+    "flower",
+    "table",
+    "chair",
+    "room",
+    "light",
+    "shadow",
+    "afternoon",
+    "morning",
+    "evening",
+    "night",
+    "day",
+    "walking",
+    "leaning",
+    "against",
+    "standing",
+    "sitting",
+    "past",
+    "near",
+    "behind",
+    "front",
+    "background",
+    "foreground",
+    "image",
+    "photo",
+    "picture",
+    "view",
+    "scene",
+    "shows",
+    "features",
+    "can",
+    "see",
+    "we",
+];
+
+/// A SentencePiece `ModelProto` (unigram) with T5's special pieces, as bytes.
+fn t5_spiece_model() -> (Vec<u8>, usize) {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    fn bytes_field(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
+        varint(out, field << 3 | 2);
+        varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
+    }
+    // (piece, score, type): 1 normal, 2 unknown, 3 control.
+    let mut pieces: Vec<(String, f32, u64)> = vec![
+        ("<pad>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+        ("<unk>".into(), 0.0, 2),
+        ("▁".into(), -3.0, 1),
+    ];
+    for w in T5_WORDS {
+        // longer words score higher, so whole words beat their spelling
+        pieces.push((format!("▁{w}"), -10.0 + w.len() as f32 * 0.5, 1));
+    }
+    for s in ["s", "ing", "ed", "er", "ly", "es"] {
+        pieces.push((s.to_string(), -9.0, 1));
+    }
+    for c in ('a'..='z').chain('0'..='9').chain(",.!?'\"-:;()/&".chars()) {
+        pieces.push((c.to_string(), -12.0, 1));
+        pieces.push((format!("▁{c}"), -12.5, 1));
+    }
+    let n = pieces.len();
+    let mut out = Vec::new();
+    for (piece, score, kind) in &pieces {
+        let mut p = Vec::new();
+        bytes_field(&mut p, 1, piece.as_bytes());
+        varint(&mut p, 2 << 3 | 5);
+        p.extend_from_slice(&score.to_le_bytes());
+        varint(&mut p, 3 << 3);
+        varint(&mut p, *kind);
+        bytes_field(&mut out, 1, &p);
+    }
+    // trainer_spec { model_type: UNIGRAM (1) }
+    let mut trainer = Vec::new();
+    varint(&mut trainer, 3 << 3);
+    varint(&mut trainer, 1);
+    bytes_field(&mut out, 2, &trainer);
+    (out, n)
+}
+
+fn write_t5(dir: &Path, seed: u64) -> Result<()> {
+    let (spiece, pieces) = t5_spiece_model();
+    let extra_ids = 100;
+    // Like T5's 32128 = 32000 pieces + 100 sentinels + padding to a multiple of 128.
+    let vocab_size = (pieces + extra_ids).div_ceil(128) * 128;
+    let config = json!({
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "d_ff": 64,
+        "d_kv": 8,
+        "d_model": 32,
+        "dense_act_fn": "gelu_new",
+        "dropout_rate": 0.1,
+        "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu",
+        "initializer_factor": 1.0,
+        "is_encoder_decoder": true,
+        "is_gated_act": true,
+        "layer_norm_epsilon": 1e-6,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "num_layers": 2,
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": false,
+        "torch_dtype": "float32",
+        "vocab_size": vocab_size,
+    });
+    let cfg: crate::t5::T5Config =
+        serde_json::from_value(config.clone()).map_err(|e| EncodeError::BadFile {
+            path: dir.join("config.json"),
+            why: e.to_string(),
+        })?;
+    let tensors = record(seed, |vb| {
+        crate::t5::T5EncoderModel::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(candle(TinyModel::T5))?;
+    write_json(&dir.join("config.json"), &config)?;
+    let sp = dir.join("spiece.model");
+    std::fs::write(&sp, spiece).map_err(io_err(&sp))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({
+            "tokenizer_class": "T5Tokenizer",
+            "extra_ids": extra_ids,
+            "model_max_length": 512,
+            "eos_token": "</s>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+        }),
+    )?;
+    write_json(
+        &dir.join("special_tokens_map.json"),
+        &json!({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}),
+    )?;
+    save(&tensors, &dir.join("model.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EncoderConfig, Input, Rgb8, build_encoder};
+
+    fn cfg(name: &str, dir: &Path) -> EncoderConfig {
+        EncoderConfig {
+            name: name.into(),
+            weights: dir.to_string_lossy().into_owned(),
+            dtype: Default::default(),
+            batch: 2,
+            device: "cpu".into(),
+            max_length: Some(16),
+            store_dtype: None,
+        }
+    }
+
+    fn image(seed: u8, side: u32) -> Vec<u8> {
+        (0..side * side * 3)
+            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(i as u8 / 7))
+            .collect()
+    }
+
+    #[test]
+    fn every_tiny_model_loads_through_the_real_loader_and_gives_finite_outputs() {
+        let root = tempfile::tempdir().unwrap();
+        for model in [
+            TinyModel::SdVae,
+            TinyModel::FluxVae,
+            TinyModel::Siglip,
+            TinyModel::ClipVision,
+            TinyModel::T5,
+        ] {
+            let dir = root.path().join(model.feature());
+            write_tiny_model(model, &dir, 3).unwrap();
+            let enc = build_encoder(&cfg(model.feature(), &dir), 64)
+                .unwrap_or_else(|e| panic!("{}: {e}", model.feature()));
+            let out = if model == TinyModel::T5 {
+                enc.encode(Input::Texts(&["a red bicycle", "zebra crossing"]))
+                    .unwrap()
+            } else {
+                let (a, b) = (image(3, 64), image(5, 64));
+                let imgs = [
+                    Rgb8 {
+                        width: 64,
+                        height: 64,
+                        pixels: &a,
+                    },
+                    Rgb8 {
+                        width: 64,
+                        height: 64,
+                        pixels: &b,
+                    },
+                ];
+                enc.encode(Input::Images(&imgs)).unwrap()
+            };
+            let info = enc.info();
+            assert_eq!(out.len(), info.arrays.len(), "{}", model.feature());
+            for ((name, t), spec) in out.iter().zip(&info.arrays) {
+                assert_eq!(name, &spec.name);
+                let mut want = vec![2];
+                want.extend(&spec.shape);
+                assert_eq!(t.dims(), want.as_slice(), "{name}");
+                let v: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "{name} has non-finite values"
+                );
+                if name != "t5_len" {
+                    // two different inputs give two different outputs (not a constant net)
+                    let half = v.len() / 2;
+                    assert!(
+                        v[..half] != v[half..],
+                        "{name}: both samples encode the same"
+                    );
+                    let spread = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    assert!(spread > 1e-3, "{name} is all zeros");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_t5_tokenizes_words_whole_and_spells_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(TinyModel::T5, dir.path(), 1).unwrap();
+        let tok = crate::tokenize::TextTokenizer::from_t5_spiece(&dir.path().join("spiece.model"))
+            .unwrap();
+        let b = tok.encode_batch(&["a red bicycle", "zq"], 16).unwrap();
+        // "▁a", "▁red", "▁bicycle", "</s>", then padding
+        assert_eq!(b.lengths[0], 4, "{:?}", b.row(0));
+        assert_eq!(b.row(0)[3], 1, "ends with </s>");
+        assert!(b.row(0)[4..].iter().all(|&id| id == 0));
+        // "▁z" + "q" + "</s>": spelled, no <unk> (id 2)
+        assert_eq!(b.lengths[1], 3, "{:?}", b.row(1));
+        assert!(!b.row(1)[..3].contains(&2));
+        assert_eq!(tok.pad_id(), 0);
+    }
+
+    #[test]
+    fn same_seed_same_bytes_other_seed_other_weights() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            root.path().join("a"),
+            root.path().join("b"),
+            root.path().join("c"),
+        );
+        write_tiny_model(TinyModel::SdVae, &a, 11).unwrap();
+        write_tiny_model(TinyModel::SdVae, &b, 11).unwrap();
+        write_tiny_model(TinyModel::SdVae, &c, 12).unwrap();
+        let read = |d: &Path| std::fs::read(d.join("diffusion_pytorch_model.safetensors")).unwrap();
+        assert_eq!(read(&a), read(&b));
+        assert_ne!(read(&a), read(&c));
+        // the real SD VAE layout: quant_conv present, diffusers encoder names
+        let st = candle_core::safetensors::load(
+            a.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for name in [
+            "encoder.conv_in.weight",
+            "encoder.down_blocks.0.resnets.0.norm1.weight",
+            "encoder.mid_block.attentions.0.to_q.weight",
+            "encoder.conv_norm_out.bias",
+            "quant_conv.weight",
+        ] {
+            assert!(st.contains_key(name), "{name} missing: {:?}", st.keys());
+        }
+    }
+}
