@@ -24,7 +24,9 @@ struct Cli {
 enum Command {
     /// Stream a manifest's shards into clean samples; --list prints them as JSON lines.
     Ingest(cmd::ingest::Args),
-    /// Run the pipeline on synthetic SA-1B shards served over loopback HTTP, offline.
+    /// The whole pipeline: shards -> encoders -> a committed Zarr store (resumable).
+    Run(cmd::run::Args),
+    /// The whole job offline: synthetic SA-1B shards over loopback HTTP, tiny models, a store.
     Demo(cmd::demo::Args),
     /// Clean captions (PixArt / diffusers), index the SA-1B captions, look them up.
     Captions(cmd::captions::CaptionsArgs),
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         .init();
     let result: anyhow::Result<ExitCode> = match cli.command {
         Command::Ingest(args) => cmd::ingest::run(args),
+        Command::Run(args) => cmd::run::run(args),
         Command::Demo(args) => cmd::demo::run(args),
         Command::Captions(args) => cmd::captions::run(args),
         Command::Inspect(args) => cmd::inspect::run(&args),

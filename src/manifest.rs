@@ -1,7 +1,8 @@
 //! The manifest: one TOML file that configures every stage of a job.
 //!
 //! Each table deserializes into the config struct of the stage that owns it
-//! (`[source]`, `[preprocess]`, `[captions]`, `[network]`, `[ingest]`, `[[encoders]]`);
+//! (`[source]`, `[preprocess]`, `[captions]`, `[network]`, `[ingest]`, `[[encoders]]`,
+//! `[run]`, `[zarr]`);
 //! unknown keys anywhere are an error that names the key, the file and the line.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,9 @@ use tensorbake_ingest::caption::CleanConfig;
 use tensorbake_ingest::image::PreprocessConfig;
 use tensorbake_ingest::pipeline::{IngestConfig, ParallelConfig, SourceConfig};
 use tensorbake_ingest::source::NetworkConfig;
+use tensorbake_kit::rank::Rank;
+use tensorbake_run::{RunConfig, RunOptions};
+use tensorbake_store::{Location, StoreOptions};
 
 /// A job manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +44,12 @@ pub struct Manifest {
     /// The encoders `tensorbake run` applies.
     #[serde(default)]
     pub encoders: Vec<EncoderConfig>,
+    /// Queues and threads of `tensorbake run`.
+    #[serde(default)]
+    pub run: RunOptions,
+    /// Layout of the parts `tensorbake run` writes (Zarr shard size, zstd level).
+    #[serde(default)]
+    pub zarr: StoreOptions,
 }
 
 impl Manifest {
@@ -83,6 +93,28 @@ impl Manifest {
             parallel: self.ingest.clone(),
             base_dir: base.to_path_buf(),
         }
+    }
+
+    /// The configuration of `tensorbake run`: `output` (a flag, relative to the
+    /// working directory) overrides the manifest's `store` (relative to `base`).
+    pub fn run_config(&self, base: &Path, output: Option<&str>, rank: Rank) -> Result<RunConfig> {
+        let store = match (output, &self.store) {
+            (Some(o), _) => o.to_string(),
+            (None, Some(s)) => tensorbake_ingest::shards::resolve(s, base),
+            (None, None) => anyhow::bail!(
+                "no store: set `store = \"DIR\"` (or s3://bucket/prefix) in the manifest, or pass --output"
+            ),
+        };
+        let store: Location = store.parse()?;
+        Ok(RunConfig {
+            name: self.name.clone(),
+            ingest: self.ingest_config(base),
+            encoders: self.encoders.clone(),
+            store,
+            layout: self.zarr,
+            rank,
+            options: self.run.clone(),
+        })
     }
 }
 

@@ -6,5 +6,6 @@ mod demo;
 mod encode;
 mod ingest;
 mod null_embedding;
+mod run;
 mod store;
 mod util;

@@ -23,3 +23,65 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Every file of a store by path relative to it, as bytes. Part commit markers are
+/// compared as JSON with the fields in `strip` removed from `tensorbake_part` (e.g.
+/// `committed_at`, which differs between two runs that write the same data).
+#[allow(dead_code)]
+pub fn store_files(
+    dir: &std::path::Path,
+    strip: &[&str],
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        strip: &[&str],
+        out: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(dir).expect("read store dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                walk(root, &p, strip, out);
+                continue;
+            }
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let mut bytes = std::fs::read(&p).expect("read store file");
+            let is_marker = rel.starts_with("parts/")
+                && rel.matches('/').count() == 2
+                && rel.ends_with("/zarr.json");
+            if is_marker && !strip.is_empty() {
+                let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                if let Some(m) = v["attributes"]["tensorbake_part"].as_object_mut() {
+                    for k in strip {
+                        m.remove(*k);
+                    }
+                }
+                bytes = serde_json::to_vec(&v).unwrap();
+            }
+            out.insert(rel, bytes);
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, strip, &mut out);
+    out
+}
+
+/// Asserts that two stores hold the same files (see [`store_files`]), naming the
+/// files that differ instead of printing their bytes.
+#[allow(dead_code)]
+pub fn assert_same_store(a: &std::path::Path, b: &std::path::Path, strip: &[&str]) {
+    let (fa, fb) = (store_files(a, strip), store_files(b, strip));
+    let only_a: Vec<&String> = fa.keys().filter(|k| !fb.contains_key(*k)).collect();
+    let only_b: Vec<&String> = fb.keys().filter(|k| !fa.contains_key(*k)).collect();
+    let differ: Vec<&String> = fa
+        .iter()
+        .filter(|(k, v)| fb.get(*k).is_some_and(|w| w != *v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty() && differ.is_empty(),
+        "{} and {} differ:\n only in the first: {only_a:?}\n only in the second: {only_b:?}\n different bytes: {differ:?}",
+        a.display(),
+        b.display()
+    );
+}

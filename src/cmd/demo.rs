@@ -1,25 +1,28 @@
 //! `tensorbake demo [--out DIR]`: the whole job on synthetic data, offline.
 //!
 //! Synthesizes SA-1B-style shards (gzip tars of real JPEGs and large mask `.json`
-//! members, shuffled) with a SAM-LLaVA-style caption tar, serves them on a loopback
-//! HTTP port, and streams them through the pipeline as a real job would: shard list
-//! from the links file, HTTP streaming, caption index built on first use, caption
-//! cleaning, decoding and resizing. It leaves in DIR: `shards/` (the data, with a
-//! links file of relative paths) and `manifest.toml`, which
-//! `tensorbake ingest DIR/manifest.toml --list` runs again offline.
+//! members, shuffled) with a SAM-LLaVA-style caption tar, writes tiny random-weight
+//! models in the real Hugging Face layouts (`sd_vae`, `siglip`, `clip_vision`, `t5`),
+//! serves the shards on a loopback HTTP port and runs the pipeline as a real job
+//! would: shard list from the links file, HTTP streaming, caption index built on first
+//! use, caption cleaning, decoding and resizing, the four encoders, a committed Zarr
+//! store. Then it reads the store back the way the trainer does (shuffled batches of
+//! tensors). It leaves in DIR: `shards/`, `models/`, `store/` and `manifest.toml`,
+//! which `tensorbake run DIR/manifest.toml` runs again offline from DIR/shards.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tensorbake_ingest::pipeline::Event;
+use tensorbake_encode::tiny::{TinyModel, write_tiny_model};
 use tensorbake_kit::http::FileServer;
 use tensorbake_kit::synth::{Sa1bSpec, write_sa1b};
+use tensorbake_store::{Loader, LoaderConfig, Location, StoreReader};
 
 use crate::manifest::Manifest;
 
-/// Run the pipeline on synthetic SA-1B-style shards served over loopback HTTP.
+/// The whole job offline: synthetic SA-1B over loopback HTTP, tiny models, a store.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where the demo writes its data, models, store and manifest.
@@ -31,18 +34,38 @@ pub struct Args {
     /// Images per shard.
     #[arg(long, default_value_t = 24)]
     images_per_shard: usize,
-    /// Target resolution.
+    /// Target resolution (a multiple of 8, the VAE's downscale).
     #[arg(long, default_value_t = 256)]
     resolution: u32,
 }
 
+/// The models the demo writes, by feature; the manifest's `[[encoders]]`.
+const MODELS: [TinyModel; 4] = [
+    TinyModel::SdVae,
+    TinyModel::Siglip,
+    TinyModel::ClipVision,
+    TinyModel::T5,
+];
+
 fn manifest_text(links: &str, captions: &str, resolution: u32) -> String {
-    format!(
-        "# Written by `tensorbake demo`: SA-1B-style synthetic shards.\n\
+    let mut text = format!(
+        "# Written by `tensorbake demo`: SA-1B-style synthetic shards, tiny random-weight\n\
+         # models. `tensorbake run` on this file reads the shards from disk.\n\
          name = \"demo\"\nstore = \"store\"\n\n[source]\nkind = \"sa1b\"\nlinks = \"{links}\"\n\
          captions = \"{captions}\"\ncaption_db = \"shards/captions.redb\"\n\n\
          [preprocess]\nresolution = {resolution}\n\n[captions]\nclean = true\nstrip_boilerplate = true\n"
-    )
+    );
+    for m in MODELS {
+        let name = m.feature();
+        text.push_str(&format!(
+            "\n[[encoders]]\nname = \"{name}\"\nweights = \"models/{name}\"\ndevice = \"cpu\"\n\
+             dtype = \"f32\"\nbatch = 8\n"
+        ));
+        if m == TinyModel::T5 {
+            text.push_str("max_length = 32\n");
+        }
+    }
+    text
 }
 
 /// Runs the command.
@@ -51,8 +74,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let shards_dir = out.join("shards");
     let t0 = std::time::Instant::now();
     eprintln!(
-        "demo: writing {} synthetic SA-1B shards to {}",
+        "demo: writing {} synthetic SA-1B shards of {} images to {}",
         args.shards,
+        args.images_per_shard,
         shards_dir.display()
     );
     let spec = Sa1bSpec {
@@ -68,6 +92,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
     write_links(&layout.links, &layout.shards, |name| {
         format!("shards/{name}")
     })?;
+    let models = out.join("models");
+    eprintln!(
+        "demo: writing tiny random-weight models ({}) to {}",
+        MODELS.map(TinyModel::feature).join(", "),
+        models.display()
+    );
+    for (i, m) in MODELS.into_iter().enumerate() {
+        write_tiny_model(m, &models.join(m.feature()), 100 + i as u64)
+            .with_context(|| format!("writing the tiny {} model", m.feature()))?;
+    }
     std::fs::write(
         out.join("manifest.toml"),
         manifest_text(
@@ -76,8 +110,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             args.resolution,
         ),
     )?;
+    let store_dir = out.join("store");
+    if store_dir.exists() {
+        eprintln!(
+            "demo: removing the store of an earlier demo at {}",
+            store_dir.display()
+        );
+        std::fs::remove_dir_all(&store_dir)
+            .with_context(|| format!("removing {}", store_dir.display()))?;
+    }
 
-    // this run streams them over HTTP from a loopback server
+    // this run streams the shards over HTTP from a loopback server
     let server = FileServer::start(&shards_dir).context("starting the loopback server")?;
     let http_links = shards_dir.join("links-http.tsv");
     write_links(&http_links, &layout.shards, |name| server.url(name))?;
@@ -88,49 +131,110 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     let manifest = Manifest::parse(&text, "demo manifest")?;
     let _ = std::fs::remove_file(shards_dir.join("captions.redb"));
-    let ingest = manifest.ingest_config(out).build()?;
-    eprintln!(
-        "demo: streaming {} shards from {}",
-        ingest.shards().len(),
-        server.base_url()
-    );
-    let stop = AtomicBool::new(false);
-    let summary = ingest.run(ingest.shards(), &stop, &|e| {
-        if let Event::Skip(s) = e {
-            eprintln!("demo: skipped {} ({})", s.key, s.reason);
+    eprintln!("demo: streaming from {}", server.base_url());
+    let rank = tensorbake_kit::rank::Rank {
+        rank: 0,
+        world: 1,
+        origin: "demo",
+    };
+    let report = super::run::build_and_run(
+        &manifest,
+        "demo manifest",
+        out,
+        None,
+        rank,
+        Duration::from_secs(5),
+        |_| {},
+    )?;
+
+    // read it back as the trainer will: shuffled batches of tensors
+    let reader = std::sync::Arc::new(StoreReader::open(&Location::from(store_dir.as_path()))?);
+    let arrays: Vec<String> = [
+        "sd_vae_mean",
+        "siglip_hidden",
+        "clip_image_embeds",
+        "t5_hidden",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cfg = LoaderConfig::new(7, 0, 16, arrays.clone());
+    let mut loaded = 0usize;
+    let mut shapes = Vec::new();
+    for batch in Loader::new(reader.clone(), &cfg)? {
+        let batch = batch?;
+        if shapes.is_empty() {
+            shapes = arrays
+                .iter()
+                .filter_map(|a| batch.tensors.get(a).map(|t| format!("{a} {:?}", t.dims())))
+                .collect();
         }
-    });
+        loaded += batch.keys.len();
+    }
+    let store_bytes = dir_size(&store_dir);
+    let total = layout.caption_of.len();
     println!("tensorbake demo: {}", out.display());
     println!(
-        "  shards streamed      {} ok, {} failed",
-        summary.shards_ok,
-        summary.failed_shards.values().sum::<u64>()
+        "  shards                {} committed, {} failed",
+        report.shards.committed, report.shards.failed
     );
     println!(
-        "  samples kept         {} of {}",
-        summary.kept,
-        layout.caption_of.len()
+        "  samples in store      {} of {total}",
+        report.samples.written
     );
     println!(
-        "  bytes streamed       {:.1} MB",
-        summary.bytes as f64 / 1e6
+        "  bytes streamed        {:.1} MB over {}",
+        report.bytes as f64 / 1e6,
+        server.base_url()
     );
     println!(
-        "  ingest time          {:.2} s ({:.1} images/s)",
-        summary.seconds,
-        summary.kept as f64 / summary.seconds.max(1e-9)
+        "  ingest                {:.1} images/s (decode, resize to {})",
+        report.stages.ingest.samples_per_s, args.resolution
     );
-    println!("  total time           {:.2} s", t0.elapsed().as_secs_f64());
+    for (name, t) in &report.stages.encoders {
+        println!(
+            "  encoder {name:<13} {:.1} samples/s (CPU, tiny weights)",
+            t.samples_per_s
+        );
+    }
     println!(
-        "  run again offline    tensorbake ingest {} --list",
+        "  store                 {} ({:.1} MB, {} parts)",
+        store_dir.display(),
+        store_bytes as f64 / 1e6,
+        reader.parts().len()
+    );
+    println!(
+        "  read back             {loaded} samples in shuffled batches of 16: {}",
+        shapes.join(", ")
+    );
+    println!(
+        "  total time            {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "  run again offline     tensorbake run {}",
         out.join("manifest.toml").display()
     );
-    let ok = summary.kept as usize == layout.caption_of.len() && summary.failed_shards.is_empty();
+    let ok = report.complete() && report.samples.written as usize == total && loaded == total;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn write_links(path: &Path, shards: &[PathBuf], url: impl Fn(&str) -> String) -> Result<()> {

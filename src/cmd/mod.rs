@@ -6,3 +6,5 @@ pub mod demo;
 pub mod encode;
 pub mod ingest;
 pub mod inspect;
+pub mod progress;
+pub mod run;
