@@ -202,19 +202,7 @@ impl Fetcher {
                 stats,
             });
         }
-        let path = match url.strip_prefix("file://") {
-            Some(p) => p,
-            None if url.contains("://") => {
-                return Err(SourceError::Unsupported {
-                    url: url.to_string(),
-                });
-            }
-            None => url,
-        };
-        let file = std::fs::File::open(path).map_err(|source| SourceError::File {
-            path: path.to_string(),
-            source,
-        })?;
+        let file = open_local(url)?;
         Ok(ShardStream {
             inner: StreamInner::File(io::BufReader::with_capacity(1 << 20, file)),
             stats,
@@ -236,21 +224,7 @@ impl Fetcher {
     /// answer came (connection refused, unknown host, timeout).
     pub fn probe(&self, url: &str) -> Result<(), SourceError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            let path = match url.strip_prefix("file://") {
-                Some(p) => p,
-                None if url.contains("://") => {
-                    return Err(SourceError::Unsupported {
-                        url: url.to_string(),
-                    });
-                }
-                None => url,
-            };
-            return std::fs::File::open(path)
-                .map(drop)
-                .map_err(|source| SourceError::File {
-                    path: path.to_string(),
-                    source,
-                });
+            return open_local(url).map(drop);
         }
         let cfg = &self.inner.cfg;
         let limit = Duration::from_secs_f64(cfg.connect_timeout_s + cfg.stall_timeout_s);
@@ -301,6 +275,23 @@ impl Fetcher {
             })
         })
     }
+}
+
+/// Opens a plain path or `file://` URL; other schemes are [`SourceError::Unsupported`].
+fn open_local(url: &str) -> Result<std::fs::File, SourceError> {
+    let path = match url.strip_prefix("file://") {
+        Some(p) => p,
+        None if url.contains("://") => {
+            return Err(SourceError::Unsupported {
+                url: url.to_string(),
+            });
+        }
+        None => url,
+    };
+    std::fs::File::open(path).map_err(|source| SourceError::File {
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// An error with its causes, outermost first (reqwest's own message omits them).

@@ -160,3 +160,55 @@ fn local_paths_and_file_urls() {
         SourceError::Unsupported { .. }
     ));
 }
+
+#[test]
+fn probe_tells_reachable_missing_and_unreachable_apart() {
+    let (dir, _data, server) = fixture();
+    let f = Fetcher::new(fast()).unwrap();
+    f.probe(&server.url("shard.tar")).unwrap();
+    // a busy server passes: the stream itself waits 503s out
+    server.inject("shard.tar", Fault::Unavailable { retry_after_s: 1 }, 1);
+    f.probe(&server.url("shard.tar")).unwrap();
+    // one byte asked for, not the whole shard
+    let before = server.stats().bytes_sent.load(Ordering::Relaxed);
+    f.probe(&server.url("shard.tar")).unwrap();
+    // (the server thread may still be writing its byte when the probe returns)
+    let sent = || server.stats().bytes_sent.load(Ordering::Relaxed) - before;
+    for _ in 0..200 {
+        if sent() > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(sent(), 1);
+    match f.probe(&server.url("missing.tar")) {
+        Err(SourceError::NotFound { status: 404, url }) => assert!(url.ends_with("missing.tar")),
+        other => panic!("{other:?}"),
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{closed}/shard.tar");
+    match f.probe(&url) {
+        Err(SourceError::RetriesExhausted {
+            attempts: 2, last, ..
+        }) => {
+            assert!(last.to_lowercase().contains("connect"), "{last}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // local files: there or not
+    let local = dir.path().join("shard.tar");
+    f.probe(local.to_str().unwrap()).unwrap();
+    f.probe(&format!("file://{}", local.display())).unwrap();
+    assert!(matches!(
+        f.probe(dir.path().join("nope.tar").to_str().unwrap()),
+        Err(SourceError::File { .. })
+    ));
+    assert!(matches!(
+        f.probe("ftp://host/x.tar"),
+        Err(SourceError::Unsupported { .. })
+    ));
+}

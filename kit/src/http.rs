@@ -209,8 +209,12 @@ fn serve(conn: TcpStream, root: &Path, faults: &FaultTable, stats: &ServerStats)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
     let etag = format!("\"{size:x}-{mtime:x}\"");
-    let (start, status) = match range.as_deref().and_then(parse_range) {
-        Some(s) if s < size => (s, "206 Partial Content"),
+    let (start, end, status) = match range.as_deref().and_then(parse_range) {
+        Some((s, e)) if s < size => (
+            s,
+            e.map_or(size - 1, |e| e.min(size - 1)),
+            "206 Partial Content",
+        ),
         Some(_) => {
             return respond_empty(
                 &mut out,
@@ -218,17 +222,14 @@ fn serve(conn: TcpStream, root: &Path, faults: &FaultTable, stats: &ServerStats)
                 &[("Content-Range", format!("bytes */{size}"))],
             );
         }
-        None => (0, "200 OK"),
+        None => (0, size.saturating_sub(1), "200 OK"),
     };
-    let len = size - start;
+    let len = if size == 0 { 0 } else { end + 1 - start };
     let mut head = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n"
     );
     if start > 0 || range.is_some() {
-        head.push_str(&format!(
-            "Content-Range: bytes {start}-{}/{size}\r\n",
-            size - 1
-        ));
+        head.push_str(&format!("Content-Range: bytes {start}-{end}/{size}\r\n"));
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
@@ -268,14 +269,16 @@ fn respond_empty(out: &mut TcpStream, status: &str, headers: &[(&str, String)]) 
     out.flush()
 }
 
-/// `bytes=<start>-` (the only form tensorbake sends) and `bytes=<start>-<end>`.
-fn parse_range(v: &str) -> Option<u64> {
-    v.strip_prefix("bytes=")?
-        .split('-')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+/// `bytes=<start>-` (how streams resume) and `bytes=<start>-<end>` (inclusive; how
+/// a probe asks for one byte): the start and, if given, the end.
+fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let (start, end) = v.strip_prefix("bytes=")?.split_once('-')?;
+    let start = start.trim().parse().ok()?;
+    let end = match end.trim() {
+        "" => None,
+        e => Some(e.parse().ok().filter(|&e| e >= start)?),
+    };
+    Some((start, end))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -303,12 +306,16 @@ mod tests {
     use super::*;
 
     fn get(url: &str, range: Option<u64>) -> (String, Vec<u8>) {
+        get_range(url, range.map(|r| format!("bytes={r}-")))
+    }
+
+    fn get_range(url: &str, range: Option<String>) -> (String, Vec<u8>) {
         let rest = url.strip_prefix("http://").unwrap();
         let (host, path) = rest.split_once('/').unwrap();
         let mut s = TcpStream::connect(host).unwrap();
         let mut req = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n");
         if let Some(r) = range {
-            req.push_str(&format!("Range: bytes={r}-\r\n"));
+            req.push_str(&format!("Range: {r}\r\n"));
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes()).unwrap();
@@ -337,6 +344,13 @@ mod tests {
             "{h}"
         );
         assert_eq!(body, &data[9_000..]);
+        // a closed range: inclusive end, clamped to the file
+        let (h, body) = get_range(&server.url("a%20b.bin"), Some("bytes=0-0".into()));
+        assert!(h.contains("Content-Range: bytes 0-0/10000"), "{h}");
+        assert_eq!(body, &data[..1]);
+        let (h, body) = get_range(&server.url("a%20b.bin"), Some("bytes=9990-20000".into()));
+        assert!(h.contains("Content-Range: bytes 9990-9999/10000"), "{h}");
+        assert_eq!(body, &data[9990..]);
         server.inject("a b.bin", Fault::CutAfter(100), 1);
         server.inject("a b.bin", Fault::Unavailable { retry_after_s: 3 }, 1);
         let (_, body) = get(&server.url("a%20b.bin"), None);
@@ -352,7 +366,7 @@ mod tests {
         let (h, _) = get(&server.url("../etc/passwd"), None);
         assert!(h.starts_with("HTTP/1.1 404"), "{h}");
         assert_eq!(server.stats().faults.load(Ordering::Relaxed), 2);
-        assert_eq!(server.stats().range_requests.load(Ordering::Relaxed), 1);
+        assert_eq!(server.stats().range_requests.load(Ordering::Relaxed), 3);
         drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }

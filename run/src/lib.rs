@@ -773,7 +773,12 @@ impl Run {
                 ToEncode::End(end) => {
                     let shard = end.shard;
                     if let Some(b) = pending.remove(&shard) {
-                        flush(shard, b, &mut failed, &mut time, &mut per_encoder);
+                        if end.error.is_some() {
+                            // the shard will not be committed: do not encode its tail
+                            self.stats.dropped(b.len() as u64);
+                        } else {
+                            flush(shard, b, &mut failed, &mut time, &mut per_encoder);
+                        }
                     }
                     let msg = ToWrite::End {
                         end,
