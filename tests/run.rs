@@ -370,6 +370,26 @@ fn a_truncated_shard_fails_alone_is_not_committed_and_is_redone_next_time() {
     let (manifest, layout) = job(dir.path(), 3, 4, &brace(3), "");
     let good = std::fs::read(&layout.shards[1]).unwrap();
     std::fs::write(&layout.shards[1], &good[..good.len() * 2 / 3]).unwrap();
+    // and in shard 2, one image that is not a JPEG: a skipped sample, not a failure
+    let bad_key = layout.keys[2][1].clone();
+    let members: Vec<(String, Vec<u8>)> = {
+        let tar = std::fs::read(&layout.shards[2]).unwrap();
+        let mut a = tar::Archive::new(tar.as_slice());
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut v).unwrap();
+                if name == format!("{bad_key}.jpg") {
+                    v = b"<html>503 Service Unavailable</html>".to_vec();
+                }
+                (name, v)
+            })
+            .collect()
+    };
+    tensorbake_kit::synth::write_tar(&layout.shards[2], &members, false).unwrap();
     let m = manifest.to_str().unwrap();
     let o = tensorbake(dir.path(), &["run", m]);
     assert!(!o.status.success());
@@ -384,15 +404,26 @@ fn a_truncated_shard_fails_alone_is_not_committed_and_is_redone_next_time() {
     assert_eq!(failed["shard"], "shard-000001.tar");
     assert_eq!(failed["reason"], "truncated_tar", "{failed:#}");
     assert!(failed["samples_read"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        report["samples"]["skipped"]["unrecognized_format"], 1,
+        "{report:#}"
+    );
+    let skipped = &report["skipped_samples"][0];
+    assert_eq!(skipped["key"], bad_key.as_str());
+    assert_eq!(skipped["shard"], "shard-000002.tar");
+    assert!(
+        skipped["detail"].as_str().unwrap().contains("html"),
+        "{skipped:#}"
+    );
     let store = reader(&dir.path().join("store"));
     assert_eq!(store.parts().len(), 2);
-    assert_eq!(store.len(), 8);
+    assert_eq!(store.len(), 7);
     // the shard is repaired upstream: the same command commits just it
     std::fs::write(&layout.shards[1], &good).unwrap();
     let report = ok(&tensorbake(dir.path(), &["run", m]));
     assert_eq!(report["shards"]["todo"], 1);
     assert_eq!(report["shards"]["committed"], 1);
-    assert_eq!(reader(&dir.path().join("store")).len(), 12);
+    assert_eq!(reader(&dir.path().join("store")).len(), 11);
 }
 
 #[test]
