@@ -526,3 +526,79 @@ fn bad_manifests_fail_with_one_clear_line_and_write_nothing() {
     assert!(stderr.contains("siglip_hidden.weights_sha256"), "{stderr}");
     assert_eq!(before, store_files(&dir.path().join("store"), &[]));
 }
+
+#[test]
+fn run_writes_to_s3_and_resumes_there() {
+    // moto's S3 on loopback; object_store takes endpoint and credentials from the
+    // environment, which the child processes get
+    let Some(python) = std::env::var_os("TENSORBAKE_PYTHON") else {
+        assert!(
+            std::env::var("TENSORBAKE_REQUIRE_PYTHON").as_deref() != Ok("1"),
+            "TENSORBAKE_PYTHON is not set but TENSORBAKE_REQUIRE_PYTHON=1"
+        );
+        eprintln!("SKIP run_writes_to_s3_and_resumes_there: TENSORBAKE_PYTHON is not set");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut moto = Command::new(python)
+        .arg(crate::util::root().join("store/python/moto_s3.py"))
+        .arg(port.to_string())
+        .arg("bake")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start moto");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(moto.stdout.take().unwrap()));
+    assert!(
+        lines.any(|l| l.map(|l| l.contains("ready")).unwrap_or(false)),
+        "moto did not start"
+    );
+    let dir = tempdir();
+    let (manifest, _) = job(dir.path(), 3, 3, &brace(3), "");
+    let m = manifest.to_str().unwrap();
+    let s3 = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tensorbake"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .output()
+            .unwrap()
+    };
+    let url = "s3://bake/stores/test.zarr";
+    // two ranks, then everything again: the second pass has nothing to do
+    for r in ["0", "1"] {
+        let report = ok(&s3(&[
+            "run", m, "--output", url, "--rank", r, "--world", "2",
+        ]));
+        assert_eq!(report["failed_shards"].as_array().unwrap().len(), 0);
+    }
+    let report = ok(&s3(&["run", m, "--output", url]));
+    assert_eq!(report["shards"]["already_committed"], 3, "{report:#}");
+    assert_eq!(report["shards"]["todo"], 0);
+    let inspect = s3(&["inspect", url, "--json", "--verify"]);
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(info["parts"], 3, "{info:#}");
+    assert_eq!(info["samples"], 9);
+    assert_eq!(info["verify"]["ok"], true, "{info:#}");
+    assert_eq!(info["verify"]["parts_checked"], 3);
+    assert_eq!(
+        info["null_embeddings"],
+        serde_json::json!(["t5_hidden", "t5_len"])
+    );
+    let _ = moto.kill();
+    let _ = moto.wait();
+}
