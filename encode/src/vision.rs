@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::clip_vision::{self, ClipVisionWithProjection};
@@ -366,7 +367,7 @@ impl Encoder for VaeFeature {
             self.batch,
             |chunk| {
                 let pix: Vec<Vec<f32>> = chunk
-                    .iter()
+                    .par_iter()
                     .map(|im| {
                         let r = self.prepare(im);
                         // HWC u8 -> CHW in [-1, 1]
@@ -503,7 +504,10 @@ fn processed_batch(
     dev: &Device,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
-    let pix: Vec<Vec<f32>> = chunk.iter().map(|im| p.pixel_values(im)).collect();
+    // Preprocessing is CPU work on the encoder's thread: spread it over the rayon
+    // pool so that it does not hold the GPU up (a SigLIP 512 -> 384 resize takes ~6 ms
+    // per image on one core, three times the model's time per image on an H200).
+    let pix: Vec<Vec<f32>> = chunk.par_iter().map(|im| p.pixel_values(im)).collect();
     to_batch(pix, side, side, dev, dtype)
 }
 
