@@ -556,10 +556,10 @@ impl Run {
             (0..writers).map(|_| bounded::<ToWrite>(per_writer)).unzip();
         let ingest_blocked = Mutex::new(Duration::ZERO);
         let skips: Mutex<Vec<SkipReport>> = Mutex::new(Vec::new());
-        let names: HashMap<usize, (&str, &str)> = self
+        let names: HashMap<usize, &str> = self
             .todo
             .iter()
-            .map(|s| (s.index, (s.name.as_str(), s.url.as_str())))
+            .map(|s| (s.index, s.name.as_str()))
             .collect();
 
         let (summary, encode_time, outcomes) = std::thread::scope(|scope| {
@@ -576,7 +576,7 @@ impl Run {
                         let mut v = skips.lock().unwrap_or_else(|e| e.into_inner());
                         if v.len() < SKIP_DETAILS {
                             v.push(SkipReport {
-                                shard: names.get(&s.shard).map_or("", |n| n.0).to_string(),
+                                shard: names.get(&s.shard).copied().unwrap_or_default().to_string(),
                                 key: s.key,
                                 reason: s.reason.to_string(),
                                 detail: s.detail,
