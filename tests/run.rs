@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use tensorbake_encode::tiny::{TinyModel, write_tiny_model};
 use tensorbake_encode::{EncoderConfig, Input, Rgb8, build_encoder};
 use tensorbake_kit::http::{Fault, FileServer};
 use tensorbake_kit::synth::{WdsLayout, write_webdataset};
+use tensorbake_nn::tiny::{TinyModel, write_tiny_model};
 use tensorbake_store::{Location, StoreReader};
 
 use crate::util::{assert_same_store, store_files, tempdir, tensorbake};
@@ -23,7 +23,12 @@ fn models(dir: &Path) {
         .into_iter()
         .enumerate()
     {
-        write_tiny_model(m, &dir.join("models").join(m.feature()), 40 + i as u64).unwrap();
+        write_tiny_model(
+            m,
+            &dir.join("models").join(m.feature().name()),
+            40 + i as u64,
+        )
+        .unwrap();
     }
 }
 
@@ -168,9 +173,14 @@ fn run_writes_every_sample_with_the_features_of_its_own_image() {
             layout.caption_of[&sample.key]
         );
         let mut alone: BTreeMap<String, Tensor> = BTreeMap::new();
-        alone.extend(vae.encode(Input::Images(&rgb)).unwrap());
-        alone.extend(siglip.encode(Input::Images(&rgb)).unwrap());
-        alone.extend(t5.encode(Input::Texts(&[want_caption.as_str()])).unwrap());
+        let named = |v: Vec<(tensorbake_kit::schema::Array, Tensor)>| {
+            v.into_iter().map(|(a, t)| (a.name().to_string(), t))
+        };
+        alone.extend(named(vae.encode(Input::Images(&rgb)).unwrap()));
+        alone.extend(named(siglip.encode(Input::Images(&rgb)).unwrap()));
+        alone.extend(named(
+            t5.encode(Input::Texts(&[want_caption.as_str()])).unwrap(),
+        ));
         for (name, want) in &alone {
             let got = store.read_tensor(i, name, &Device::Cpu).unwrap();
             let want = want.squeeze(0).unwrap();

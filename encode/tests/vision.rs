@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use tensorbake_encode::image_ops::{self, Filter, RgbImage};
 use tensorbake_encode::vision::{build_clip_vision, build_siglip, build_vae};
-use tensorbake_encode::{
-    DTypeName, EncodeError, Encoder, EncoderConfig, Input, build_encoder, weights,
-};
+use tensorbake_encode::{EncodeError, Encoder, EncoderConfig, Input, build_encoder};
+use tensorbake_kit::dtype::DType as Precision;
+use tensorbake_kit::schema::Feature;
+use tensorbake_nn::weights;
 
 const N_IMAGES: usize = 3;
 /// Parity bound: max |ours - reference| / max |reference|.
@@ -39,7 +40,7 @@ fn cfg(name: &str, dir: &Path, batch: usize) -> EncoderConfig {
     EncoderConfig {
         name: name.into(),
         weights: dir.to_str().unwrap().into(),
-        dtype: DTypeName::F32,
+        dtype: Precision::F32,
         batch,
         device: "cpu".into(),
         max_length: None,
@@ -127,7 +128,7 @@ fn preprocessing_matches_the_reference_processors() {
     let fx = fixtures();
     let siglip = build_siglip(&cfg("siglip", &fx.join("siglip_full"), 4)).unwrap();
     let clip = build_clip_vision(&cfg("clip_vision", &fx.join("clip_full"), 4)).unwrap();
-    let vae = build_vae(&cfg("sd_vae", &fx.join("sd_vae"), 4), 32).unwrap();
+    let vae = build_vae(&cfg("sd_vae", &fx.join("sd_vae"), 4), Feature::SdVae, 32).unwrap();
     for (i, img) in imgs.iter().enumerate() {
         assert_ne!(img.width, img.height, "test images are non-square");
         for (what, ours, key) in [
@@ -197,6 +198,7 @@ fn outputs(enc: &dyn Encoder, imgs: &[RgbImage]) -> HashMap<String, Tensor> {
     enc.encode(Input::Images(&views))
         .unwrap()
         .into_iter()
+        .map(|(array, t)| (array.name().to_string(), t))
         .collect()
 }
 
@@ -221,7 +223,10 @@ fn vae_posteriors_match_diffusers() {
         let info = enc.info();
         let c = if feature == "sd_vae" { 4 } else { 16 };
         assert_eq!(info.arrays[0].shape, vec![c, 16, 16]);
-        assert_eq!(out[&info.arrays[0].name].dims(), &[N_IMAGES, c, 16, 16]);
+        assert_eq!(
+            out[info.arrays[0].array.name()].dims(),
+            &[N_IMAGES, c, 16, 16]
+        );
     }
 }
 

@@ -7,41 +7,18 @@ use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{Receiver, bounded};
+use tensorbake_kit::rng::SplitMix64;
 
 use crate::layout::ArrayKind;
 use crate::reader::{StoreReader, tensor_from_le_bytes};
 use crate::{Result, StoreError};
 
-/// SplitMix64: a tiny, well-mixed generator whose output is fixed forever (unlike
-/// `rand`'s `StdRng`), so a `(seed, epoch)` order never changes between versions.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift with rejection).
-    fn below(&mut self, n: u64) -> u64 {
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
-}
-
 /// The order of epoch `epoch` for a store of `len` samples: a Fisher-Yates
 /// permutation of `0..len` seeded by `(seed, epoch)`. Every sample appears once.
 #[must_use]
 pub fn epoch_order(len: u64, seed: u64, epoch: u64) -> Vec<u64> {
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x7E45_0B4E);
+    // SplitMix64 (kit::rng): its output never changes, so neither does an epoch's order.
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x7E45_0B4E);
     let mut order: Vec<u64> = (0..len).collect();
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -300,17 +277,5 @@ mod tests {
         // computed by an independent Python transcription of SplitMix64 + Lemire +
         // Fisher-Yates).
         assert_eq!(epoch_order(8, 42, 3), [6, 1, 4, 5, 3, 7, 0, 2]);
-    }
-
-    #[test]
-    fn below_is_in_range_and_covers_it() {
-        let mut rng = SplitMix64(1);
-        let mut seen = [false; 5];
-        for _ in 0..200 {
-            let v = rng.below(5);
-            assert!(v < 5);
-            seen[v as usize] = true;
-        }
-        assert!(seen.iter().all(|&s| s));
     }
 }
