@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use tensorbake_encode::{EncoderConfig, build_encoder, text::null_embedding};
+use tensorbake_encode::{EncoderConfig, build_encoder, null_embedding};
 use tensorbake_store::{DType as StoreDType, FeatureSpec, Location, Store, StoreReader, StoreSpec};
 
 use crate::util::{tempdir, tensorbake};
@@ -47,7 +47,7 @@ fn t5_null_embedding_is_recorded_by_the_store_and_read_back() {
     let dir = tempdir();
     let loc = Location::from(dir.path().join("store"));
     let store = Store::create_or_open(&loc, StoreSpec::new(features)).unwrap();
-    let null: BTreeMap<String, candle_core::Tensor> = null_embedding(enc.as_ref())
+    let null: BTreeMap<String, candle_core::Tensor> = null_embedding(enc.as_ref(), 0)
         .unwrap()
         .into_iter()
         .map(|(a, t)| (a.name().to_string(), t))

@@ -31,7 +31,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 use tensorbake_kit::dtype::DType as Precision;
-use tensorbake_kit::schema::{Array, Feature};
+use tensorbake_kit::schema::{Array, Feature, NullInput};
 use tensorbake_nn::Error as NnError;
 use tensorbake_nn::clip_text::{ClipTextConfig, ClipTextModel};
 use tensorbake_nn::loader::{WeightFiles, same_names};
@@ -40,7 +40,9 @@ use tensorbake_nn::weights::{ModelDir, file_sha256, fingerprint};
 use tensorbake_nn::{compute_dtype, parse_device};
 
 use crate::tokenize::{TextTokenizer, TokenBatch, find_tokenizer, tokenizer_dirs};
-use crate::{ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, chunked};
+use crate::{
+    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8, chunked,
+};
 
 /// T5's default maximum length: PixArt-α's 120 tokens.
 pub const T5_DEFAULT_MAX_LENGTH: usize = 120;
@@ -476,24 +478,47 @@ impl Encoder for ClipTextEncoder {
     }
 }
 
-/// The arrays a text encoder writes for the empty caption `""`, without the batch
-/// axis (per-sample shapes as in [`EncoderInfo::arrays`]): what Flux reconditioning
-/// and conditioning dropout use, and what the store records.
-pub fn null_embedding(encoder: &dyn Encoder) -> Result<Vec<(Array, Tensor)>> {
+/// The arrays an encoder writes for its feature's "nothing" input
+/// ([`tensorbake_kit::schema::NullInput`]), without the batch axis (per-sample shapes
+/// as in [`EncoderInfo::arrays`]): the empty caption `""` for text encoders, a black
+/// `resolution` x `resolution` image (the pipeline's sample size, so it goes through
+/// the same preprocessing as every sample) for SigLIP and CLIP. Conditioning dropout
+/// and classifier-free guidance use them; `run` records them in the store.
+///
+/// # Errors
+/// [`EncodeError::BadInput`] for a feature without a null input (the VAEs) or a zero
+/// resolution for an image feature; the encoder's own errors.
+pub fn null_embedding(encoder: &dyn Encoder, resolution: u32) -> Result<Vec<(Array, Tensor)>> {
     let info = encoder.info();
-    if !encoder.takes_text() {
-        return Err(EncodeError::BadInput {
-            encoder: info.feature.name().to_string(),
-            why: "has no empty-caption embedding: it does not take text".into(),
-        });
-    }
-    encoder
-        .encode(Input::Texts(&[""]))?
-        .into_iter()
+    let feature = info.feature;
+    let bad = |why: String| EncodeError::BadInput {
+        encoder: feature.name().to_string(),
+        why,
+    };
+    let out = match feature.null_input() {
+        Some(NullInput::EmptyCaption) => encoder.encode(Input::Texts(&[""]))?,
+        Some(NullInput::BlackImage) => {
+            if resolution == 0 {
+                return Err(bad("a black image needs the pipeline resolution".into()));
+            }
+            let black = vec![0u8; resolution as usize * resolution as usize * 3];
+            let img = [Rgb8 {
+                width: resolution,
+                height: resolution,
+                pixels: &black,
+            }];
+            encoder.encode(Input::Images(&img))?
+        }
+        None => {
+            return Err(bad(
+                "has no null embedding: its feature records none (only SigLIP, CLIP and the text encoders do)"
+                    .into(),
+            ));
+        }
+    };
+    out.into_iter()
         .map(|(name, t)| {
-            let t = t
-                .squeeze(0)
-                .map_err(EncodeError::candle(info.feature.name()))?;
+            let t = t.squeeze(0).map_err(EncodeError::candle(feature.name()))?;
             Ok((name, t))
         })
         .collect()

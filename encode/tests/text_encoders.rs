@@ -209,7 +209,7 @@ fn null_embeddings_match_the_reference_and_are_stable() {
 
     // through the trait: per-sample shapes, both arrays
     let boxed: Box<dyn Encoder> = Box::new(enc);
-    let arrays = null_embedding(boxed.as_ref()).unwrap();
+    let arrays = null_embedding(boxed.as_ref(), 0).unwrap();
     assert_eq!(arrays[0].0, "t5_hidden");
     assert_eq!(arrays[0].1.dims(), &[32, 48]);
     assert_eq!(arrays[1].0, "t5_len");
@@ -219,7 +219,7 @@ fn null_embeddings_match_the_reference_and_are_stable() {
     let p = c.null_embedding().unwrap();
     assert!(rel_err(&p, g.get("clip_null")) < 1e-4);
     assert_eq!(max_abs(&(&p - &c.null_embedding().unwrap()).unwrap()), 0.0);
-    let arrays = null_embedding(&c).unwrap();
+    let arrays = null_embedding(&c, 0).unwrap();
     assert_eq!(arrays[0].0, "clip_text_pooled");
     assert!(rel_err(&arrays[0].1, g.get("clip_null")) < 1e-4);
 }

@@ -542,3 +542,47 @@ fn set_hub_cache(p: &Path) {
     // passes directories), so no concurrent reader races with the write.
     unsafe { std::env::set_var("HF_HUB_CACHE", p) };
 }
+
+#[test]
+fn image_null_embeddings_are_a_black_sample_and_vaes_have_none() {
+    let fx = fixtures();
+    let black = vec![0u8; 48 * 48 * 3];
+    let img = [tensorbake_encode::Rgb8 {
+        width: 48,
+        height: 48,
+        pixels: &black,
+    }];
+    for (feature, dir, array) in [
+        ("siglip", "siglip_full", "siglip_hidden"),
+        ("clip_vision", "clip_full", "clip_image_embeds"),
+    ] {
+        let enc = build_encoder(&cfg(feature, &fx.join(dir), 2), 48).unwrap();
+        let null = tensorbake_encode::null_embedding(enc.as_ref(), 48).unwrap();
+        assert_eq!(null.len(), 1);
+        assert_eq!(null[0].0, array);
+        let (_, want) = enc.encode(Input::Images(&img)).unwrap().remove(0);
+        let want = want.squeeze(0).unwrap();
+        assert_eq!(null[0].1.dims(), want.dims());
+        assert_eq!(rel_err(&null[0].1, &want), 0.0, "{feature}");
+        // not a zero vector: the black image goes through the model
+        assert!(
+            null[0]
+                .1
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+    let vae = build_encoder(&cfg("sd_vae", &fx.join("sd_vae"), 2), 32).unwrap();
+    let e = tensorbake_encode::null_embedding(vae.as_ref(), 32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sd_vae") && e.contains("no null embedding"),
+        "{e}"
+    );
+}

@@ -235,8 +235,10 @@ impl RunConfig {
             let encoder = tensorbake_encode::build_encoder(e, resolution).map_err(err)?;
             tracing::info!(encoder = %e.name, seconds = t0.elapsed().as_secs_f64(), "encoder loaded");
             let mut info = encoder.info();
-            let null = if encoder.takes_text() {
-                tensorbake_encode::null_embedding(encoder.as_ref()).map_err(err)?
+            // The condition of "nothing" (empty caption, black image) that conditioning
+            // dropout and guidance need, recorded beside the parts.
+            let null = if feature.null_input().is_some() {
+                tensorbake_encode::null_embedding(encoder.as_ref(), resolution).map_err(err)?
             } else {
                 Vec::new()
             };
