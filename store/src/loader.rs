@@ -47,6 +47,9 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// Shuffle (otherwise index order).
     pub shuffle: bool,
+    /// Start the epoch at this batch (a resumed training run): the batches before it
+    /// are not read. The epoch's order and batches are the same as from the start.
+    pub start_batch: usize,
     /// Device the tensors are created on.
     pub device: Device,
 }
@@ -65,6 +68,7 @@ impl LoaderConfig {
             prefetch_depth: 2,
             drop_last: false,
             shuffle: true,
+            start_batch: 0,
             device: Device::Cpu,
         }
     }
@@ -190,6 +194,7 @@ impl Loader {
         if config.drop_last && batches.last().is_some_and(|b| b.len() < config.batch_size) {
             batches.pop();
         }
+        batches.drain(..config.start_batch.min(batches.len()));
         let n_batches = batches.len();
         let batches = Arc::new(batches);
         let threads_n = config.prefetch_threads.min(n_batches.max(1));
@@ -225,7 +230,7 @@ impl Loader {
         })
     }
 
-    /// Number of batches in the epoch.
+    /// Number of batches in the epoch (from `start_batch` on).
     #[must_use]
     pub fn batches(&self) -> usize {
         self.batches
@@ -277,5 +282,53 @@ mod tests {
         // computed by an independent Python transcription of SplitMix64 + Lemire +
         // Fisher-Yates).
         assert_eq!(epoch_order(8, 42, 3), [6, 1, 4, 5, 3, 7, 0, 2]);
+    }
+
+    #[test]
+    fn a_loader_started_at_a_batch_gives_the_rest_of_the_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = crate::Location::from(dir.path().join("s"));
+        let mut features = BTreeMap::new();
+        features.insert(
+            "x".to_string(),
+            crate::FeatureSpec {
+                model: "m".into(),
+                weights_sha256: "0".into(),
+                preprocess: serde_json::json!({}),
+                dtype: crate::DType::F32,
+                shape: vec![1],
+            },
+        );
+        let store =
+            crate::Store::create_or_open(&location, crate::StoreSpec::new(features)).unwrap();
+        let mut w = store.part_writer("p", "src").unwrap();
+        for i in 0..10u32 {
+            w.push(crate::Record {
+                key: format!("k{i}"),
+                caption: String::new(),
+                caption_raw: String::new(),
+                orig_size: [1, 1],
+                features: BTreeMap::from([(
+                    "x".to_string(),
+                    crate::FeatureValue::Bytes((i as f32).to_le_bytes().to_vec()),
+                )]),
+            })
+            .unwrap();
+        }
+        w.commit().unwrap();
+        let reader = Arc::new(StoreReader::open(&location).unwrap());
+        let keys = |start: usize| -> Vec<Vec<String>> {
+            let mut c = LoaderConfig::new(3, 1, 3, vec!["x".into()]);
+            c.drop_last = true;
+            c.start_batch = start;
+            Loader::new(reader.clone(), &c)
+                .unwrap()
+                .map(|b| b.unwrap().keys)
+                .collect()
+        };
+        let all = keys(0);
+        assert_eq!(all.len(), 3);
+        assert_eq!(keys(1), all[1..]);
+        assert!(keys(5).is_empty());
     }
 }
