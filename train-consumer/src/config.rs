@@ -321,6 +321,7 @@ impl TrainConfig {
             LrSchedule::Steps if self.lr_milestones.windows(2).any(|w| w[0].0 >= w[1].0) => {
                 return Err("`lr_milestones` steps must increase".into());
             }
+            LrSchedule::Steps => {}
             _ if !self.lr_milestones.is_empty() => {
                 return Err("`lr_milestones` is used only with `lr_schedule = \"steps\"`".into());
             }

@@ -20,6 +20,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 pub mod draw;
 pub mod latents;
@@ -27,6 +28,7 @@ pub mod lr;
 pub mod noise;
 pub mod optim;
 pub mod plot;
+pub mod trainer;
 
 /// Errors of the trainer; each names the file, key, array or tensor concerned.
 #[derive(Debug, thiserror::Error)]
