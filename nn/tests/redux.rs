@@ -145,7 +145,7 @@ fn saves_bfl_names_and_diffusers_dirs() {
         Ok(py) => {
             let mut inp = HashMap::new();
             inp.insert("x".to_string(), x.clone());
-            let theirs = common::run_diffusers(&py, "redux", &dir, &inp);
+            let theirs = common::run_diffusers(&py, &[("redux", dir.as_path(), inp)]).remove(0);
             let e = rel(&model.forward(x).unwrap(), &theirs);
             eprintln!("redux: from_pretrained(saved dir) rel err {e:.2e}");
             assert!(e < FWD_TOL, "{e}");

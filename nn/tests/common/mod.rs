@@ -47,31 +47,36 @@ pub fn diffusers_python() -> Result<String, String> {
     }
 }
 
-/// Runs `fixtures/pixart/run_diffusers.py KIND model_dir` on `inputs`, returns `out`.
-pub fn run_diffusers(
-    python: &str,
-    kind: &str,
-    model_dir: &Path,
-    inputs: &HashMap<String, Tensor>,
-) -> Tensor {
+/// One model run through diffusers: the kind (`pixart`, `redux`), the saved model
+/// directory, the named inputs.
+pub type Job<'a> = (&'a str, &'a Path, HashMap<String, Tensor>);
+
+/// Runs `fixtures/pixart/run_diffusers.py` on every job in one Python process, returns
+/// each job's `out`.
+pub fn run_diffusers(python: &str, jobs: &[Job<'_>]) -> Vec<Tensor> {
     let tmp = tempfile::tempdir().unwrap();
-    let inp = tmp.path().join("inputs.safetensors");
-    let out = tmp.path().join("out.safetensors");
-    candle_core::safetensors::save(inputs, &inp).unwrap();
-    let o = Command::new(python)
-        .arg(fixtures().join("run_diffusers.py"))
-        .arg(kind)
-        .arg(model_dir)
-        .arg(&inp)
-        .arg(&out)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(python);
+    cmd.arg(fixtures().join("run_diffusers.py"));
+    let mut outs = Vec::new();
+    for (i, (kind, dir, inputs)) in jobs.iter().enumerate() {
+        let inp = tmp.path().join(format!("inputs{i}.safetensors"));
+        let out = tmp.path().join(format!("out{i}.safetensors"));
+        candle_core::safetensors::save(inputs, &inp).unwrap();
+        cmd.arg(kind).arg(dir).arg(&inp).arg(&out);
+        outs.push(out);
+    }
+    let o = cmd.output().unwrap();
     assert!(
         o.status.success(),
-        "diffusers failed on {}: {}",
-        model_dir.display(),
+        "diffusers failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let mut m = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    m.remove("out").unwrap()
+    outs.iter()
+        .map(|p| {
+            candle_core::safetensors::load(p, &Device::Cpu)
+                .unwrap()
+                .remove("out")
+                .unwrap()
+        })
+        .collect()
 }
