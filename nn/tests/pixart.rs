@@ -702,3 +702,57 @@ fn bf16_activations_with_f32_master_weights() {
         assert!(worst < 0.1, "{m}: bf16 gradients {worst}");
     }
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn loads_a_hub_id_from_the_hf_cache() {
+    let g = golden();
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--org--tiny-pixart");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    copy_dir(&fixtures().join("xl1024ms"), &snap.join("transformer"));
+    std::fs::write(snap.join("model_index.json"), "{}").unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    // SAFETY: std serialises its own environment reads and writes (the other tests
+    // read TMPDIR and TENSORBAKE_PYTHON only through std), nothing in this binary calls
+    // libc's getenv behind std's back, and this is the only test that resolves a hub id
+    // (every other location is a local path, resolved without HF_HUB_CACHE).
+    unsafe { std::env::set_var("HF_HUB_CACHE", cache.path()) };
+    let (model, cfg, files) =
+        pixart::load_pixart("org/tiny-pixart", DType::F32, &Device::Cpu, None).unwrap();
+    let missing = pixart::load_pixart("org/absent", DType::F32, &Device::Cpu, None)
+        .unwrap_err()
+        .to_string();
+    unsafe { std::env::remove_var("HF_HUB_CACHE") };
+    assert!(cfg.uses_additional_conditions());
+    assert!(files[0].starts_with(&snap));
+    let inp = inputs(&g, "xl1024ms");
+    let out = run(&model, &inp, &inp.latents, &inp.y, true);
+    assert!(rel(&out, &g["xl1024ms.out"]) < FWD_TOL);
+    assert!(
+        missing.contains("huggingface-cli download org/absent"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn generic_transformer_keys_that_change_the_architecture_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    copy_dir(&fixtures().join("xl512"), &dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["_class_name"] = "Transformer2DModel".into();
+    v["only_cross_attention"] = false.into();
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    // the original PixArt-α repos' class name and neutral keys load
+    load(&dir, None);
+    v["double_self_attention"] = true.into();
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let e = pixart::load_pixart(dir.to_str().unwrap(), DType::F32, &Device::Cpu, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("double_self_attention"), "{e}");
+}

@@ -88,6 +88,21 @@ pub fn read_config(dir: &ModelDir) -> Result<Config> {
             "`_class_name` is `{class}`, not a PixArt transformer ({CLASS_NAME})"
         )));
     }
+    // keys of diffusers' generic Transformer2DModel that would change the architecture;
+    // PixArt checkpoints carry them with these values, if at all
+    for (key, fine) in [
+        ("only_cross_attention", Value::Bool(false)),
+        ("double_self_attention", Value::Bool(false)),
+        ("num_vector_embeds", Value::Null),
+    ] {
+        if let Some(x) = v.get(key)
+            && *x != fine
+        {
+            return Err(bad(format!(
+                "`{key}` is {x}: not the PixArt-α architecture (expected {fine})"
+            )));
+        }
+    }
     let cfg: Config = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
     cfg.validate().map_err(bad)?;
     Ok(cfg)
