@@ -146,7 +146,6 @@ const fn d_head_dim() -> usize {
 const fn d_in() -> usize {
     4
 }
-#[allow(clippy::unnecessary_wraps)]
 const fn d_out() -> Option<usize> {
     Some(8)
 }
@@ -156,7 +155,6 @@ const fn d_layers() -> usize {
 const fn d_groups() -> usize {
     32
 }
-#[allow(clippy::unnecessary_wraps)]
 const fn d_cross() -> Option<usize> {
     Some(1152)
 }
@@ -172,7 +170,6 @@ const fn d_patch() -> usize {
 fn d_act() -> String {
     "gelu-approximate".into()
 }
-#[allow(clippy::unnecessary_wraps)]
 const fn d_ada() -> Option<usize> {
     Some(1000)
 }
@@ -182,7 +179,6 @@ fn d_norm() -> String {
 const fn d_eps() -> f64 {
     1e-6
 }
-#[allow(clippy::unnecessary_wraps)]
 fn d_attention_type() -> Option<String> {
     Some("default".into())
 }
@@ -340,7 +336,8 @@ impl Config {
     }
 }
 
-/// `Linear -> SiLU -> Linear` (diffusers' `TimestepEmbedding`).
+/// `Linear -> act -> Linear`: diffusers' `TimestepEmbedding` (SiLU, `linear_2` square)
+/// and `PixArtAlphaTextProjection` (tanh-GELU).
 #[derive(Debug, Clone)]
 struct Mlp {
     linear_1: Linear,
