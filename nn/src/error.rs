@@ -42,6 +42,15 @@ pub enum Error {
         /// Why it is not usable.
         why: String,
     },
+    /// Two things that must fit together do not (a Redux adapter and the PixArt or
+    /// store widths it sits between, a checkpoint and the model it is saved for).
+    #[error("{what}: {why}")]
+    Incompatible {
+        /// What was being fitted together (e.g. `redux adapter -> pixart`).
+        what: String,
+        /// The widths or names that disagree.
+        why: String,
+    },
     /// An error inside candle while building or running a model.
     #[error("{model}: {source}")]
     Candle {

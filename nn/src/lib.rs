@@ -2,7 +2,9 @@
 //!
 //! - Model files, each laid out like candle's (`Config` from the upstream
 //!   `config.json`, named presets, `new(vb, &cfg)`, `forward`): [`vae`] (the KL
-//!   autoencoder of SD and Flux), [`t5`], [`clip_text`], [`clip_vision`], [`siglip`].
+//!   autoencoder of SD and Flux), [`t5`], [`clip_text`], [`clip_vision`], [`siglip`],
+//!   [`pixart`] (PixArt-α's transformer, with a per-block API for recomputation) and
+//!   [`redux`] (the Flux Redux image adapter).
 //! - The ops seam ([`ops`]): attention, layer / group / RMS norm, convolution, linear
 //!   layers and adaLN modulation. Model files call only these (through [`layers`]);
 //!   each has a plain candle reference implementation that is also the gradient path,
@@ -45,6 +47,8 @@ pub mod init;
 pub mod layers;
 pub mod loader;
 pub mod ops;
+pub mod pixart;
+pub mod redux;
 pub mod siglip;
 pub mod t5;
 pub mod testing;

@@ -7,6 +7,8 @@
 //! transformers models), the real tensor names, a `preprocessor_config.json` for the
 //! image towers and, for T5, a SentencePiece `spiece.model` with `tokenizer_config.json`
 //! as google/t5-v1_1-xxl ships them. Only the sizes are small (a few hundred kB).
+//! [`write_tiny_pixart`] and [`write_tiny_redux`] do the same for the models the trainer
+//! trains (PixArt-α's transformer, the Redux adapter), in the diffusers layout.
 //!
 //! The tensor names are not listed by hand: the model is built once through a
 //! `VarBuilder` whose backend records every tensor the model asks for and makes it up
@@ -101,10 +103,33 @@ fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
     (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
 }
 
+/// Values for the diffusion transformers and adapters ([`write_tiny_pixart`],
+/// [`write_tiny_redux`]): as [`values`], but every weight of rank 2 or more is
+/// `N(0, 1/fan_in)` whatever its name (their `*_embedder` layers are linear layers,
+/// not embedding tables), so the adaLN modulation stays of order one.
+fn fan_in_values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
+    let mut rng = SplitMix64::for_name(seed, name);
+    let n: usize = dims.iter().product();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let (mean, std) = if leaf == "bias" {
+        (0.0, 0.02)
+    } else if dims.len() == 1 {
+        (1.0, 0.05)
+    } else {
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        (0.0, 1.0 / (fan_in as f64).sqrt())
+    };
+    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+}
+
+/// How a [`Recorder`] makes up a tensor's values from the seed, name and shape.
+type ValuesFn = fn(u64, &str, &[usize]) -> Vec<f32>;
+
 /// A `VarBuilder` backend that makes up every tensor asked for and remembers it.
 struct Recorder {
     seed: u64,
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    values: ValuesFn,
 }
 
 impl SimpleBackend for Recorder {
@@ -127,7 +152,11 @@ impl SimpleBackend for Recorder {
             }
             return t.to_dtype(dtype)?.to_device(dev);
         }
-        let t = Tensor::from_vec(values(self.seed, name, s.dims()), s.dims(), &Device::Cpu)?;
+        let t = Tensor::from_vec(
+            (self.values)(self.seed, name, s.dims()),
+            s.dims(),
+            &Device::Cpu,
+        )?;
         made.insert(name.to_string(), t.clone());
         t.to_dtype(dtype)?.to_device(dev)
     }
@@ -146,11 +175,21 @@ fn record(
     seed: u64,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
 ) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    record_with(seed, values, build)
+}
+
+/// [`record`] with another rule for the values.
+fn record_with(
+    seed: u64,
+    values: ValuesFn,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> candle_core::Result<BTreeMap<String, Tensor>> {
     let made = Arc::new(Mutex::new(BTreeMap::new()));
     let vb = VarBuilder::from_backend(
         Box::new(Recorder {
             seed,
             made: made.clone(),
+            values,
         }),
         DType::F32,
         Device::Cpu,
@@ -557,6 +596,106 @@ fn write_t5(dir: &Path, seed: u64) -> Result<()> {
         &json!({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}),
     )?;
     save(&tensors, &dir.join("model.safetensors"))
+}
+
+/// The PixArt-α layouts [`write_tiny_pixart`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyPixart {
+    /// PixArt-XL-2-512x512 style: no resolution / aspect-ratio embedders; hidden 32 =
+    /// 2 heads x 16.
+    Xl512,
+    /// PixArt-XL-2-1024-MS style: with the size embedders (`use_additional_conditions`),
+    /// hidden 48 = 2 heads x 24 (the embedders need a multiple of 3).
+    Xl1024Ms,
+}
+
+/// The config of a tiny PixArt: depth 2, patch 2, 4 latent channels in, 8 out (learned
+/// sigma), cross-attention over `caption_channels`-wide caption tokens projected to the
+/// hidden width, position embeddings based at `sample_size` latent pixels (the
+/// demo's latent side; any latent size runs).
+#[must_use]
+pub fn tiny_pixart_config(
+    variant: TinyPixart,
+    caption_channels: usize,
+    sample_size: usize,
+) -> crate::pixart::Config {
+    let ms = variant == TinyPixart::Xl1024Ms;
+    let head_dim = if ms { 24 } else { 16 };
+    let hidden = 2 * head_dim;
+    // written as diffusers would derive it, explicit only where the rule disagrees
+    let additional = match (ms, sample_size == 128) {
+        (true, true) | (false, false) => None,
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+    };
+    crate::pixart::Config {
+        num_attention_heads: 2,
+        attention_head_dim: head_dim,
+        in_channels: 4,
+        out_channels: Some(8),
+        num_layers: 2,
+        cross_attention_dim: Some(hidden),
+        sample_size,
+        use_additional_conditions: additional,
+        caption_channels: Some(caption_channels),
+        ..crate::pixart::Config::xl_2_512()
+    }
+}
+
+/// Writes a tiny random-weight PixArt-α transformer ([`tiny_pixart_config`]) into
+/// `dir` in the diffusers layout (`config.json`, `diffusion_pytorch_model.safetensors`;
+/// `PixArtTransformer2DModel.from_pretrained` loads it), weights drawn from `seed`
+/// (`N(0, 1/fan_in)`, small biases: finite, order-one activations). For the demo store,
+/// `caption_channels` is the tiny T5's width (32) and `sample_size` the latent side.
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_tiny_pixart(
+    dir: &Path,
+    seed: u64,
+    variant: TinyPixart,
+    caption_channels: usize,
+    sample_size: usize,
+) -> Result<crate::pixart::Config> {
+    let cfg = tiny_pixart_config(variant, caption_channels, sample_size);
+    let tensors = record_with(seed, fan_in_values, |vb| {
+        crate::pixart::PixArt::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(|source| Error::Candle {
+        model: "tiny pixart".into(),
+        source,
+    })?;
+    crate::pixart::save_diffusers(dir, &cfg, &tensors)?;
+    Ok(cfg)
+}
+
+/// Writes a tiny random-weight Redux adapter (`redux_dim` -> `3 txt_in_features` ->
+/// `txt_in_features`) into `dir` as diffusers' `ReduxImageEncoder` (`config.json`,
+/// `diffusion_pytorch_model.safetensors`: FLUX.1-Redux-dev's `image_embedder/`). For the
+/// demo store, `redux_dim` is the tiny SigLIP's width (32) and `txt_in_features` the
+/// tiny T5's (32).
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_tiny_redux(
+    dir: &Path,
+    seed: u64,
+    redux_dim: usize,
+    txt_in_features: usize,
+) -> Result<crate::redux::Config> {
+    let cfg = crate::redux::Config {
+        redux_dim,
+        txt_in_features,
+    };
+    let tensors = record_with(seed, fan_in_values, |vb| {
+        crate::redux::Redux::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(|source| Error::Candle {
+        model: "tiny redux".into(),
+        source,
+    })?;
+    crate::redux::save_diffusers(dir, &cfg, &tensors)?;
+    Ok(cfg)
 }
 
 #[cfg(test)]
