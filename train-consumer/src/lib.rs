@@ -5,6 +5,9 @@
 //! every epoch can draw a fresh latent, as training with the encoder in the loop does.
 //! [`latents`] turns those moments into the scaled latents a diffusion transformer
 //! trains on. PixArt-α, the Flux conditioning and the Redux adapter build on it.
+//! [`diffusion`] is PixArt-α's training objective (IDDPM: epsilon and a learned-range
+//! variance); [`schedulers`] are the samplers' schedulers (DPM-Solver++, DDIM, flow-match
+//! Euler) as diffusers runs them.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -18,4 +21,6 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod diffusion;
 pub mod latents;
+pub mod schedulers;
