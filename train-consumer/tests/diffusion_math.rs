@@ -287,3 +287,127 @@ mod objective {
         run("f64", DType::F64, 1e-12);
     }
 }
+
+mod schedulers {
+    use super::*;
+    use serde::Deserialize;
+    use tensorbake_train::schedulers::{AnyScheduler, Scheduler};
+
+    #[derive(Deserialize)]
+    struct Case {
+        name: String,
+        class: String,
+        config: String,
+        steps: usize,
+        #[serde(default)]
+        mu: Option<f64>,
+        #[serde(default)]
+        image_seq_len: Option<usize>,
+        #[serde(default)]
+        flux_pipeline: bool,
+    }
+
+    fn cases() -> Vec<Case> {
+        let text = std::fs::read_to_string(fixture("schedulers/cases.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn build(case: &Case) -> AnyScheduler {
+        let mut s = AnyScheduler::from_class_and_json(&case.class, &case.config)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        match (&mut s, case.flux_pipeline) {
+            (AnyScheduler::FlowMatchEulerDiscrete(f), true) => f
+                .set_timesteps_flux(case.steps, case.image_seq_len.unwrap())
+                .unwrap(),
+            _ => s.set_timesteps(case.steps, case.mu).unwrap(),
+        }
+        s
+    }
+
+    /// Runs one case in `dtype` from the golden initial sample, feeding the golden model
+    /// outputs, and returns the worst per-step error of our own (accumulated) sample.
+    fn trajectory(case: &Case, g: &HashMap<String, Tensor>, dtype: DType) -> f64 {
+        let mut s = build(case);
+        let ts = s.timesteps().to_vec();
+        assert_eq!(ts.len(), case.steps, "{}", case.name);
+        let mut x = g[&format!("{}_x", case.name)].to_dtype(dtype).unwrap();
+        let outputs = &g[&format!("{}_outputs", case.name)];
+        let samples = &g[&format!("{}_samples", case.name)];
+        let mut worst = 0f64;
+        for (k, &t) in ts.iter().enumerate() {
+            let out = outputs.get(k).unwrap().to_dtype(dtype).unwrap();
+            x = s.step(&out, t, &x).unwrap();
+            assert_eq!(x.dtype(), dtype);
+            worst = worst.max(rel_err(&x, &samples.get(k).unwrap()));
+        }
+        worst
+    }
+
+    #[test]
+    fn schedules_are_diffusers() {
+        let g = load("schedulers/golden.safetensors");
+        for case in cases() {
+            let s = build(&case);
+            let ours = Tensor::new(s.timesteps(), &Device::Cpu).unwrap();
+            let theirs = &g[&format!("{}_timesteps", case.name)];
+            let e = rel_err(&ours, theirs);
+            eprintln!("{}: timesteps rel err {e:.3e}", case.name);
+            if case.class == "FlowMatchEulerDiscreteScheduler" {
+                // diffusers keeps sigma * T in f32
+                assert!(e < 1e-6, "{}: timesteps {e:e}", case.name);
+            } else {
+                assert_eq!(f64s(&ours), f64s(theirs), "{}: timesteps", case.name);
+            }
+            let sigmas = match &s {
+                AnyScheduler::DpmSolverMultistep(d) => Some(d.sigmas().to_vec()),
+                AnyScheduler::FlowMatchEulerDiscrete(f) => Some(f.sigmas().to_vec()),
+                AnyScheduler::Ddim(_) => None,
+            };
+            if let Some(sig) = sigmas {
+                let ours = Tensor::new(sig.as_slice(), &Device::Cpu).unwrap();
+                let e = rel_err(&ours, &g[&format!("{}_sigmas", case.name)]);
+                eprintln!("{}: sigmas rel err {e:.3e}", case.name);
+                assert!(e < 1e-6, "{}: sigmas {e:e}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn trajectories_match_diffusers_step_by_step() {
+        let g = load("schedulers/golden.safetensors");
+        let mut worst = (0f64, 0f64);
+        for case in cases() {
+            let e32 = trajectory(&case, &g, DType::F32);
+            let e64 = trajectory(&case, &g, DType::F64);
+            eprintln!(
+                "{} ({} steps): worst per-step rel err f32 {e32:.3e}, f64 {e64:.3e}",
+                case.name, case.steps
+            );
+            assert!(e32 <= 1e-6, "{}: f32 {e32:e}", case.name);
+            assert!(e64 <= 1e-6, "{}: f64 {e64:e}", case.name);
+            worst = (worst.0.max(e32), worst.1.max(e64));
+        }
+        eprintln!(
+            "schedulers: worst rel err f32 {:.3e}, f64 {:.3e}",
+            worst.0, worst.1
+        );
+    }
+
+    #[test]
+    fn pixart_config_file_as_shipped() {
+        // the PixArt config's own text (-Infinity included) through the class dispatch
+        let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0",
+            "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear",
+            "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995, "euler_at_final": false,
+            "lambda_min_clipped": -Infinity, "lower_order_final": true, "num_train_timesteps": 1000,
+            "prediction_type": "epsilon", "sample_max_value": 1.0, "solver_order": 2,
+            "solver_type": "midpoint", "steps_offset": 0, "thresholding": false,
+            "timestep_spacing": "linspace", "trained_betas": null, "use_karras_sigmas": false,
+            "use_lu_lambdas": false, "variance_type": null}"#;
+        let s = AnyScheduler::from_config_json(text).unwrap();
+        let used = s.used_config();
+        assert_eq!(used["lambda_min_clipped"], "-Infinity");
+        assert_eq!(used["final_sigmas_type"], "zero");
+        assert_eq!(s.init_noise_sigma(), 1.0);
+    }
+}

@@ -147,7 +147,7 @@ impl Ddim {
             });
         }
         check_spacing(&cfg.timestep_spacing)?;
-        let alphas_cumprod = cfg.betas.alphas_cumprod()?;
+        let alphas_cumprod = cfg.betas.diffusers_alphas_cumprod()?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
         } else {

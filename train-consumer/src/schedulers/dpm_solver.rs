@@ -15,8 +15,8 @@ use candle_core::{Result as CandleResult, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BetaSchedule, Scheduler, SchedulerError, check_spacing, compute_dtype, cumprod_alphas, lincomb,
-    linspace, np_round, parse, py_float, ser_py_float,
+    BetaSchedule, Scheduler, SchedulerError, check_spacing, compute_dtype, lincomb, linspace,
+    np_round, parse, py_float, ser_py_float,
 };
 
 const fn two() -> usize {
@@ -290,7 +290,7 @@ impl DpmSolverMultistep {
     /// An unsupported config value, naming the key.
     pub fn new(cfg: DpmSolverMultistepConfig) -> Result<Self, SchedulerError> {
         cfg.validate()?;
-        let mut alphas_cumprod = cumprod_alphas(&cfg.betas.betas()?);
+        let mut alphas_cumprod = cfg.betas.diffusers_alphas_cumprod()?;
         if cfg.betas.rescale_betas_zero_snr
             && let Some(last) = alphas_cumprod.last_mut()
         {
@@ -335,10 +335,14 @@ impl DpmSolverMultistep {
             return Err(SchedulerError::BadTimesteps("0 inference steps".into()));
         }
         let t_train = self.alphas_cumprod.len();
+        // sqrt((1 - abar) / abar) in f32, as diffusers computes and keeps it
         let train_sigmas: Vec<f64> = self
             .alphas_cumprod
             .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
+            .map(|&a| {
+                let a = a as f32;
+                f64::from(((1.0 - a) / a).sqrt())
+            })
             .collect();
         // searchsorted(flip(lambda_t), lambda_min_clipped): lambda falls with t
         let clipped = train_sigmas

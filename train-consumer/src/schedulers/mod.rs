@@ -27,11 +27,13 @@
 //! PixArt scheduler config has `variance_type: null`; `learned` / `learned_range` are
 //! rejected here, since diffusers then slices a fixed 3 channels.)
 //!
-//! **Precision.** The schedule (betas, `alphas_cumprod`, sigmas) and the step
-//! coefficients are computed in f64; the tensors are updated in their own dtype, in f32
-//! for half types (diffusers casts the sample to f32 in `step` and the result back to
-//! the model output's dtype; so does this). diffusers keeps its schedule in f32; the
-//! difference is below 1e-6 relative over whole trajectories (`docs/sample.md`).
+//! **Precision.** The training schedule is held as diffusers holds it, in f32
+//! (`alphas_cumprod`, the DPM-Solver sigmas: near `t = 0` f32 cancellation moves them by
+//! up to 1e-4 relative, and diffusers' images carry that); everything computed from it
+//! per step is f64; the tensors are updated in their own dtype, in f32 for half types
+//! (diffusers casts the sample to f32 in `step` and the result back to the model
+//! output's dtype; so does this). Trajectories agree with diffusers' within 1e-6
+//! relative (`docs/sample.md`).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -260,6 +262,50 @@ impl BetaSchedule {
     }
 }
 
+impl BetaSchedule {
+    /// `alphas_cumprod` as diffusers holds it: betas in f32 (`torch.linspace(...,
+    /// dtype=float32)`; `scaled_linear` squares in f32), `1 - beta` in f32, the
+    /// cumulative product accumulated in f64 and stored in f32 (torch's CPU `cumprod`),
+    /// returned as the f64 values of those f32s. Near `t = 0`, `1 - abar` in f32 is off
+    /// by up to ~1e-4 relative (cancellation), which moves diffusers' small sigmas
+    /// (`sigma_min`) and its last steps by more than 1e-6; holding the schedule as
+    /// diffusers does makes the samplers reproduce diffusers' trajectories (the step
+    /// coefficients are f64). diffusers' own f32 linspace differs from the rounded exact
+    /// one in the last bit of a third of the betas, which moves trajectories by ~1e-7.
+    ///
+    /// # Errors
+    /// As [`BetaSchedule::betas`].
+    pub fn diffusers_alphas_cumprod(&self) -> Result<Vec<f64>, SchedulerError> {
+        let betas = self.betas()?;
+        let betas32: Vec<f32> = if self.trained_betas.is_none()
+            && self.beta_schedule == "scaled_linear"
+            && !self.rescale_betas_zero_snr
+        {
+            linspace(
+                self.beta_start.sqrt(),
+                self.beta_end.sqrt(),
+                self.num_train_timesteps,
+            )
+            .into_iter()
+            .map(|b| {
+                let b = b as f32;
+                b * b
+            })
+            .collect()
+        } else {
+            betas.iter().map(|&b| b as f32).collect()
+        };
+        let mut acc = 1f64;
+        Ok(betas32
+            .iter()
+            .map(|&b| {
+                acc *= f64::from(1f32 - b);
+                f64::from(acc as f32)
+            })
+            .collect())
+    }
+}
+
 pub(crate) fn cumprod_alphas(betas: &[f64]) -> Vec<f64> {
     let mut acc = 1.0;
     betas
@@ -309,11 +355,12 @@ pub(crate) fn check_spacing(spacing: &str) -> Result<(), SchedulerError> {
 }
 
 /// The dtype the update is computed in: f32 for half types (diffusers casts the sample
-/// to f32 in `step`), else the sample's own.
+/// to f32 in `step`), f64 for f32 and f64 samples (the f32 result is then the exact
+/// update rounded once; the latents are small next to the model).
 pub(crate) fn compute_dtype(sample: &Tensor) -> DType {
     match sample.dtype() {
         DType::F16 | DType::BF16 => DType::F32,
-        d => d,
+        _ => DType::F64,
     }
 }
 
