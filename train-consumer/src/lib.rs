@@ -7,6 +7,9 @@
 //! trains on. [`config`] is the `tensorbake train` configuration; [`lr`], [`optim`]
 //! (AdamW on f32 master weights, clipping, EMA) and [`noise`] (resumable randomness)
 //! the pieces of the loop; [`plot`] and [`draw`] make `loss.png` and image grids.
+//! [`diffusion`] is PixArt-α's training objective (IDDPM: epsilon and a learned-range
+//! variance); [`schedulers`] are the samplers' schedulers (DPM-Solver++, DDIM,
+//! flow-match Euler) as diffusers runs them.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -22,12 +25,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod diffusion;
 pub mod draw;
 pub mod latents;
 pub mod lr;
 pub mod noise;
 pub mod optim;
 pub mod plot;
+pub mod schedulers;
 pub mod trainer;
 
 /// Errors of the trainer; each names the file, key, array or tensor concerned.
