@@ -36,6 +36,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Run one encoder over image files (or captions) into a safetensors file.
     Encode(cmd::encode::EncodeArgs),
+    /// Train PixArt-α (a Redux adapter, a fine-tune, text) from a store.
+    Train(cmd::train::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Encode(args) => cmd::encode::run(args),
+        Command::Train(args) => cmd::train::run(args),
     };
     match result {
         Ok(code) => code,

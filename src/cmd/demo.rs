@@ -38,6 +38,9 @@ pub struct Args {
     /// Target resolution (a multiple of 8, the VAE's downscale).
     #[arg(long, default_value_t = 256)]
     resolution: u32,
+    /// Optimizer steps of each demo training (a tiny PixArt, two image modes).
+    #[arg(long, default_value_t = 30)]
+    train_steps: u64,
 }
 
 /// The models the demo writes, by feature; the manifest's `[[encoders]]`.
@@ -172,6 +175,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         loaded += batch.keys.len();
     }
+    let trained = train_demo(
+        out,
+        &models,
+        reader.len() as usize,
+        args.resolution,
+        args.train_steps,
+    )?;
     let store_bytes = dir_size(&store_dir);
     let total = layout.caption_of.len();
     println!("tensorbake demo: {}", out.display());
@@ -208,6 +218,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "  read back             {loaded} samples in shuffled batches of 16: {}",
         shapes.join(", ")
     );
+    for t in &trained {
+        println!(
+            "  train {:<15} loss {:.3} -> {:.3} in {} steps ({:.0} samples/s); checkpoint {}, loss plot {}",
+            t.mode,
+            t.first,
+            t.last,
+            t.steps,
+            t.samples_per_s,
+            t.checkpoint.display(),
+            t.plot.display()
+        );
+    }
     println!(
         "  total time            {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -216,12 +238,108 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "  run again offline     tensorbake run {}",
         out.join("manifest.toml").display()
     );
-    let ok = report.complete() && report.samples.written as usize == total && loaded == total;
+    let ok = report.complete()
+        && report.samples.written as usize == total
+        && loaded == total
+        && trained.iter().all(|t| t.last.is_finite());
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What one demo training did.
+struct Trained {
+    mode: String,
+    first: f64,
+    last: f64,
+    steps: u64,
+    samples_per_s: f64,
+    checkpoint: PathBuf,
+    plot: PathBuf,
+}
+
+/// The seed's two PixArt runs on the demo store, with a tiny random PixArt: a fresh
+/// Redux adapter trained for a frozen PixArt, then PixArt fine-tuned to that adapter.
+/// Each is a config file in `out` that `tensorbake train` runs again.
+fn train_demo(
+    out: &Path,
+    models: &Path,
+    samples: usize,
+    resolution: u32,
+    steps: u64,
+) -> Result<Vec<Trained>> {
+    let pixart = models.join("pixart");
+    // Caption tokens as wide as the tiny T5's and SigLIP's (32); latents of the store.
+    tensorbake_nn::tiny::write_tiny_pixart(
+        &pixart,
+        300,
+        tensorbake_nn::tiny::TinyPixart::Xl512,
+        32,
+        (resolution / 8) as usize,
+    )
+    .context("writing the tiny PixArt")?;
+    let train_dir = out.join("train");
+    if train_dir.exists() {
+        std::fs::remove_dir_all(&train_dir)
+            .with_context(|| format!("removing {}", train_dir.display()))?;
+    }
+    let batch = samples.clamp(1, 8);
+    let common = format!(
+        "store = \"store\"\npixart = \"models/pixart\"\nsteps = {steps}\nbatch_size = {batch}\n\
+         lr = 1e-3\nweight_decay = 0.0\ngrad_clip = 1.0\nredux_tokens = 16\ncheckpoint_every = {steps}\n\
+         seed = 1\ndevice = \"cpu\"\ndtype = \"f32\"\n"
+    );
+    let adapter_ckpt = format!("train/redux-adapter/checkpoint-{steps}/redux.safetensors");
+    let configs = [
+        (
+            "redux-adapter",
+            format!(
+                "# `tensorbake train` on the demo store: a fresh Redux adapter for a frozen tiny PixArt.\nmode = \"pixart_redux_adapter\"\nout = \"train/redux-adapter\"\n{common}"
+            ),
+        ),
+        (
+            "finetune",
+            format!(
+                "# `tensorbake train` on the demo store: the tiny PixArt fine-tuned to the adapter trained first.\nmode = \"pixart_finetune\"\nredux = \"{adapter_ckpt}\"\nout = \"train/finetune\"\n{common}"
+            ),
+        ),
+    ];
+    let mut done = Vec::new();
+    for (name, text) in configs {
+        let path = out.join(format!("train-{name}.toml"));
+        std::fs::write(&path, &text).with_context(|| path.display().to_string())?;
+        let cfg = tensorbake_train::config::TrainConfig::parse(&text, &path.display().to_string())?;
+        let mode = cfg.mode.to_string();
+        eprintln!(
+            "demo: training {mode} ({steps} steps, batch {batch}): {}",
+            path.display()
+        );
+        let mut trainer = super::train::build(cfg, out, tensorbake_train::trainer::Resume::No)?;
+        let mut losses = Vec::new();
+        let mut rate = 0.0;
+        let outcome = trainer.run(&std::sync::atomic::AtomicBool::new(false), &mut |l| {
+            losses.push(l.loss);
+            rate = l.samples_per_s;
+        })?;
+        let checkpoint = match outcome {
+            tensorbake_train::trainer::Outcome::Finished(d)
+            | tensorbake_train::trainer::Outcome::Stopped(d) => d,
+        };
+        let k = losses.len().clamp(1, 5);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        done.push(Trained {
+            mode,
+            first: mean(&losses[..k]),
+            last: mean(&losses[losses.len() - k..]),
+            steps,
+            samples_per_s: rate,
+            checkpoint,
+            plot: out.join(format!("train/{name}/loss.png")),
+        });
+    }
+    Ok(done)
 }
 
 fn dir_size(dir: &Path) -> u64 {

@@ -78,7 +78,8 @@ pub fn loss_png(points: &[(u64, f64)], title: &str, path: &Path) -> std::io::Res
         return c.save_png(path);
     }
     let losses: Vec<f64> = pts.iter().map(|p| p.1).collect();
-    let smoothed = smooth(&losses, if pts.len() > 20 { 0.9 } else { 0.0 });
+    // Smoothing that spans about a tenth of the run (none for a handful of steps).
+    let smoothed = smooth(&losses, (1.0 - 10.0 / pts.len() as f64).clamp(0.0, 0.99));
     let (lo, hi) = losses
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {

@@ -1,0 +1,158 @@
+//! `tensorbake train CONFIG.toml [--resume [CHECKPOINT]]`: trains a PixArt mode from a
+//! store (docs/train.md).
+//!
+//! Everything is checked before the first step and before anything is written: the
+//! config (unknown keys with file:line), the store's features, shapes and null
+//! embeddings against the mode and the model, the weights. Progress goes to stderr
+//! (a bar with the loss and samples/s on a terminal, a plain line every
+//! `--progress-interval` seconds otherwise). SIGINT or SIGTERM finishes the current
+//! step, writes a checkpoint and exits 130; a second one exits at once.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tensorbake_store::{Location, StoreReader};
+use tensorbake_train::config::TrainConfig;
+use tensorbake_train::pixart_task::PixArtTask;
+use tensorbake_train::trainer::{Outcome, Resume, StepLog, Trainer};
+
+/// Train from a store.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The training config (TOML).
+    config: PathBuf,
+    /// Continue a run: from the newest checkpoint in `out` (no value) or the given one.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+    resume: Option<String>,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, default_value_t = 10.0)]
+    progress_interval: f64,
+}
+
+/// A path of the config, relative to its directory.
+fn relative_to(base: &Path, p: &str) -> PathBuf {
+    let path = Path::new(p);
+    if path.is_relative() {
+        base.join(path)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Builds the run (nothing written on error).
+pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<PixArtTask>> {
+    let device = tensorbake_nn::parse_device(&cfg.device)?;
+    let location: Location = if cfg.store.contains("://") {
+        cfg.store.parse()?
+    } else {
+        Location::from(relative_to(base, &cfg.store))
+    };
+    let reader = Arc::new(
+        StoreReader::open(&location).with_context(|| format!("opening the store {location}"))?,
+    );
+    let task = PixArtTask::build(&cfg, base, &reader, &device)?;
+    let out = relative_to(base, &cfg.out);
+    Ok(Trainer::new(cfg, task, reader, device, out, resume)?)
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let cfg = TrainConfig::load(&args.config)?;
+    let base = args
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let resume = match args.resume.as_deref() {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(p) => Resume::From(PathBuf::from(p)),
+    };
+    let steps = cfg.steps;
+    let out = relative_to(&base, &cfg.out);
+    let (mode, batch) = (cfg.mode, cfg.batch_size * cfg.grad_accum);
+    let mut trainer = build(cfg, &base, resume)?;
+    let start = trainer.start_step();
+    eprintln!(
+        "train: {mode}, {} trainable tensors, batch {batch}, steps {}..{steps}{}",
+        tensorbake_train::trainer::Task::vars(trainer.task()).len(),
+        start + 1,
+        trainer
+            .resumed_from()
+            .map(|p| format!(", resumed from {}", p.display()))
+            .unwrap_or_default()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let signals = Arc::new(AtomicUsize::new(0));
+    {
+        let (stop, signals) = (stop.clone(), signals.clone());
+        // A second handler cannot be installed (a test harness, a library user):
+        // then Ctrl-C kills as usual, which loses at most the steps since the last
+        // checkpoint.
+        let _ = ctrlc::set_handler(move || {
+            if signals.fetch_add(1, Ordering::SeqCst) > 0 {
+                eprintln!("train: second interrupt, exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("train: interrupted; finishing the step and writing a checkpoint");
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let interval = Duration::from_secs_f64(args.progress_interval.max(0.1));
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "train [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(start);
+        b
+    });
+    let mut last_line = Instant::now();
+    let mut smoothed: Option<f64> = None;
+    let mut on_step = |l: &StepLog| {
+        let s = smoothed.map_or(l.loss, |s| 0.9 * s + 0.1 * l.loss);
+        smoothed = Some(s);
+        let msg = format!(
+            "loss {:.4} (mse {:.4}, vb {:.4})  lr {:.2e}  |g| {:.3}  {:.1} samples/s",
+            s, l.loss_mse, l.loss_vb, l.lr, l.grad_norm, l.samples_per_s
+        );
+        if let Some(b) = &bar {
+            b.set_position(l.step);
+            b.set_message(msg);
+        } else if last_line.elapsed() >= interval || l.step == steps {
+            eprintln!("train: step {}/{steps}: {msg}", l.step);
+            last_line = Instant::now();
+        }
+    };
+    let outcome = trainer.run(&stop, &mut on_step)?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match outcome {
+        Outcome::Finished(dir) => {
+            eprintln!(
+                "train: done: checkpoint {}, loss curve {}, log {}",
+                dir.display(),
+                out.join("loss.png").display(),
+                out.join("log.jsonl").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Stopped(dir) => {
+            eprintln!(
+                "train: stopped; checkpoint {} (continue with --resume)",
+                dir.display()
+            );
+            Ok(ExitCode::from(130))
+        }
+    }
+}
