@@ -31,6 +31,11 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "{stdout}"
     );
     assert!(stdout.contains("sd_vae_mean [6, 4, 8, 8]"), "{stdout}");
+    // both image modes trained on the store, 30 steps each
+    assert!(stdout.contains("train pixart_redux_adapter"), "{stdout}");
+    assert!(stdout.contains("train pixart_finetune"), "{stdout}");
+    let log = std::fs::read_to_string(out.join("train/finetune/log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 30);
     for f in [
         "shards/sa_000000.tar",
         "manifest.toml",
@@ -42,6 +47,13 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "models/t5/spiece.model",
         "models/t5/tokenizer_config.json",
         "store/zarr.json",
+        "models/pixart/config.json",
+        "train-redux-adapter.toml",
+        "train-finetune.toml",
+        "train/redux-adapter/loss.png",
+        "train/redux-adapter/checkpoint-30/redux.safetensors",
+        "train/finetune/log.jsonl",
+        "train/finetune/checkpoint-30/transformer/diffusion_pytorch_model.safetensors",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

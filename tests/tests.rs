@@ -8,4 +8,5 @@ mod ingest;
 mod null_embedding;
 mod run;
 mod store;
+mod train;
 mod util;
