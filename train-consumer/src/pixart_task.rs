@@ -246,14 +246,21 @@ impl PixArtTask {
         if cfg.objective == ObjectiveKind::Eps {
             objective = Objective::epsilon_only(NoiseSchedule::pixart());
         }
-        let out_channels = objective.output_channels(pixart_cfg.in_channels);
-        if pixart_cfg.out_channels() != out_channels {
+        // eps_vb needs the learned-variance half; eps takes the first half of an 8-channel
+        // model (its variance channels get no gradient) or a 4-channel one.
+        let (c, out) = (pixart_cfg.in_channels, pixart_cfg.out_channels());
+        let fits = match cfg.objective {
+            ObjectiveKind::EpsVb => out == 2 * c,
+            ObjectiveKind::Eps => out == c || out == 2 * c,
+        };
+        if !fits {
             return Err(TrainError::Config(format!(
-                "objective `{:?}` needs {out_channels} output channels; PixArt ({}) has {} \
-                 (`objective = \"eps\"` for a model without learned variance)",
+                "objective `{:?}` does not fit PixArt ({}) with {out} output channels for {c} latent \
+                 channels (`eps_vb` needs {}: epsilon and the learned variance; `objective = \"eps\"` \
+                 trains epsilon alone)",
                 cfg.objective,
                 cfg.pixart,
-                pixart_cfg.out_channels()
+                2 * c
             )));
         }
         let names: Vec<String> = vars.vars().into_iter().map(|(n, _)| n).collect();
@@ -595,9 +602,13 @@ impl Task for PixArtTask {
             mask.as_ref(),
             &side,
         )?;
-        let l = self
-            .objective
-            .training_losses(&out.to_dtype(DType::F32)?, &z, &x_t, &t, &n)?;
+        let mut out = out.to_dtype(DType::F32)?;
+        let want = self.objective.output_channels(z.dim(1)?);
+        if out.dim(1)? != want {
+            // eps only on a learned-sigma model: its variance half is not trained
+            out = out.narrow(1, 0, want)?;
+        }
+        let l = self.objective.training_losses(&out, &z, &x_t, &t, &n)?;
         let loss = l.loss.mean_all()?;
         let grads = (&loss * scale)?.backward()?;
         let vars = self.vars.vars();

@@ -264,6 +264,30 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
 }
 
 #[test]
+fn eps_only_trains_the_epsilon_half_of_a_learned_sigma_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = store(dir.path(), 8, true);
+    models(dir.path());
+    let t = task(dir.path(), &reader, "pixart_text", "objective = \"eps\"\n");
+    let batch = first_batch(&reader, &t);
+    let (losses, grads) = t.step(&batch, &mut Noise::new(2), 1.0).unwrap();
+    assert_eq!(losses.vb, 0.0);
+    assert_eq!(losses.loss, losses.mse);
+    // proj_out's rows for the variance channels (channel is the fastest axis of its
+    // p x p x 8 outputs) get no gradient, the epsilon rows do
+    let (i, _) = t.vars().iter().enumerate().find(|(_, (n, _))| n == "proj_out.weight").unwrap();
+    let g: Vec<Vec<f32>> = grads[i].as_ref().unwrap().to_vec2().unwrap();
+    for (r, row) in g.iter().enumerate() {
+        let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if r % 8 >= 4 {
+            assert_eq!(m, 0.0, "row {r}");
+        } else {
+            assert!(m > 0.0, "row {r}");
+        }
+    }
+}
+
+#[test]
 fn dropout_swaps_in_the_recorded_null_condition() {
     let dir = tempfile::tempdir().unwrap();
     let reader = store(dir.path(), 8, true);
