@@ -42,9 +42,11 @@ use crate::{Error, Result};
 /// The architectures [`write_tiny_model`] writes, by the feature they serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyModel {
-    /// diffusers `AutoencoderKL`, 4 latent channels, with `quant_conv` (sd-vae-ft-ema).
+    /// diffusers `AutoencoderKL` (encoder and decoder), 4 latent channels, with
+    /// `quant_conv` / `post_quant_conv` (sd-vae-ft-ema).
     SdVae,
-    /// diffusers `AutoencoderKL`, 16 latent channels, no `quant_conv` (FLUX.1 `vae/`).
+    /// diffusers `AutoencoderKL` (encoder and decoder), 16 latent channels, no
+    /// `quant_conv` / `post_quant_conv` (FLUX.1 `vae/`).
     FluxVae,
     /// transformers `SiglipVisionModel` (`vision_model.*`).
     Siglip,
@@ -275,8 +277,13 @@ fn write_vae(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
             path: dir.join("config.json"),
             why: e.to_string(),
         })?;
-    let tensors = record(seed, |vb| crate::vae::VaeEncoder::new(vb, &cfg).map(|_| ()))
-        .map_err(candle(model))?;
+    // Encoder and decoder, as the real files hold both; each tensor's values depend on
+    // its name and the seed only, so the encoder's are those of an encoder-only file.
+    let tensors = record(seed, |vb| {
+        crate::vae::VaeEncoder::new(vb.clone(), &cfg)?;
+        crate::vae::VaeDecoder::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(candle(model))?;
     write_json(&dir.join("config.json"), &config)?;
     save(&tensors, &dir.join("diffusion_pytorch_model.safetensors"))
 }
@@ -728,8 +735,54 @@ mod tests {
             "encoder.mid_block.attentions.0.to_q.weight",
             "encoder.conv_norm_out.bias",
             "quant_conv.weight",
+            "post_quant_conv.weight",
+            "decoder.conv_in.weight",
+            "decoder.up_blocks.3.resnets.1.conv2.weight",
+            "decoder.up_blocks.0.upsamplers.0.conv.weight",
+            "decoder.mid_block.attentions.0.to_out.0.weight",
+            "decoder.conv_out.bias",
         ] {
             assert!(st.contains_key(name), "{name} missing: {:?}", st.keys());
+        }
+        // an encoder tensor has the values it had before the decoder was written too
+        let w = &st["encoder.conv_in.weight"];
+        let want = values(11, "encoder.conv_in.weight", w.dims());
+        assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+
+    #[test]
+    fn tiny_vaes_decode() {
+        let root = tempfile::tempdir().unwrap();
+        for (model, lat) in [(TinyModel::SdVae, 4), (TinyModel::FluxVae, 16)] {
+            let dir = root.path().join(model.feature().name());
+            write_tiny_model(model, &dir, 5).unwrap();
+            let cfg: crate::vae::Config =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                    .unwrap();
+            let weights = std::sync::Arc::new(
+                crate::WeightFiles::open(&[dir.join("diffusion_pytorch_model.safetensors")])
+                    .unwrap(),
+            );
+            let dec = weights
+                .build(
+                    "tiny vae decoder",
+                    crate::vae::weight_names(&cfg, false),
+                    DType::F32,
+                    &Device::Cpu,
+                    |vb| crate::vae::VaeDecoder::new(vb, &cfg),
+                )
+                .unwrap();
+            let z = Tensor::zeros((1, lat, 4, 4), DType::F32, &Device::Cpu).unwrap();
+            let img = dec.decode(&z).unwrap();
+            assert_eq!(img.dims(), &[1, 3, 32, 32]);
+            let m = img
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(m.is_finite() && m > 0.0, "{m}");
         }
     }
 }

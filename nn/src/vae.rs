@@ -1,17 +1,27 @@
-//! The encoder half of a KL autoencoder (AutoencoderKL): SD's VAE (sd-vae-ft-ema, used
-//! by PixArt-α) and the Flux autoencoder, returning the posterior's mean and std.
+//! A KL autoencoder (AutoencoderKL): SD's VAE (sd-vae-ft-ema, used by PixArt-α) and the
+//! Flux autoencoder. [`VaeEncoder`] returns the posterior's mean and std (what the store
+//! caches); [`VaeDecoder`] turns a latent back into an image (the sampler's last step).
 //!
 //! - Paper: [High-Resolution Image Synthesis with Latent Diffusion Models](https://arxiv.org/abs/2112.10752)
 //! - Reference code: diffusers `AutoencoderKL` / `Encoder` / `DiagonalGaussianDistribution`
 //!   (<https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/autoencoders/autoencoder_kl.py>),
 //!   BFL's Flux autoencoder (<https://github.com/black-forest-labs/flux/blob/main/src/flux/modules/autoencoder.py>).
 //!
-//! Weight names are diffusers' (`encoder.down_blocks.0.resnets.0.conv1.weight`, ...).
-//! Checkpoints in the original LDM / BFL layout (`ae.safetensors`: `encoder.down.0.block.0`,
-//! `encoder.mid.attn_1.q` as 1x1 convolutions, ...) load through [`ldm_names`], and
-//! [`Config::from_ldm_shapes`] recovers the architecture of such a file, which ships
-//! without a `config.json`. Posterior: `mean, logvar = chunk(moments, 2)`,
-//! `std = exp(0.5 * clamp(logvar, -30, 20))`, as diffusers computes it.
+//! Weight names are diffusers' (`encoder.down_blocks.0.resnets.0.conv1.weight`,
+//! `decoder.up_blocks.0.upsamplers.0.conv.weight`, ...). Checkpoints in the original
+//! LDM / BFL layout (`ae.safetensors`: `encoder.down.0.block.0`, `decoder.up.3.block.0`,
+//! `*.mid.attn_1.q` as 1x1 convolutions, `nin_shortcut`, ...) load through
+//! [`Config::ldm_name`] (LDM numbers the decoder's up blocks from the highest
+//! resolution, diffusers in execution order: diffusers' `up_blocks.i` is LDM's
+//! `up.{n-1-i}`), and [`Config::from_ldm_shapes`] recovers the architecture of such a
+//! file, which ships without a `config.json`. Older diffusers files (sd-vae-ft-ema) name
+//! the mid-block attention `query`/`key`/`value`/`proj_attn`: [`legacy_attention_name`];
+//! [`weight_names`] gives the loader's name map for either layout.
+//!
+//! Posterior: `mean, logvar = chunk(moments, 2)`, `std = exp(0.5 * clamp(logvar, -30,
+//! 20))`, as diffusers computes it. Decoding takes the raw latent (the sampler undoes
+//! the latent scaling first: `z / scaling_factor + shift_factor`) and returns the image
+//! unclamped, roughly in [-1, 1], as diffusers' `decode(z).sample`.
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -41,13 +51,16 @@ fn default_act_fn() -> String {
 fn default_down_block_types() -> Vec<String> {
     vec!["DownEncoderBlock2D".into()]
 }
+fn default_up_block_types() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
 const fn default_true() -> bool {
     true
 }
 
-/// diffusers' `AutoencoderKL` config (`config.json` of a VAE directory). Only the
-/// encoder's fields are read; the decoder's and the bookkeeping keys are ignored
-/// (upstream configs gain keys across diffusers versions). Defaults are diffusers'.
+/// diffusers' `AutoencoderKL` config (`config.json` of a VAE directory). The
+/// bookkeeping keys are ignored (upstream configs gain keys across diffusers versions).
+/// Defaults are diffusers'.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Config {
     /// Image channels.
@@ -83,6 +96,19 @@ pub struct Config {
     /// Latent shift (Flux), for the record.
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Channels of the decoded image.
+    #[serde(default = "default_in_channels")]
+    pub out_channels: usize,
+    /// Decoder block kinds; only `UpDecoderBlock2D` exists for this decoder.
+    #[serde(default = "default_up_block_types")]
+    pub up_block_types: Vec<String>,
+    /// Whether the 1x1 `post_quant_conv` precedes the decoder (SD: yes, Flux: no).
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    /// diffusers' pipelines run this VAE in f32 whatever their dtype (SD's and Flux's
+    /// overflow in f16); for the sampler to honour.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 impl Config {
@@ -100,6 +126,10 @@ impl Config {
             mid_block_add_attention: true,
             scaling_factor: Some(0.18215),
             shift_factor: None,
+            out_channels: 3,
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            use_post_quant_conv: true,
+            force_upcast: true,
         }
     }
 
@@ -108,6 +138,7 @@ impl Config {
         Self {
             latent_channels: 16,
             use_quant_conv: false,
+            use_post_quant_conv: false,
             scaling_factor: Some(0.3611),
             shift_factor: Some(0.1159),
             ..Self::sd_vae_ft_ema()
@@ -157,6 +188,32 @@ impl Config {
         Ok(())
     }
 
+    /// Checks what [`VaeDecoder`] supports on top of [`Config::validate`]; the message
+    /// names the field.
+    pub fn validate_decoder(&self) -> std::result::Result<(), String> {
+        self.validate()?;
+        if self.up_block_types.len() != self.block_out_channels.len() {
+            return Err(format!(
+                "`up_block_types` has {} entries but `block_out_channels` {}",
+                self.up_block_types.len(),
+                self.block_out_channels.len()
+            ));
+        }
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| t.as_str() != "UpDecoderBlock2D")
+        {
+            return Err(format!(
+                "`up_block_types` entry `{t}` is not supported (only UpDecoderBlock2D)"
+            ));
+        }
+        if self.out_channels == 0 {
+            return Err("`out_channels` must be positive".into());
+        }
+        Ok(())
+    }
+
     /// Spatial downscale factor (8 for SD and Flux).
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
@@ -164,8 +221,10 @@ impl Config {
 
     /// The architecture of an LDM / BFL-layout checkpoint (no `config.json`), from the
     /// stored shapes: `shape_of` returns a stored tensor's shape by its LDM name.
-    /// Norm groups are 32, as in BFL's and LDM's code. `None` if the file is not an LDM
-    /// autoencoder encoder.
+    /// Norm groups are 32, as in BFL's and LDM's code. The decoder mirrors the encoder
+    /// (as in every AutoencoderKL); its output channels and `post_quant_conv` come from
+    /// the file's decoder tensors where it has them, else from the encoder's. `None` if
+    /// the file is not an LDM autoencoder encoder.
     pub fn from_ldm_shapes(shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> Option<Self> {
         let conv_in = shape_of("encoder.conv_in.weight")?;
         let mut block_out_channels = Vec::new();
@@ -187,25 +246,102 @@ impl Config {
             layers_per_block += 1;
         }
         let conv_out = shape_of("encoder.conv_out.weight")?;
+        let n = block_out_channels.len();
+        let in_channels = *conv_in.get(1)?;
+        let latent_channels = conv_out[0] / 2;
+        let use_quant_conv = shape_of("quant_conv.weight").is_some();
+        // The decoder mirrors the encoder in AutoencoderKL; a file whose decoder does
+        // not is reported by the loader, tensor by tensor, when the decoder is built.
+        let (out_channels, use_post_quant_conv) = match shape_of("decoder.conv_out.weight") {
+            Some(out) if shape_of("decoder.conv_in.weight").is_some() => {
+                (out[0], shape_of("post_quant_conv.weight").is_some())
+            }
+            _ => (in_channels, use_quant_conv),
+        };
         Some(Self {
-            in_channels: *conv_in.get(1)?,
-            down_block_types: vec!["DownEncoderBlock2D".into(); block_out_channels.len()],
+            in_channels,
+            down_block_types: vec!["DownEncoderBlock2D".into(); n],
             block_out_channels,
             layers_per_block,
-            latent_channels: conv_out[0] / 2,
+            latent_channels,
             norm_num_groups: 32,
             act_fn: "silu".into(),
-            use_quant_conv: shape_of("quant_conv.weight").is_some(),
+            use_quant_conv,
             mid_block_add_attention: shape_of("encoder.mid.attn_1.q.weight").is_some(),
             scaling_factor: None,
             shift_factor: None,
+            out_channels,
+            up_block_types: vec!["UpDecoderBlock2D".into(); n],
+            use_post_quant_conv,
+            force_upcast: true,
+        })
+    }
+
+    /// The LDM / BFL name of a diffusers AutoencoderKL tensor of this architecture,
+    /// encoder or decoder ([`ldm_names`], plus the decoder's up blocks, which LDM
+    /// numbers in reverse).
+    pub fn ldm_name(&self, diffusers: &str) -> Option<String> {
+        if let Some(rest) = diffusers.strip_prefix("decoder.up_blocks.") {
+            let (block, rest) = rest.split_once('.')?;
+            let n = self.block_out_channels.len();
+            let i = n
+                .checked_sub(1)?
+                .checked_sub(block.parse::<usize>().ok()?)?;
+            if let Some(rest) = rest.strip_prefix("resnets.") {
+                let (layer, rest) = rest.split_once('.')?;
+                let rest = rest.replace("conv_shortcut", "nin_shortcut");
+                return Some(format!("decoder.up.{i}.block.{layer}.{rest}"));
+            }
+            let rest = rest.strip_prefix("upsamplers.0.conv.")?;
+            return Some(format!("decoder.up.{i}.upsample.conv.{rest}"));
+        }
+        ldm_names(diffusers)
+    }
+}
+
+/// The names to look a diffusers-named tensor up under, for [`crate::WeightFiles`]: in
+/// an LDM / BFL file ([`Config::ldm_name`]), or in a diffusers file, the name itself and
+/// then its pre-0.14 attention alias ([`legacy_attention_name`]).
+pub fn weight_names(cfg: &Config, ldm: bool) -> crate::NameMap {
+    if ldm {
+        let cfg = cfg.clone();
+        std::sync::Arc::new(move |n: &str| vec![cfg.ldm_name(n).unwrap_or_else(|| n.to_string())])
+    } else {
+        std::sync::Arc::new(|n: &str| {
+            let mut c = vec![n.to_string()];
+            c.extend(legacy_attention_name(n));
+            c
         })
     }
 }
 
-/// The LDM / BFL names of a diffusers AutoencoderKL encoder tensor (`None` for names
-/// that have no counterpart).
+/// Whether stored tensor names are in the LDM / BFL layout (`encoder.down.*` or
+/// `decoder.up.*`) rather than diffusers'.
+pub fn is_ldm_layout<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| n.starts_with("encoder.down.") || n.starts_with("decoder.up."))
+}
+
+/// The LDM / BFL names of a diffusers AutoencoderKL tensor (`None` for names that have
+/// no counterpart, and for the decoder's up blocks, whose LDM index depends on the block
+/// count: [`Config::ldm_name`]).
 pub fn ldm_names(diffusers: &str) -> Option<String> {
+    if diffusers.starts_with("decoder.up_blocks.") {
+        return None;
+    }
+    for half in ["encoder", "decoder"] {
+        if let Some(rest) = diffusers
+            .strip_prefix(half)
+            .and_then(|r| r.strip_prefix(".mid_block."))
+        {
+            return ldm_mid_name(half, rest);
+        }
+        if let Some(rest) = diffusers
+            .strip_prefix(half)
+            .and_then(|r| r.strip_prefix(".conv_norm_out."))
+        {
+            return Some(format!("{half}.norm_out.{rest}"));
+        }
+    }
     if let Some(rest) = diffusers.strip_prefix("encoder.down_blocks.") {
         let (block, rest) = rest.split_once('.')?;
         if let Some(rest) = rest.strip_prefix("resnets.") {
@@ -216,28 +352,28 @@ pub fn ldm_names(diffusers: &str) -> Option<String> {
         let rest = rest.strip_prefix("downsamplers.0.conv.")?;
         return Some(format!("encoder.down.{block}.downsample.conv.{rest}"));
     }
-    if let Some(rest) = diffusers.strip_prefix("encoder.mid_block.resnets.") {
+    Some(diffusers.to_string())
+}
+
+/// `{half}.mid_block.{rest}` in LDM names.
+fn ldm_mid_name(half: &str, rest: &str) -> Option<String> {
+    if let Some(rest) = rest.strip_prefix("resnets.") {
         let (i, rest) = rest.split_once('.')?;
         let n = i.parse::<usize>().ok()? + 1;
         let rest = rest.replace("conv_shortcut", "nin_shortcut");
-        return Some(format!("encoder.mid.block_{n}.{rest}"));
+        return Some(format!("{half}.mid.block_{n}.{rest}"));
     }
-    if let Some(rest) = diffusers.strip_prefix("encoder.mid_block.attentions.0.") {
-        let (module, param) = rest.rsplit_once('.')?;
-        let m = match module {
-            "group_norm" => "norm",
-            "to_q" => "q",
-            "to_k" => "k",
-            "to_v" => "v",
-            "to_out.0" => "proj_out",
-            _ => return None,
-        };
-        return Some(format!("encoder.mid.attn_1.{m}.{param}"));
-    }
-    if let Some(rest) = diffusers.strip_prefix("encoder.conv_norm_out.") {
-        return Some(format!("encoder.norm_out.{rest}"));
-    }
-    Some(diffusers.to_string())
+    let rest = rest.strip_prefix("attentions.0.")?;
+    let (module, param) = rest.rsplit_once('.')?;
+    let m = match module {
+        "group_norm" => "norm",
+        "to_q" => "q",
+        "to_k" => "k",
+        "to_v" => "v",
+        "to_out.0" => "proj_out",
+        _ => return None,
+    };
+    Some(format!("{half}.mid.attn_1.{m}.{param}"))
 }
 
 /// The names older diffusers checkpoints (sd-vae-ft-ema among them) use for the
@@ -484,6 +620,128 @@ impl VaeEncoder {
     }
 }
 
+/// A decoder up block: `layers_per_block + 1` resnets, then (all but the last block)
+/// nearest 2x upsampling and a 3x3 convolution.
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv2d>,
+}
+
+impl Module for UpBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for r in &self.resnets {
+            x = x.apply(r)?;
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = x.dims4()?;
+            x = x.upsample_nearest2d(2 * h, 2 * w)?.apply(conv)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `post_quant_conv` (if configured) and the decoder: a raw latent to an image.
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_res1: ResnetBlock,
+    mid_attn: Option<SpatialAttention>,
+    mid_res2: ResnetBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    latent_channels: usize,
+    upscale: usize,
+}
+
+impl VaeDecoder {
+    /// Builds the decoder from diffusers-named weights (`vb` at the model root:
+    /// `post_quant_conv.*`, `decoder.*`).
+    pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate_decoder().map_err(candle_core::Error::Msg)?;
+        let g = cfg.norm_num_groups;
+        let lat = cfg.latent_channels;
+        let post_quant_conv = cfg
+            .use_post_quant_conv
+            .then(|| conv(lat, lat, 1, 1, 0, vb.pp("post_quant_conv")))
+            .transpose()?;
+        let vd = vb.pp("decoder");
+        let widths: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let top = widths[0];
+        let conv_in = conv(lat, top, 3, 1, 1, vd.pp("conv_in"))?;
+        let vm = vd.pp("mid_block");
+        let mid_res1 = ResnetBlock::new(top, top, g, vm.pp("resnets").pp(0))?;
+        let mid_attn = cfg
+            .mid_block_add_attention
+            .then(|| SpatialAttention::new(top, g, vm.pp("attentions").pp(0)))
+            .transpose()?;
+        let mid_res2 = ResnetBlock::new(top, top, g, vm.pp("resnets").pp(1))?;
+        let mut up = Vec::with_capacity(widths.len());
+        let mut cin = top;
+        for (i, &cout) in widths.iter().enumerate() {
+            let vbb = vd.pp("up_blocks").pp(i);
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    let c = if j == 0 { cin } else { cout };
+                    ResnetBlock::new(c, cout, g, vbb.pp("resnets").pp(j))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = (i + 1 < widths.len())
+                .then(|| conv(cout, cout, 3, 1, 1, vbb.pp("upsamplers").pp(0).pp("conv")))
+                .transpose()?;
+            up.push(UpBlock { resnets, upsample });
+            cin = cout;
+        }
+        let norm_out = GroupNorm::new(g, cin, NORM_EPS, vd.pp("conv_norm_out"))?;
+        let conv_out = conv(cin, cfg.out_channels, 3, 1, 1, vd.pp("conv_out"))?;
+        Ok(Self {
+            post_quant_conv,
+            conv_in,
+            mid_res1,
+            mid_attn,
+            mid_res2,
+            up,
+            norm_out,
+            conv_out,
+            latent_channels: lat,
+            upscale: cfg.downscale(),
+        })
+    }
+
+    /// The spatial upscale factor (8 for SD and Flux).
+    pub fn upscale(&self) -> usize {
+        self.upscale
+    }
+
+    /// Images `[B, out_channels, f*h, f*w]`, unclamped and roughly in [-1, 1], of raw
+    /// (unscaled) latents `[B, C, h, w]`: diffusers' `AutoencoderKL.decode(z).sample`.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let (_, c, _, _) = z.dims4()?;
+        if c != self.latent_channels {
+            candle_core::bail!(
+                "VaeDecoder::decode: latents have {c} channels, the decoder takes {}",
+                self.latent_channels
+            );
+        }
+        let mut h = match &self.post_quant_conv {
+            Some(p) => z.apply(p)?,
+            None => z.clone(),
+        };
+        h = h.apply(&self.conv_in)?.apply(&self.mid_res1)?;
+        if let Some(a) = &self.mid_attn {
+            h = h.apply(a)?;
+        }
+        h = h.apply(&self.mid_res2)?;
+        for u in &self.up {
+            h = h.apply(u)?;
+        }
+        self.norm_out.forward_silu(&h)?.apply(&self.conv_out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +785,85 @@ mod tests {
             Some("encoder.mid_block.attentions.0.key.weight")
         );
         assert_eq!(legacy_attention_name("encoder.conv_in.weight"), None);
+    }
+
+    #[test]
+    fn ldm_names_of_the_decoder_reverse_its_up_blocks() {
+        let cfg = Config::flux();
+        let cases = [
+            ("decoder.conv_in.weight", "decoder.conv_in.weight"),
+            (
+                "decoder.mid_block.resnets.0.conv1.weight",
+                "decoder.mid.block_1.conv1.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_v.bias",
+                "decoder.mid.attn_1.v.bias",
+            ),
+            (
+                "decoder.up_blocks.0.resnets.2.norm1.weight",
+                "decoder.up.3.block.2.norm1.weight",
+            ),
+            (
+                "decoder.up_blocks.2.resnets.0.conv_shortcut.weight",
+                "decoder.up.1.block.0.nin_shortcut.weight",
+            ),
+            (
+                "decoder.up_blocks.1.upsamplers.0.conv.bias",
+                "decoder.up.2.upsample.conv.bias",
+            ),
+            ("decoder.conv_norm_out.bias", "decoder.norm_out.bias"),
+            ("decoder.conv_out.weight", "decoder.conv_out.weight"),
+            ("post_quant_conv.weight", "post_quant_conv.weight"),
+            (
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.bias",
+                "encoder.down.1.block.0.nin_shortcut.bias",
+            ),
+        ];
+        for (d, l) in cases {
+            assert_eq!(cfg.ldm_name(d).as_deref(), Some(l), "{d}");
+        }
+        // the up-block index needs the block count
+        assert_eq!(
+            ldm_names("decoder.up_blocks.0.resnets.0.conv1.weight"),
+            None
+        );
+        assert_eq!(
+            cfg.ldm_name("decoder.up_blocks.4.resnets.0.conv1.weight"),
+            None
+        );
+        assert_eq!(
+            legacy_attention_name("decoder.mid_block.attentions.0.to_q.weight").as_deref(),
+            Some("decoder.mid_block.attentions.0.query.weight")
+        );
+        let map = weight_names(&cfg, true);
+        assert_eq!(
+            map("decoder.up_blocks.3.resnets.1.conv2.weight"),
+            vec!["decoder.up.0.block.1.conv2.weight".to_string()]
+        );
+        assert!(is_ldm_layout(
+            ["decoder.up.0.block.0.conv1.weight"].into_iter()
+        ));
+        assert!(!is_ldm_layout(
+            ["decoder.up_blocks.0.resnets.0.conv1.weight"].into_iter()
+        ));
+    }
+
+    #[test]
+    fn decoder_config_checks() {
+        let mut c = Config::sd_vae_ft_ema();
+        assert!(c.validate_decoder().is_ok());
+        c.up_block_types.pop();
+        assert!(c.validate_decoder().unwrap_err().contains("up_block_types"));
+        // the encoder does not look at the decoder's fields
+        assert!(c.validate().is_ok());
+        c = Config::sd_vae_ft_ema();
+        c.up_block_types[0] = "AttnUpDecoderBlock2D".into();
+        assert!(
+            c.validate_decoder()
+                .unwrap_err()
+                .contains("AttnUpDecoderBlock2D")
+        );
     }
 
     #[test]

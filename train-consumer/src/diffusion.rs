@@ -44,7 +44,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::schedulers::{BetaSchedule, SchedulerError, cumprod_alphas, linspace};
@@ -451,7 +451,8 @@ impl Objective {
     /// IDDPM's `training_losses` for a model output `[B, 2C, H, W]` (or `[B, C, H, W]`
     /// epsilon only) at `x_t = q_sample(x_start, t, noise)`; `t` an integer tensor `[B]`.
     /// Per-sample losses `[B]`, differentiable in `model_output` (the VB term only
-    /// through the variance half).
+    /// through the variance half); in f32 for f16 / bf16 outputs, else in the output's
+    /// dtype.
     ///
     /// # Errors
     /// Shapes that do not fit (the message gives them), non-integer `t`.
@@ -490,6 +491,18 @@ impl Objective {
                 dims[0]
             );
         }
+        // half-precision outputs: the losses in f32 (under autocast PixArt's f32
+        // coefficients promote them too); the casts are in the graph
+        let dtype = match model_output.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let model_output = &model_output.to_dtype(dtype)?;
+        let (x_start, x_t, noise) = (
+            &x_start.to_dtype(dtype)?,
+            &x_t.to_dtype(dtype)?,
+            &noise.to_dtype(dtype)?,
+        );
         let eps = model_output.narrow(1, 0, c)?;
         let mse = mean_flat(&(noise - &eps)?.sqr()?)?;
         match self.variance {
@@ -546,7 +559,7 @@ impl Objective {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn pixart_schedule_facts() {
@@ -585,6 +598,13 @@ mod tests {
         assert!(err.to_string().contains("expected [2, 4, 2, 2]"), "{err}");
         let tf = Tensor::new(&[5f32, 7.0], &dev)?;
         assert!(obj.schedule.q_sample(&x0, &tf, &noise).is_err());
+        // a bf16 output: f32 losses, the gradient back in bf16
+        let pix = Objective::pixart();
+        let var = candle_core::Var::from_tensor(&Tensor::zeros((2, 8, 2, 2), DType::BF16, &dev)?)?;
+        let l = pix.training_losses(var.as_tensor(), &x0, &x_t, &t, &noise)?;
+        assert_eq!(l.loss.dtype(), DType::F32);
+        let g = l.loss.sum_all()?.backward()?;
+        assert_eq!(g.get(var.as_tensor()).map(Tensor::dtype), Some(DType::BF16));
         Ok(())
     }
 }
