@@ -183,44 +183,17 @@ pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Resu
     };
     let device = parse_device(&cfg.device)?;
     let dtype = conv_compute_dtype(cfg.dtype, &device)?;
-    let mut dir = ModelDir::resolve(&cfg.weights)?;
-    if dir.file("model_index.json").is_some()
-        && let Some(v) = dir.sub("vae")
-    {
-        dir = v;
-    }
-    let dir = if dir.file("config.json").is_none()
-        && dir.file("ae.safetensors").is_none()
-        && dir.file("diffusion_pytorch_model.safetensors").is_none()
-    {
-        model_or_sub(dir, "vae")
-    } else {
-        dir
-    };
-    let files = dir.safetensors(&["diffusion_pytorch_model", "ae", "model"])?;
-    let weights = Arc::new(WeightFiles::open(&files)?);
-    let (vcfg, layout) = if dir.file("config.json").is_some() {
-        let v = read_config(&dir)?;
-        let c: vae::Config =
-            serde_json::from_value(v).map_err(|e| bad_config(&dir, e.to_string()))?;
-        (c, "config.json")
-    } else {
-        let c = vae::Config::from_ldm_shapes(|n| weights.meta(n).map(|m| m.shape.clone()))
-            .ok_or_else(|| NnError::BadFile {
-                path: dir.root.join("config.json"),
-                why: format!(
-                    "missing, and {} is not in the BFL/LDM autoencoder layout \
-                     (no encoder.conv_in / encoder.down.0.block.0 / encoder.conv_out tensors) \
-                     from which the architecture could be read",
-                    files[0].display()
-                ),
-            })?;
-        (c, "architecture from the tensor shapes")
-    };
-    vcfg.validate().map_err(|why| bad_config(&dir, why))?;
+    let located = vae::locate(&cfg.weights)?;
+    let (dir, files, vcfg, layout, ldm) = (
+        &located.dir,
+        &located.files,
+        &located.cfg,
+        located.layout,
+        located.ldm,
+    );
     if vcfg.latent_channels != expected_latents {
         return Err(bad_config(
-            &dir,
+            dir,
             format!(
                 "`{feature}` takes a VAE with {expected_latents} latent channels; this one has {} \
                  (is it the {} VAE?)",
@@ -242,24 +215,7 @@ pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Resu
             ),
         });
     }
-    // diffusers names (and their pre-0.14 attention aliases), or the LDM / BFL layout:
-    // one naming per file, so that a missing tensor is reported under the file's own name.
-    let ldm = weights
-        .names()
-        .iter()
-        .any(|n| n.starts_with("encoder.down."));
-    let map: NameMap = if ldm {
-        Arc::new(|n: &str| vec![vae::ldm_names(n).unwrap_or_else(|| n.to_string())])
-    } else {
-        Arc::new(|n: &str| {
-            let mut c = vec![n.to_string()];
-            c.extend(vae::legacy_attention_name(n));
-            c
-        })
-    };
-    let model = weights.build(feature.name(), map, dtype, &device, |vb| {
-        VaeEncoder::new(vb, &vcfg)
-    })?;
+    let model = located.encoder(feature.name(), dtype, &device)?;
     let lat = (resolution / f) as usize;
     let c = vcfg.latent_channels;
     let info = EncoderInfo {
@@ -269,7 +225,7 @@ pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Resu
             cfg.weights,
             if ldm { "BFL/LDM" } else { "diffusers" }
         ),
-        weights_sha256: fingerprint(&files)?,
+        weights_sha256: fingerprint(files)?,
         preprocess: json!({
             "resolution": resolution,
             "resize": "shortest_side",

@@ -30,6 +30,9 @@ use crate::layers::{Conv2d, GroupNorm, Linear};
 use crate::ops;
 use serde::Deserialize;
 
+pub mod io;
+pub use io::{VaeFiles, locate};
+
 fn default_in_channels() -> usize {
     3
 }

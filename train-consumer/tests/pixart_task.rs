@@ -275,7 +275,12 @@ fn eps_only_trains_the_epsilon_half_of_a_learned_sigma_model() {
     assert_eq!(losses.loss, losses.mse);
     // proj_out's rows for the variance channels (channel is the fastest axis of its
     // p x p x 8 outputs) get no gradient, the epsilon rows do
-    let (i, _) = t.vars().iter().enumerate().find(|(_, (n, _))| n == "proj_out.weight").unwrap();
+    let (i, _) = t
+        .vars()
+        .iter()
+        .enumerate()
+        .find(|(_, (n, _))| n == "proj_out.weight")
+        .unwrap();
     let g: Vec<Vec<f32>> = grads[i].as_ref().unwrap().to_vec2().unwrap();
     for (r, row) in g.iter().enumerate() {
         let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
