@@ -34,6 +34,7 @@ pub mod noise;
 pub mod optim;
 pub mod pixart_task;
 pub mod plot;
+pub mod sample;
 pub mod schedulers;
 pub mod trainer;
 
