@@ -190,6 +190,40 @@ pub struct TrainConfig {
     /// Loader threads reading batches ahead.
     #[serde(default = "d_prefetch")]
     pub prefetch: usize,
+    /// Write a validation grid every N steps (and at the end):
+    /// `OUT/samples/step-<step>.png`, the same prompts and seeds each time.
+    #[serde(default)]
+    pub validation_every: Option<u64>,
+    /// The grids' prompts in the image modes: image files (relative to the config), or
+    /// `{ from_store = N }` (the first N samples of the store's shuffled order).
+    #[serde(default)]
+    pub validation_images: Option<ValidationImages>,
+    /// The grids' prompts in `pixart_text` (captions; `validation_images = { from_store
+    /// = N }` takes stored captions instead).
+    #[serde(default)]
+    pub validation_prompts: Vec<String>,
+    /// Variations per prompt in a validation grid.
+    #[serde(default = "d_val_n")]
+    pub validation_n: usize,
+    /// Sampling steps of the validation grids.
+    #[serde(default = "d_val_steps")]
+    pub validation_steps: usize,
+    /// Guidance scale of the validation grids.
+    #[serde(default = "d_val_guidance")]
+    pub validation_guidance: f64,
+}
+
+/// The validation prompts of the image modes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum ValidationImages {
+    /// Image files.
+    Paths(Vec<String>),
+    /// The first N samples of the store's shuffled order.
+    FromStore {
+        /// How many.
+        from_store: usize,
+    },
 }
 
 const fn d_batch() -> usize {
@@ -233,6 +267,15 @@ fn d_device() -> String {
 }
 const fn d_prefetch() -> usize {
     4
+}
+const fn d_val_n() -> usize {
+    4
+}
+const fn d_val_steps() -> usize {
+    20
+}
+const fn d_val_guidance() -> f64 {
+    4.5
 }
 
 impl TrainConfig {
@@ -351,6 +394,43 @@ impl TrainConfig {
             }
             _ => {}
         }
+        match (
+            &self.validation_images,
+            self.validation_prompts.is_empty(),
+            self.mode,
+        ) {
+            (Some(ValidationImages::Paths(_)), _, Mode::PixartText) => {
+                return Err(
+                    "`validation_images` paths are for the image modes; `pixart_text` takes \
+                     `validation_prompts` (captions) or `validation_images = { from_store = N }`"
+                        .into(),
+                );
+            }
+            (_, false, m) if m.uses_adapter() => {
+                return Err(format!(
+                    "`validation_prompts` are captions, for `pixart_text`; mode `{m}` takes \
+                     `validation_images`"
+                ));
+            }
+            (Some(_), false, _) => {
+                return Err("give `validation_images` or `validation_prompts`, not both".into());
+            }
+            (None, true, _) if self.validation_every.is_some() => {
+                return Err(
+                    "`validation_every` needs prompts: `validation_images = [...]`, \
+                     `validation_images = { from_store = N }` or `validation_prompts = [...]`"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if self.validation_every == Some(0) || self.validation_n == 0 || self.validation_steps == 0
+        {
+            return Err(
+                "`validation_every`, `validation_n` and `validation_steps` must be at least 1"
+                    .into(),
+            );
+        }
         if self.train_blocks.is_some() && !self.mode.trains_pixart() {
             return Err(format!(
                 "`train_blocks` is for the modes that train PixArt; mode `{}` keeps it frozen",
@@ -413,6 +493,30 @@ mod tests {
                 .to_string();
             assert!(e.contains(needle), "{extra}: {e}");
         }
+        for (extra, needle) in [
+            ("validation_every = 10\n", "needs prompts"),
+            ("validation_prompts = [\"a cat\"]\n", "for `pixart_text`"),
+        ] {
+            let e = TrainConfig::parse(&format!("{MIN}{extra}"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let v = TrainConfig::parse(
+            &format!("{MIN}validation_every = 5\nvalidation_images = {{ from_store = 3 }}\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            v.validation_images,
+            Some(ValidationImages::FromStore { from_store: 3 })
+        );
+        let v = TrainConfig::parse(&format!("{MIN}validation_images = [\"a.jpg\"]\n"), "t.toml")
+            .unwrap();
+        assert_eq!(
+            v.validation_images,
+            Some(ValidationImages::Paths(vec!["a.jpg".into()]))
+        );
         let finetune = MIN.replace("pixart_redux_adapter", "pixart_finetune");
         let e = TrainConfig::parse(&finetune, "t.toml")
             .unwrap_err()

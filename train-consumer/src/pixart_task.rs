@@ -35,7 +35,22 @@ use crate::config::{Mode, Objective as ObjectiveKind, TrainConfig};
 use crate::diffusion::{NoiseSchedule, Objective};
 use crate::latents::LatentScaling;
 use crate::noise::Noise;
+use crate::sample::Cond;
 use crate::trainer::{Losses, Task};
+
+/// One prompt's raw input, before the (possibly training) adapter.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// SigLIP hidden states `[T, W]` (a stored sample's, or an image encoded now).
+    Siglip(Tensor),
+    /// T5 hidden states `[L, D]` and the caption's token count.
+    T5 {
+        /// `t5_hidden`.
+        hidden: Tensor,
+        /// `t5_len`.
+        len: u32,
+    },
+}
 
 /// What the condition is made of.
 enum Condition {
@@ -74,6 +89,8 @@ pub struct PixArtTask {
     /// Resolution and aspect-ratio conditions of the 1024-MS model (the store's square
     /// crops): `[B, 2]` and `[B, 1]` are built per batch from these.
     size_condition: Option<(f32, f32)>,
+    /// Per-sample latent shape `[C, h, w]` of the store.
+    latent_shape: (usize, usize, usize),
     describe: serde_json::Value,
 }
 
@@ -306,6 +323,7 @@ impl PixArtTask {
             checkpointing: cfg.gradient_checkpointing,
             block_trains,
             size_condition,
+            latent_shape: (latent[0], latent[1], latent[2]),
             describe,
         })
     }
@@ -368,6 +386,106 @@ impl PixArtTask {
                 let mask = Tensor::from_vec(mask, (b, l), &self.device)?;
                 Ok((h, Some(mask)))
             }
+        }
+    }
+
+    /// The mode.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The compute dtype.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The store's per-sample latent shape `(C, h, w)`.
+    #[must_use]
+    pub fn latent_shape(&self) -> (usize, usize, usize) {
+        self.latent_shape
+    }
+
+    /// The size conditions of the 1024-MS models for a batch of `b`.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn size_added(&self, b: usize) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        match self.size_condition {
+            Some((res, ar)) => Ok(Some((
+                Tensor::from_vec(vec![res; 2 * b], (b, 2), &self.device)?.to_dtype(self.dtype)?,
+                Tensor::from_vec(vec![ar; b], (b, 1), &self.device)?.to_dtype(self.dtype)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The condition of one input: SigLIP hidden states `[T, W]` (image modes: through
+    /// the adapter, scaled, the first tokens) or T5 hidden states `[L, D]` with their
+    /// length (text mode).
+    ///
+    /// # Errors
+    /// An input of the other mode's kind; candle errors.
+    pub fn cond_of(&self, input: &PromptInput) -> candle_core::Result<Cond> {
+        match (&self.condition, input) {
+            (Condition::Adapter { redux, .. }, PromptInput::Siglip(s)) => {
+                let s = s
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)?
+                    .unsqueeze(0)?;
+                let y = (redux.forward(&s)? * self.redux_scale)?;
+                Ok(Cond {
+                    tokens: y
+                        .narrow(1, 0, self.redux_tokens)?
+                        .squeeze(0)?
+                        .contiguous()?,
+                    mask: None,
+                })
+            }
+            (Condition::Text { .. }, PromptInput::T5 { hidden, len }) => {
+                let l = hidden.dim(0)?;
+                let mask: Vec<f32> = (0..l)
+                    .map(|j| if j < *len as usize { 1.0 } else { 0.0 })
+                    .collect();
+                Ok(Cond {
+                    tokens: hidden.to_device(&self.device)?.to_dtype(self.dtype)?,
+                    mask: Some(Tensor::from_vec(mask, l, &self.device)?),
+                })
+            }
+            (Condition::Adapter { .. }, _) => {
+                candle_core::bail!(
+                    "mode `{}` conditions on images (SigLIP), not on text",
+                    self.mode
+                )
+            }
+            (Condition::Text { .. }, _) => {
+                candle_core::bail!(
+                    "mode `{}` conditions on text (T5), not on images",
+                    self.mode
+                )
+            }
+        }
+    }
+
+    /// The condition of nothing (the negative of guidance): the black image through the
+    /// adapter, or the empty caption.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn null_cond(&self) -> candle_core::Result<Cond> {
+        match &self.condition {
+            Condition::Adapter { null, .. } => self.cond_of(&PromptInput::Siglip(null.clone())),
+            Condition::Text { null, null_len } => self.cond_of(&PromptInput::T5 {
+                hidden: null.clone(),
+                len: *null_len,
+            }),
         }
     }
 

@@ -179,3 +179,214 @@ pub fn decode(
     let raw = scaling.invert(latents)?;
     vae.decode(&raw.to_dtype(dtype)?)?.to_dtype(DType::F32)
 }
+
+/// Which scheduler samples: a diffusers `scheduler_config.json` and the class to run it
+/// as (its own `_class_name` unless overridden, as `Scheduler.from_config` does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerChoice {
+    /// The config JSON.
+    pub json: String,
+    /// The class to build.
+    pub class: String,
+}
+
+impl SchedulerChoice {
+    /// PixArt-α's own: DPM-Solver++ 2M, as PixArt-XL-2-512x512 ships it.
+    #[must_use]
+    pub fn pixart_dpm() -> Self {
+        let cfg = crate::schedulers::DpmSolverMultistepConfig::pixart();
+        Self {
+            json: serde_json::to_string(&cfg).unwrap_or_default(),
+            class: "DPMSolverMultistepScheduler".into(),
+        }
+    }
+
+    /// DDIM on PixArt's schedule (`DDIMScheduler.from_config` of PixArt's config).
+    #[must_use]
+    pub fn pixart_ddim() -> Self {
+        Self {
+            class: "DDIMScheduler".into(),
+            ..Self::pixart_dpm()
+        }
+    }
+
+    /// A `scheduler_config.json`, run as the class it names.
+    ///
+    /// # Errors
+    /// The file cannot be read or has no `_class_name`.
+    pub fn from_file(path: &std::path::Path) -> std::result::Result<Self, String> {
+        let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&crate::schedulers::python_json(&json))
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        let class = v["_class_name"]
+            .as_str()
+            .ok_or_else(|| format!("{}: no `_class_name`", path.display()))?
+            .to_string();
+        Ok(Self { json, class })
+    }
+
+    /// The scheduler, with `steps` timesteps set.
+    ///
+    /// # Errors
+    /// An unsupported class or value.
+    pub fn build(
+        &self,
+        steps: usize,
+    ) -> std::result::Result<AnyScheduler, crate::schedulers::SchedulerError> {
+        let mut s = AnyScheduler::from_class_and_json(&self.class, &self.json)?;
+        s.set_timesteps(steps, None)?;
+        Ok(s)
+    }
+}
+
+/// Samples from a PixArt mode: its task (models, conditions), the store's VAE decoder,
+/// a scheduler.
+pub struct Sampler<'a> {
+    /// The mode and its models (a checkpoint's, or the live run's).
+    pub task: &'a crate::pixart_task::PixArtTask,
+    /// The decoder of the VAE that encoded the store.
+    pub vae: &'a VaeDecoder,
+    /// The scheduler.
+    pub scheduler: &'a SchedulerChoice,
+    /// Steps, guidance, seed.
+    pub settings: SampleSettings,
+}
+
+impl std::fmt::Debug for Sampler<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("scheduler", &self.scheduler.class)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sched_err(e: crate::schedulers::SchedulerError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl Sampler<'_> {
+    /// `n` images of prompt number `p` (its noise seeds are `(seed, p, 0..n)`).
+    ///
+    /// # Errors
+    /// candle errors; an input of the wrong mode.
+    pub fn images(
+        &self,
+        p: usize,
+        input: &crate::pixart_task::PromptInput,
+        n: usize,
+    ) -> Result<Vec<crate::grid::Image>> {
+        let task = self.task;
+        let cond = task.cond_of(input)?;
+        let uncond = task.null_cond()?;
+        let mut scheduler = self
+            .scheduler
+            .build(self.settings.steps)
+            .map_err(sched_err)?;
+        let shape = task.latent_shape();
+        let noise = (0..n)
+            .map(|k| initial_noise(self.settings.seed, p, k, shape, task.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let latents = (Tensor::stack(&noise, 0)? * scheduler.init_noise_sigma())?;
+        let conds = vec![cond; n];
+        let added = task.size_added(n)?;
+        let z = denoise(
+            task.pixart(),
+            &mut scheduler,
+            latents,
+            &conds,
+            &uncond,
+            self.settings.guidance,
+            added.as_ref().map(|(r, a)| (r, a)),
+        )?;
+        let img = decode(self.vae, &z, LatentScaling::SD, task.dtype())?;
+        (0..n)
+            .map(|i| crate::grid::to_image(&img.get(i)?))
+            .collect()
+    }
+
+    /// The image a stored latent mean `[C, h, w]` decodes to (the prompt cell of a
+    /// stored sample: the store keeps no pixels).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image> {
+        let raw = mean
+            .to_device(self.task.device())?
+            .to_dtype(self.task.dtype())?
+            .unsqueeze(0)?;
+        let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
+        crate::grid::to_image(&img.get(0)?)
+    }
+
+    /// The grid of `prompts`: one row each, `n` variations, `cell`-pixel cells.
+    ///
+    /// # Errors
+    /// As [`Sampler::images`].
+    pub fn grid(
+        &self,
+        prompts: &[(crate::grid::Prompt, crate::pixart_task::PromptInput)],
+        n: usize,
+        cell: u32,
+    ) -> Result<crate::draw::Canvas> {
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (p, (shown, input)) in prompts.iter().enumerate() {
+            rows.push((shown.clone(), self.images(p, input, n)?));
+        }
+        Ok(crate::grid::grid(&rows, cell, 2))
+    }
+}
+
+/// The first `n` samples of the store's shuffled order (epoch 0 of `seed`) as prompts:
+/// their stored condition, shown as the decoded stored latent (image modes) or their
+/// caption (text mode).
+///
+/// # Errors
+/// Store read errors; candle errors decoding the latents.
+pub fn prompts_from_store(
+    reader: &tensorbake_store::StoreReader,
+    sampler: &Sampler<'_>,
+    n: usize,
+    seed: u64,
+) -> std::result::Result<
+    Vec<(crate::grid::Prompt, crate::pixart_task::PromptInput)>,
+    crate::TrainError,
+> {
+    use tensorbake_kit::schema::Array;
+    let order = tensorbake_store::epoch_order(reader.len(), seed, 0);
+    let text = sampler.task.mode() == crate::config::Mode::PixartText;
+    let c = tensorbake_nn::Error::candle("sampling from the store");
+    let mut out = Vec::new();
+    for &i in order.iter().take(n) {
+        let s = reader.get(i)?;
+        let f = |a: Array| {
+            s.features
+                .get(a.name())
+                .cloned()
+                .ok_or_else(|| crate::TrainError::Store {
+                    store: reader.location().to_string(),
+                    why: format!("sample {} has no `{a}`", s.key),
+                })
+        };
+        if text {
+            let len = f(Array::T5Len)?
+                .to_dtype(DType::U32)
+                .and_then(|t| t.to_scalar::<u32>())
+                .map_err(&c)?;
+            out.push((
+                crate::grid::Prompt::Caption(s.caption.clone()),
+                crate::pixart_task::PromptInput::T5 {
+                    hidden: f(Array::T5Hidden)?,
+                    len,
+                },
+            ));
+        } else {
+            let shown = sampler.reconstruct(&f(Array::SdVaeMean)?).map_err(&c)?;
+            out.push((
+                crate::grid::Prompt::Image(shown),
+                crate::pixart_task::PromptInput::Siglip(f(Array::SiglipHidden)?),
+            ));
+        }
+    }
+    Ok(out)
+}

@@ -90,7 +90,14 @@ pub struct StepLog {
     pub epoch: u64,
     /// Seconds since this process started training.
     pub elapsed_s: f64,
+    /// Seconds the validation grid written after this step took (apart from
+    /// `samples_per_s`, which times the step alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_s: Option<f64>,
 }
+
+/// Writes a validation grid for the task at a step; returns the file.
+pub type Validator<T> = Box<dyn FnMut(&T, u64) -> Result<PathBuf, TrainError>>;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +123,7 @@ pub struct Trainer<T: Task> {
     batches_per_epoch: usize,
     history: Vec<(u64, f64)>,
     resumed_from: Option<PathBuf>,
+    validation: Option<(u64, Validator<T>)>,
 }
 
 impl<T: Task> std::fmt::Debug for Trainer<T> {
@@ -256,14 +264,7 @@ impl<T: Task> Trainer<T> {
                 ));
             }
             check_same_config(&out, &cfg).map_err(bad)?;
-            let trained = load_tensors(&task.saved_files(dir), &device).map_err(&bad)?;
-            for (name, var) in &vars {
-                let t = trained
-                    .get(name)
-                    .ok_or_else(|| bad(format!("has no trained tensor `{name}`")))?;
-                var.set(&t.to_dtype(var.dtype()).map_err(|e| bad(e.to_string()))?)
-                    .map_err(|e| bad(format!("`{name}`: {e}")))?;
-            }
+            load_trained(&task, dir, &device)?;
             let moments = load_tensors(&[dir.join(OPTIMIZER_FILE)], &device).map_err(&bad)?;
             opt.load_state(&moments, saved.step)
                 .map_err(|e| bad(e.to_string()))?;
@@ -299,7 +300,14 @@ impl<T: Task> Trainer<T> {
             batches_per_epoch,
             history,
             resumed_from: from,
+            validation: None,
         })
+    }
+
+    /// Calls `validate` every `every` steps and after the last one (validation grids);
+    /// its time is logged as `validation_s`, apart from the step's.
+    pub fn set_validation(&mut self, every: u64, validate: Validator<T>) {
+        self.validation = Some((every, validate));
     }
 
     /// The step the run starts from (0 when fresh).
@@ -397,7 +405,18 @@ impl<T: Task> Trainer<T> {
                 samples_per_s: (self.cfg.batch_size * self.cfg.grad_accum) as f64 / secs.max(1e-9),
                 epoch: self.state.epoch,
                 elapsed_s: started.elapsed().as_secs_f64(),
+                validation_s: None,
             };
+            let mut entry = entry;
+            if let Some((every, validate)) = &mut self.validation
+                && (step.is_multiple_of(*every) || step == self.cfg.steps)
+            {
+                let t0 = Instant::now();
+                let path = validate(&self.task, step)?;
+                let secs = t0.elapsed().as_secs_f64();
+                tracing::info!(step, path = %path.display(), seconds = secs, "validation grid written");
+                entry.validation_s = Some(secs);
+            }
             let line = serde_json::to_string(&entry).unwrap_or_default();
             writeln!(log, "{line}").map_err(io(&log_path))?;
             self.history.push((step, entry.loss));
@@ -534,6 +553,34 @@ fn check_same_config(out: &Path, cfg: &TrainConfig) -> Result<(), String> {
                 RESUMABLE_KEYS.join(", ")
             ));
         }
+    }
+    Ok(())
+}
+
+/// Sets the task's variables to the trained weights a checkpoint (or its `ema/`) holds
+/// (a resume; a sampler of the checkpoint).
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] naming the directory and the tensor missing or unfit.
+pub fn load_trained<T: Task>(task: &T, dir: &Path, device: &Device) -> Result<(), TrainError> {
+    let bad = |why: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        why,
+    };
+    let trained = load_tensors(&task.saved_files(dir), device).map_err(&bad)?;
+    for (name, var) in task.vars() {
+        let t = trained
+            .get(&name)
+            .ok_or_else(|| bad(format!("has no trained tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(format!(
+                "`{name}` has shape {:?}, the model's is {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype()).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("`{name}`: {e}")))?;
     }
     Ok(())
 }
