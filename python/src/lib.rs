@@ -19,7 +19,8 @@ mod synth;
 
 use std::sync::Arc;
 
-use numpy::{PyArray1, PyReadonlyArray1};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use tensorbake_store::layout::ArrayKind;
@@ -67,8 +68,7 @@ impl Reader {
     /// The spec recorded in the root `zarr.json` (features, captions, resolution,
     /// metadata), as JSON text.
     fn spec_json(&self) -> PyResult<String> {
-        serde_json::to_string(self.inner.spec())
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+        serde_json::to_string(self.inner.spec()).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// Number of committed samples.
@@ -114,12 +114,18 @@ impl Reader {
     /// released. Returns `{array: value}`: a flat uint8 NumPy array of the samples'
     /// little-endian bytes, one after another, for numeric arrays (the decoded buffer
     /// itself when there is one sample: no copy), a list of str for string arrays.
+    /// `into`, when given, holds one entry per array: `None`, or a writable
+    /// C-contiguous uint8 array of exactly the samples' bytes that the array is
+    /// decoded into (shared memory for a DataLoader worker, a reused buffer); such
+    /// arrays are left out of the result.
+    #[pyo3(signature = (indices, arrays, threads=0, into=None))]
     fn read<'py>(
         &self,
         py: Python<'py>,
         indices: PyReadonlyArray1<'py, u64>,
         arrays: Vec<String>,
         threads: usize,
+        into: Option<Vec<Option<Bound<'py, PyArray1<u8>>>>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let indices = indices.as_slice()?.to_vec();
         let mut named = Vec::with_capacity(arrays.len());
@@ -127,15 +133,57 @@ impl Reader {
             let kind = self.inner.array_kind(&name).map_err(|e| store_err(py, e))?;
             named.push((name, kind));
         }
+        let into = into.unwrap_or_default();
+        if into.len() > named.len() {
+            return Err(PyValueError::new_err(format!(
+                "into has {} entries for {} arrays",
+                into.len(),
+                named.len()
+            )));
+        }
+        let mut guards = Vec::with_capacity(into.len());
+        for (dst, (name, kind)) in into.iter().zip(&named) {
+            let Some(dst) = dst else {
+                guards.push(None);
+                continue;
+            };
+            let want = match kind {
+                ArrayKind::Fixed { .. } => kind.sample_bytes() * indices.len() as u64,
+                ArrayKind::Str => {
+                    return Err(PyValueError::new_err(format!(
+                        "{name} is a string array: it cannot be read into a buffer"
+                    )));
+                }
+            };
+            let guard = dst.try_readwrite()?;
+            if guard.len() as u64 != want || !guard.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "the buffer for {name} must be C-contiguous uint8 of {want} bytes \
+                     ({} samples), not {} bytes",
+                    indices.len(),
+                    guard.len()
+                )));
+            }
+            guards.push(Some(guard));
+        }
+        let mut slices = Vec::with_capacity(guards.len());
+        for g in &mut guards {
+            slices.push(match g {
+                Some(g) => Some(g.as_slice_mut()?),
+                None => None,
+            });
+        }
         let reader = &self.inner;
         let outs = py
-            .detach(|| read_many(reader, &indices, &named, threads))
+            .detach(|| read_many(reader, &indices, &named, slices, threads))
             .map_err(|e| store_err(py, e))?;
+        drop(guards);
         let dict = PyDict::new(py);
         for ((name, _), out) in named.iter().zip(outs) {
             match out {
                 Out::Bytes(bytes) => dict.set_item(name, PyArray1::from_vec(py, bytes))?,
                 Out::Strings(strings) => dict.set_item(name, PyList::new(py, strings)?)?,
+                Out::Written => {}
             }
         }
         Ok(dict)
@@ -217,7 +265,7 @@ fn write_synthetic(
     shard_bytes: Option<u64>,
 ) -> PyResult<()> {
     let spec: tensorbake_store::StoreSpec = serde_json::from_str(spec_json)
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("store spec: {e}")))?;
+        .map_err(|e| PyValueError::new_err(format!("store spec: {e}")))?;
     py.detach(|| {
         synth::write(
             location,

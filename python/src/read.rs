@@ -8,7 +8,7 @@
 //! starting two or four threads costs tens of microseconds against the milliseconds a
 //! batch takes (small calls stay on the calling thread).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use tensorbake_store::layout::ArrayKind;
 use tensorbake_store::{StoreError, StoreReader};
@@ -19,6 +19,8 @@ pub(crate) enum Out {
     Bytes(Vec<u8>),
     /// One string per sample.
     Strings(Vec<String>),
+    /// Written into the buffer the caller gave.
+    Written,
 }
 
 /// Where one job puts its result.
@@ -89,9 +91,18 @@ fn run(reader: &StoreReader, job: Job<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The cores this process may use, looked up once: `available_parallelism` reads the
+/// cgroup quota files, ~50 us a call.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// Reads `arrays` (with their kinds) of every sample in `indices`, on up to `threads`
 /// threads (0: as many as the work is worth, up to the available cores). Results are
-/// in the order of `arrays`; samples in the order of `indices`.
+/// in the order of `arrays`; samples in the order of `indices`. A numeric array whose
+/// `into` entry is a buffer (of `indices.len()` samples' bytes, checked by the caller)
+/// is written there and comes back as [`Out::Written`].
 ///
 /// # Errors
 /// The first error any job met (naming the store, part and array); the other jobs
@@ -100,14 +111,18 @@ pub(crate) fn read_many(
     reader: &StoreReader,
     indices: &[u64],
     arrays: &[(String, ArrayKind)],
+    mut into: Vec<Option<&mut [u8]>>,
     threads: usize,
 ) -> Result<Vec<Out>, StoreError> {
     let n = indices.len();
+    into.resize_with(arrays.len(), || None);
     let sample_bytes: Vec<u64> = arrays.iter().map(|(_, k)| k.sample_bytes()).collect();
     let mut outs: Vec<Out> = arrays
         .iter()
         .zip(&sample_bytes)
-        .map(|((_, kind), &bytes)| match kind {
+        .zip(&into)
+        .map(|(((_, kind), &bytes), dst)| match kind {
+            ArrayKind::Fixed { .. } if dst.is_some() => Out::Written,
             ArrayKind::Fixed { .. } if n == 1 => Out::Bytes(Vec::new()),
             ArrayKind::Fixed { .. } => {
                 Out::Bytes(vec![0u8; usize::try_from(bytes).unwrap_or(0) * n])
@@ -118,10 +133,13 @@ pub(crate) fn read_many(
 
     // Jobs sample-major: the arrays of one sample are read together.
     let mut per_array: Vec<Vec<Slot<'_>>> = Vec::with_capacity(arrays.len());
-    for (out, &bytes) in outs.iter_mut().zip(&sample_bytes) {
+    for ((out, &bytes), dst) in outs.iter_mut().zip(&sample_bytes).zip(into) {
+        let row = usize::try_from(bytes).unwrap_or(usize::MAX);
         per_array.push(match out {
+            Out::Written => dst
+                .map(|buf| buf.chunks_exact_mut(row.max(1)).map(Slot::Row).collect())
+                .unwrap_or_default(),
             Out::Bytes(v) => {
-                let row = usize::try_from(bytes).unwrap_or(usize::MAX);
                 if n == 1 {
                     vec![Slot::Whole(v, row)]
                 } else {
@@ -147,7 +165,7 @@ pub(crate) fn read_many(
         }
     }
 
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let cores = cores();
     let threads = if threads == 0 {
         auto_threads(jobs.len(), cost_us, cores)
     } else {

@@ -304,6 +304,7 @@ class Store:
         *,
         as_torch: bool = False,
         threads: int | None = None,
+        out: Mapping[str, Any] | None = None,
     ) -> dict:
         """Samples ``indices`` stacked: ``{array: ndarray [n, *shape]}`` for numeric
         arrays (bfloat16 as ``ml_dtypes.bfloat16``; torch tensors with ``as_torch``),
@@ -312,12 +313,28 @@ class Store:
         ``features`` lists the arrays to read (``key`` is always read); ``None`` reads
         every array. The reads run in parallel on ``threads`` native threads (default:
         as many as the amount of work is worth) with the GIL released.
+
+        ``out``: ``{array: buffer}`` to decode into instead of new arrays (reused
+        buffers, shared memory): a C-contiguous NumPy array or CPU torch tensor of the
+        array's dtype and shape ``[n, *shape]`` (or of ``uint8`` and that many bytes).
+        The result holds ``out``'s objects for those arrays.
         """
         idx = self._indices(indices)
         names = self._names(features)
         t = self._threads if threads is None else int(threads)
-        raw = self._reader.read(idx, names, t)
-        return self._typed(raw, len(idx), as_torch)
+        if not out:
+            raw = self._reader.read(idx, names, t)
+            return self._typed(raw, len(idx), as_torch)
+        unknown = set(out) - set(names)
+        if unknown:
+            raise ValueError(f"out has arrays that are not read: {sorted(unknown)}")
+        into = [_as_bytes(out[name]) if name in out else None for name in names]
+        raw = self._reader.read(idx, names, t, into)
+        result = self._typed(raw, len(idx), as_torch)
+        for name in names:
+            if name in out:
+                result[name] = out[name]
+        return {name: result[name] for name in names}
 
     def sample(self, index: int, features: Sequence[str] | None = None, *, as_torch: bool = False) -> dict:
         """Sample ``index`` (negative counts from the end): ``{array: ndarray of the
@@ -360,6 +377,19 @@ class Store:
     def null_embeddings(self, *, as_torch: bool = False) -> dict:
         """Every recorded null embedding: ``{array: ndarray}`` (see :meth:`null_embedding`)."""
         return {name: self.null_embedding(name, as_torch=as_torch) for name in self.null_names}
+
+
+def _as_bytes(buf) -> np.ndarray:
+    """A C-contiguous array or CPU tensor as a flat writable uint8 NumPy view."""
+    if not isinstance(buf, np.ndarray):  # a torch tensor
+        import torch
+
+        if buf.device.type != "cpu" or not buf.is_contiguous():
+            raise ValueError("out tensors must be contiguous CPU tensors")
+        buf = buf.view(torch.uint8).numpy() if buf.dtype != torch.uint8 else buf.numpy()
+    if not buf.flags.c_contiguous or not buf.flags.writeable:
+        raise ValueError("out arrays must be writable and C-contiguous")
+    return buf.reshape(-1).view(np.uint8)
 
 
 def open(location: str | os.PathLike, *, threads: int = 0) -> Store:  # noqa: A001

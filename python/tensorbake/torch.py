@@ -68,6 +68,33 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return rank, world_size
 
 
+_TORCH = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+def _shared_out(store: Store, names: Sequence[str] | None, n: int) -> dict:
+    """Tensors in shared memory for a batch of ``n`` float samples: a DataLoader worker
+    decodes straight into them and the batch reaches the main process without the
+    copy into shared memory torch would otherwise make. Integer arrays (converted to
+    int64, small) are left to the normal path."""
+    out = {}
+    for name in names if names is not None else list(store.arrays):
+        info = store.arrays[name]
+        if info.is_string or info.dtype.name not in _TORCH:
+            continue
+        nbytes = n * info.sample_bytes
+        try:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        except (AttributeError, RuntimeError, TypeError):  # private API moved: copy instead
+            return {}
+        out[name] = flat.view(_TORCH[info.dtype.name]).view(n, *info.shape)
+    return out
+
+
 def _split(batch: dict, n: int, indices) -> list[dict]:
     """One batch dict -> ``n`` sample dicts (views of the batch tensors)."""
     samples = []
@@ -222,7 +249,8 @@ class StoreIterableDataset(IterableDataset):
         threads = self._threads(workers)
         if self.batch_size is not None:
             for idx in self.rank_batches()[wid::workers]:
-                batch = self.store.get_batch(idx, self.features, as_torch=self.as_torch, threads=threads)
+                out = _shared_out(self.store, self.features, len(idx)) if info and self.as_torch else None
+                batch = self.store.get_batch(idx, self.features, as_torch=self.as_torch, threads=threads, out=out)
                 batch["index"] = torch.from_numpy(idx.copy()) if self.as_torch else idx
                 yield self.transform(batch) if self.transform else batch
             return

@@ -202,3 +202,25 @@ def test_reads_from_several_python_threads(demo_store):
     assert len(results) == 20
     for r in results:
         assert r["t5_hidden"].tobytes() == want["t5_hidden"].tobytes()
+
+
+def test_get_batch_decodes_into_given_buffers(demo_store):
+    s = tensorbake.open(demo_store)
+    want = s.get_batch([4, 2, 9], ["siglip_hidden", "sd_vae_mean", "t5_len"])
+    sig = np.empty((3, *s.arrays["siglip_hidden"].shape), dtype=BF16)
+    raw = np.empty(3 * s.arrays["sd_vae_mean"].sample_bytes, dtype=np.uint8)
+    got = s.get_batch([4, 2, 9], ["siglip_hidden", "sd_vae_mean", "t5_len"],
+                      out={"siglip_hidden": sig, "sd_vae_mean": raw})
+    assert got["siglip_hidden"] is sig and got["sd_vae_mean"] is raw
+    assert sig.tobytes() == want["siglip_hidden"].tobytes()
+    assert raw.tobytes() == want["sd_vae_mean"].tobytes()
+    assert got["t5_len"].tolist() == want["t5_len"].tolist() and got["key"] == want["key"]
+    with pytest.raises(ValueError, match="siglip_hidden"):
+        s.get_batch([4, 2], ["siglip_hidden"], out={"siglip_hidden": sig})  # 3 samples' bytes for 2
+    with pytest.raises(ValueError, match="not read"):
+        s.get_batch([4], ["t5_len"], out={"siglip_hidden": sig})
+    torch = require("torch")
+    t = torch.empty((3, *s.arrays["siglip_hidden"].shape), dtype=torch.bfloat16)
+    got = s.get_batch([4, 2, 9], ["siglip_hidden"], out={"siglip_hidden": t}, as_torch=True)
+    assert got["siglip_hidden"] is t
+    assert t.view(torch.uint16).numpy().tobytes() == want["siglip_hidden"].tobytes()

@@ -66,6 +66,10 @@ def test_two_workers_times_two_ranks_read_every_sample_once_per_epoch(demo_store
                     seen[int(i)] += 1
                     order.append(int(i))
                 assert b["siglip_hidden"].shape[0] == len(b["index"])
+                if batch_size:  # decoded in the worker (into shared memory), equal to a read here
+                    want = store.get_batch(b["index"].numpy(), FEATURES, as_torch=True)
+                    for name in FEATURES:
+                        assert b[name].dtype == want[name].dtype and torch.equal(b[name], want[name]), name
         assert sorted(seen) == list(range(18)) and set(seen.values()) == {1}, seen
         orders.append(order)
     assert orders[0] != orders[1]  # each epoch has its own order
