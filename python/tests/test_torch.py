@@ -127,9 +127,20 @@ def test_unknown_features_fail_at_construction_and_worker_errors_keep_their_clas
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     ds = StoreIterableDataset(store_copy, ["t5_hidden"], batch_size=18, shuffle=False)
-    with pytest.raises(tensorbake.CorruptDataError) as e:
-        list(DataLoader(ds, batch_size=None, num_workers=1))
-    assert part in str(e.value) and "t5_hidden" in str(e.value) and str(store_copy) in str(e.value)
+    for workers in (1, 0):  # from a worker process; from the prefetch thread
+        with pytest.raises(tensorbake.CorruptDataError) as e:
+            list(DataLoader(ds, batch_size=None, num_workers=workers))
+        assert part in str(e.value) and "t5_hidden" in str(e.value) and str(store_copy) in str(e.value)
+
+
+def test_the_prefetch_thread_keeps_the_order_and_stops_when_abandoned(demo_store):
+    store = tensorbake.open(demo_store)
+    plain = StoreIterableDataset(store, ["t5_len"], batch_size=2, seed=4, prefetch=0)
+    ahead = StoreIterableDataset(store, ["t5_len"], batch_size=2, seed=4, prefetch=3)
+    assert [b["index"].tolist() for b in ahead] == [b["index"].tolist() for b in plain]
+    it = iter(ahead)
+    next(it)
+    it.close()  # the producer sees the stop flag and ends
 
 
 def test_numpy_mode(demo_store):
