@@ -247,8 +247,17 @@ class StoreIterableDataset(IterableDataset):
         return batches
 
     def __len__(self) -> int:
-        """Items this rank yields per epoch (batches with ``batch_size``, else samples)."""
-        return len(self.rank_batches()) if self.batch_size is not None else len(self.rank_order())
+        """Items this rank yields per epoch (batches with ``batch_size``, else samples),
+        counted without computing the epoch's order."""
+        n = len(self.store)
+        if self.drop_last:
+            n -= n % self.world_size
+        mine = len(range(self.rank, n, self.world_size))
+        if self.batch_size is None:
+            return mine
+        if self.drop_last:
+            return mine // self.batch_size
+        return -(-mine // self.batch_size)
 
     def _threads(self, workers: int) -> int:
         if self.threads is not None:

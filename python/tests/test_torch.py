@@ -90,6 +90,17 @@ def test_one_rank_yields_the_rust_loaders_batches_in_order(demo_store):
     assert [b["index"].tolist() for b in ds] == [list(range(i, min(i + 5, 18))) for i in range(0, 18, 5)]
 
 
+def test_len_counts_what_iteration_yields(demo_store):
+    for world in (1, 2, 4, 5):
+        for batch_size in (None, 1, 4, 7):
+            for drop_last in (False, True):
+                for rank in range(world):
+                    ds = StoreIterableDataset(demo_store, ["t5_len"], batch_size=batch_size, rank=rank,
+                                              world_size=world, drop_last=drop_last, prefetch=0)
+                    items = ds.rank_batches() if batch_size else ds.rank_order()
+                    assert len(ds) == len(items), (world, batch_size, drop_last, rank)
+
+
 def test_drop_last_gives_every_rank_the_same_steps(demo_store):
     lens = []
     for rank in range(4):
