@@ -30,8 +30,9 @@ from .errors import (
 
 __version__ = _native.__version__
 
+# `open` is left out of __all__ so that `from tensorbake import *` does not shadow the
+# built-in; call it as tensorbake.open.
 __all__ = [
-    "open",
     "Store",
     "Part",
     "ArrayInfo",
