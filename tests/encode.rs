@@ -110,8 +110,8 @@ fn encode_writes_store_named_arrays_one_row_per_image() {
     }
     let meta = metadata(&path);
     assert_eq!(meta["feature"], "siglip");
-    let sha = tensorbake_encode::weights::file_sha256(&fx().join("siglip_full/model.safetensors"))
-        .unwrap();
+    let sha =
+        tensorbake_nn::weights::file_sha256(&fx().join("siglip_full/model.safetensors")).unwrap();
     assert_eq!(meta["weights_sha256"], sha.as_str());
     let pp: serde_json::Value = serde_json::from_str(meta["preprocess"].as_str().unwrap()).unwrap();
     assert_eq!(pp["processor"]["resample"], "bicubic");

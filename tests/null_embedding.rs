@@ -1,11 +1,11 @@
 //! The empty caption's embedding, from the text encoder into the store and back: what
-//! Flux reconditioning and conditioning dropout read (DESIGN.md, issue 6).
+//! Flux reconditioning and conditioning dropout read (docs/store.md, `null/`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use tensorbake_encode::{EncoderConfig, build_encoder, text::null_embedding};
+use tensorbake_encode::{EncoderConfig, build_encoder, null_embedding};
 use tensorbake_store::{DType as StoreDType, FeatureSpec, Location, Store, StoreReader, StoreSpec};
 
 use crate::util::{tempdir, tensorbake};
@@ -29,7 +29,7 @@ fn t5_null_embedding_is_recorded_by_the_store_and_read_back() {
         .arrays
         .iter()
         .map(|a| {
-            let dtype = if a.name == "t5_len" {
+            let dtype = if a.array == "t5_len" {
                 StoreDType::U32
             } else {
                 StoreDType::Bf16
@@ -41,14 +41,17 @@ fn t5_null_embedding_is_recorded_by_the_store_and_read_back() {
                 dtype,
                 shape: a.shape.iter().map(|&d| d as u64).collect(),
             };
-            (a.name.clone(), spec)
+            (a.array.name().to_string(), spec)
         })
         .collect();
     let dir = tempdir();
     let loc = Location::from(dir.path().join("store"));
     let store = Store::create_or_open(&loc, StoreSpec::new(features)).unwrap();
-    let null: BTreeMap<String, candle_core::Tensor> =
-        null_embedding(enc.as_ref()).unwrap().into_iter().collect();
+    let null: BTreeMap<String, candle_core::Tensor> = null_embedding(enc.as_ref(), 0)
+        .unwrap()
+        .into_iter()
+        .map(|(a, t)| (a.name().to_string(), t))
+        .collect();
     assert_eq!(null["t5_hidden"].dims(), &[32, 48]);
     store.record_null_embedding(&null).unwrap();
 

@@ -7,10 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use tensorbake_encode::tiny::{TinyModel, write_tiny_model};
 use tensorbake_encode::{EncoderConfig, Input, Rgb8, build_encoder};
 use tensorbake_kit::http::{Fault, FileServer};
 use tensorbake_kit::synth::{WdsLayout, write_webdataset};
+use tensorbake_nn::tiny::{TinyModel, write_tiny_model};
 use tensorbake_store::{Location, StoreReader};
 
 use crate::util::{assert_same_store, store_files, tempdir, tensorbake};
@@ -23,7 +23,12 @@ fn models(dir: &Path) {
         .into_iter()
         .enumerate()
     {
-        write_tiny_model(m, &dir.join("models").join(m.feature()), 40 + i as u64).unwrap();
+        write_tiny_model(
+            m,
+            &dir.join("models").join(m.feature().name()),
+            40 + i as u64,
+        )
+        .unwrap();
     }
 }
 
@@ -109,12 +114,19 @@ fn run_writes_every_sample_with_the_features_of_its_own_image() {
     );
     assert_eq!(spec.features["t5_len"].dtype, tensorbake_store::DType::U32);
     assert_eq!(spec.resolution, Some(RES));
-    // the empty caption's T5 embedding is recorded for conditioning dropout
-    assert!(
-        store
-            .null_embeddings()
-            .unwrap()
-            .contains(&"t5_hidden".to_string())
+    // the empty caption's T5 embedding and the black image's SigLIP embedding are
+    // recorded for conditioning dropout
+    assert_eq!(
+        store.null_embeddings().unwrap(),
+        ["siglip_hidden", "t5_hidden", "t5_len"]
+    );
+    let group: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("store/null/zarr.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        group["attributes"]["tensorbake_null"]["inputs"],
+        serde_json::json!({"siglip_hidden": "black image", "t5_hidden": "empty caption",
+                           "t5_len": "empty caption"})
     );
 
     // Every sample: its key, caption and features are those of its own image,
@@ -140,6 +152,28 @@ fn run_writes_every_sample_with_the_features_of_its_own_image() {
         resolution: RES,
         ..Default::default()
     };
+    // the null SigLIP embedding is a black sample's, stored like every sample (bf16)
+    let black = vec![0u8; (RES * RES * 3) as usize];
+    let black = [Rgb8 {
+        width: RES,
+        height: RES,
+        pixels: &black,
+    }];
+    let (_, want) = siglip.encode(Input::Images(&black)).unwrap().remove(0);
+    let want = want
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let got = store
+        .null_embedding("siglip_hidden", &Device::Cpu)
+        .unwrap()
+        .expect("black-image embedding recorded")
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert_eq!(f32s(&got), f32s(&want));
     let cleaner = tensorbake_ingest::caption::CleanConfig::default().build();
     let mut seen = 0;
     for i in 0..store.len() {
@@ -168,9 +202,14 @@ fn run_writes_every_sample_with_the_features_of_its_own_image() {
             layout.caption_of[&sample.key]
         );
         let mut alone: BTreeMap<String, Tensor> = BTreeMap::new();
-        alone.extend(vae.encode(Input::Images(&rgb)).unwrap());
-        alone.extend(siglip.encode(Input::Images(&rgb)).unwrap());
-        alone.extend(t5.encode(Input::Texts(&[want_caption.as_str()])).unwrap());
+        let named = |v: Vec<(tensorbake_kit::schema::Array, Tensor)>| {
+            v.into_iter().map(|(a, t)| (a.name().to_string(), t))
+        };
+        alone.extend(named(vae.encode(Input::Images(&rgb)).unwrap()));
+        alone.extend(named(siglip.encode(Input::Images(&rgb)).unwrap()));
+        alone.extend(named(
+            t5.encode(Input::Texts(&[want_caption.as_str()])).unwrap(),
+        ));
         for (name, want) in &alone {
             let got = store.read_tensor(i, name, &Device::Cpu).unwrap();
             let want = want.squeeze(0).unwrap();
@@ -597,7 +636,7 @@ fn run_writes_to_s3_and_resumes_there() {
     assert_eq!(info["verify"]["parts_checked"], 3);
     assert_eq!(
         info["null_embeddings"],
-        serde_json::json!(["t5_hidden", "t5_len"])
+        serde_json::json!(["siglip_hidden", "t5_hidden", "t5_len"])
     );
     let _ = moto.kill();
     let _ = moto.wait();

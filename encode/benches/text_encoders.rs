@@ -22,10 +22,10 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_main};
-use tensorbake_encode::clip_text::{ClipTextConfig, ClipTextModel};
-use tensorbake_encode::t5::{T5Config, T5EncoderModel};
 use tensorbake_encode::tokenize::TextTokenizer;
-use tensorbake_encode::{DTypeName, parse_device};
+use tensorbake_nn::clip_text::{ClipTextConfig, ClipTextModel};
+use tensorbake_nn::t5::{T5Config, T5EncoderModel};
+use tensorbake_nn::{DType as Precision, parse_device};
 
 /// Random weights for any name: ones for norm weights, zeros for biases,
 /// N(0, 1/fan_in) otherwise.
@@ -81,8 +81,8 @@ fn tokenizer(name: &str, pad: &str) -> TextTokenizer {
 
 fn bench(c: &mut Criterion) {
     let device = parse_device(&env("TENSORBAKE_BENCH_DEVICE", "cpu")).expect("device");
-    let dtype: DTypeName = env("TENSORBAKE_BENCH_DTYPE", "f32").parse().expect("dtype");
-    let dtype = dtype.dtype();
+    let dtype: Precision = env("TENSORBAKE_BENCH_DTYPE", "f32").parse().expect("dtype");
+    let dtype = dtype.candle();
     let batch: usize = env(
         "TENSORBAKE_BENCH_BATCH",
         if device.is_cpu() { "4" } else { "64" },

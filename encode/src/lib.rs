@@ -1,40 +1,36 @@
-//! tensorbake-encode: the frozen encoders of a diffusion model, in candle.
+//! tensorbake-encode: the features, i.e. the frozen encoders of a diffusion model run
+//! over a pipeline's images and captions.
 //!
 //! An [`Encoder`] turns a batch of inputs (RGB images at the pipeline's resolution,
-//! or cleaned captions) into the feature arrays the store keeps, under the names that
-//! DESIGN.md fixes (`sd_vae_mean`, `siglip_hidden`, `t5_hidden`, ...), each with a
-//! leading batch axis. Encoders are built from an [`EncoderConfig`] (a manifest's
-//! `[[encoders]]` table) whose `weights` is a local Hugging Face layout directory or a
-//! hub id resolved offline in the Hugging Face cache ([`weights`]).
+//! or cleaned captions) into the feature arrays the store keeps, under the names the
+//! feature schema fixes ([`tensorbake_kit::schema`]: `sd_vae_mean`, `siglip_hidden`,
+//! `t5_hidden`, ...), each with a leading batch axis. Encoders are built from an
+//! [`EncoderConfig`] (a manifest's `[[encoders]]` table) whose `weights` is a local
+//! Hugging Face layout directory or a hub id resolved offline in the Hugging Face
+//! cache ([`tensorbake_nn::weights`]).
 //!
-//! This crate knows nothing of tar or Zarr: it loads weights and runs models.
+//! The models themselves live in tensorbake-nn; this crate adds what makes them
+//! features: finding the model in a pipeline directory, preprocessing as the reference
+//! processors do ([`image_ops`]), tokenizing as diffusers does ([`tokenize`]),
+//! batching, and naming the output arrays. It knows nothing of tar or Zarr.
 //!
 //! ```
-//! use tensorbake_encode::{parse_device, DTypeName};
-//! let dev = parse_device("cpu").unwrap();
-//! assert!(dev.is_cpu());
-//! assert_eq!(DTypeName::Bf16.dtype(), candle_core::DType::BF16);
+//! use tensorbake_encode::EncoderConfig;
+//! use tensorbake_kit::dtype::DType;
+//! let cfg: EncoderConfig = serde_json::from_str(r#"{"name": "t5", "weights": "/m", "dtype": "bf16"}"#).unwrap();
+//! assert_eq!(cfg.dtype, DType::Bf16);
 //! ```
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use tensorbake_kit::dtype::DType;
+use tensorbake_kit::schema::{Array, Feature};
 
-pub mod clip_vision;
 pub mod image_ops;
-pub mod loader;
-pub mod siglip;
-pub mod vae;
-pub mod vision;
-pub mod weights;
-
-// Text encoders (t5, clip_text).
-mod checked;
-pub mod clip_text;
 pub mod spm;
-pub mod t5;
 pub mod text;
-pub mod tiny;
 pub mod tokenize;
+pub mod vision;
 pub use text::{ClipTextEncoder, T5TextEncoder, null_embedding};
 
 /// Errors of the encoders. Variants name the file, tensor or encoder concerned.
@@ -48,47 +44,17 @@ pub enum EncodeError {
         /// Comma-separated list of the known names.
         known: String,
     },
-    /// A weights location could not be resolved to a model directory.
-    #[error("weights `{spec}` not found: {why}")]
-    WeightsNotFound {
-        /// The path or hub id asked for.
-        spec: String,
-        /// What was tried and how to get the weights.
-        why: String,
-    },
-    /// A file of the model directory could not be read or parsed.
-    #[error("{path}: {why}")]
-    BadFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong with it.
-        why: String,
-    },
-    /// A tensor is missing from, or has the wrong shape or dtype in, the weights.
-    #[error("tensor `{tensor}` in {path}: {why}")]
-    BadTensor {
-        /// Full tensor name as stored (e.g. `encoder.conv_in.weight`).
-        tensor: String,
-        /// The safetensors file(s) searched.
-        path: String,
-        /// Missing, or expected vs found shape / dtype.
-        why: String,
-    },
+    /// The model could not be found, read, checked or built ([`tensorbake_nn::Error`]
+    /// names the file, the tensor, the weights location or the device).
+    #[error(transparent)]
+    Model(#[from] tensorbake_nn::Error),
     /// The input given to an encoder is not what it takes (text to an image encoder,
-    /// an image of the wrong size, ...).
+    /// an image of the wrong size, ...), or a setting it cannot honour.
     #[error("encoder `{encoder}`: {why}")]
     BadInput {
         /// The encoder's feature name.
         encoder: String,
         /// What was wrong.
-        why: String,
-    },
-    /// `--device` / `device =` could not be parsed or the device is not available.
-    #[error("device `{spec}`: {why}")]
-    Device {
-        /// The device string.
-        spec: String,
-        /// Why it is not usable.
         why: String,
     },
     /// An error inside candle while running a model.
@@ -100,15 +66,16 @@ pub enum EncodeError {
         #[source]
         source: candle_core::Error,
     },
-    /// An I/O error on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+}
+
+impl EncodeError {
+    /// A closure wrapping candle errors of `encoder` (for `map_err`).
+    pub fn candle(encoder: &str) -> impl Fn(candle_core::Error) -> Self + '_ {
+        move |source| Self::Candle {
+            encoder: encoder.to_string(),
+            source,
+        }
+    }
 }
 
 /// Result alias of this crate.
@@ -135,22 +102,34 @@ pub enum Input<'a> {
 }
 
 /// One array an encoder writes per sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ArraySpec {
-    /// Array name in the store, e.g. `siglip_hidden`.
-    pub name: String,
+    /// The array (its store name is `array.name()`).
+    pub array: Array,
     /// Per-sample shape (without the batch axis).
     pub shape: Vec<usize>,
 }
 
-/// What the store records about an encoder (DESIGN.md: `features.<name>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Serialized as `{"name": "siglip_hidden", "shape": [729, 1152]}` (the metadata of
+/// `tensorbake encode` outputs).
+impl Serialize for ArraySpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("ArraySpec", 2)?;
+        st.serialize_field("name", self.array.name())?;
+        st.serialize_field("shape", &self.shape)?;
+        st.end()
+    }
+}
+
+/// What the store records about an encoder (`docs/store.md`: `features.<name>`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct EncoderInfo {
-    /// Feature name (`sd_vae`, `siglip`, `t5`, ...).
-    pub feature: String,
+    /// The feature.
+    pub feature: Feature,
     /// The model, as given (path or hub id), and its architecture.
     pub model: String,
-    /// Fingerprint of the weights ([`weights::fingerprint`]).
+    /// Fingerprint of the weights ([`tensorbake_nn::weights::fingerprint`]).
     pub weights_sha256: String,
     /// Preprocessing parameters (sizes, filter, mean/std, max length ...).
     pub preprocess: serde_json::Value,
@@ -161,70 +140,15 @@ pub struct EncoderInfo {
 /// A frozen encoder: a batch in, named arrays (leading batch axis) out.
 pub trait Encoder: Send {
     /// Encodes one batch. Each returned tensor has the batch as axis 0, in input order,
-    /// and is named as in [`EncoderInfo::arrays`].
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>>;
+    /// one per [`EncoderInfo::arrays`] entry, in that order.
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>>;
 
     /// What the store records about this encoder.
     fn info(&self) -> EncoderInfo;
 
     /// Whether the encoder takes text (`true`) or images (`false`).
     fn takes_text(&self) -> bool {
-        false
-    }
-}
-
-/// Floating-point dtype names as they appear in manifests and on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeName {
-    /// 32-bit float (reference precision; the CPU default).
-    #[default]
-    F32,
-    /// bfloat16 (the GPU default).
-    Bf16,
-    /// IEEE half.
-    F16,
-}
-
-impl DTypeName {
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::Bf16 => DType::BF16,
-            Self::F16 => DType::F16,
-        }
-    }
-}
-
-impl std::str::FromStr for DTypeName {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "f16" | "float16" | "half" => Ok(Self::F16),
-            other => Err(format!("unknown dtype `{other}` (f32, bf16 or f16)")),
-        }
-    }
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let err = |why: String| EncodeError::Device {
-        spec: spec.to_string(),
-        why,
-    };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| err(e.to_string())),
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..]
-                .parse()
-                .map_err(|_| err("expected cuda:N with N a GPU index".into()))?;
-            Device::new_cuda(n).map_err(|e| err(e.to_string()))
-        }
-        _ => Err(err("expected cpu, cuda or cuda:N".into())),
+        self.info().feature.input() == tensorbake_kit::schema::Input::Text
     }
 }
 
@@ -236,9 +160,9 @@ pub struct EncoderConfig {
     pub name: String,
     /// Local HF-layout directory, or a hub id (`org/name[@revision]`) in the HF cache.
     pub weights: String,
-    /// Compute and output dtype.
+    /// Compute and output dtype (`f32`, `bf16`, `f16`).
     #[serde(default)]
-    pub dtype: DTypeName,
+    pub dtype: DType,
     /// Batch size.
     #[serde(default = "default_batch")]
     pub batch: usize,
@@ -251,7 +175,7 @@ pub struct EncoderConfig {
     /// Dtype the float arrays are stored in (`tensorbake run`): by default bf16 for
     /// embeddings and f32 for VAE latent moments; f16 halves the latents.
     #[serde(default)]
-    pub store_dtype: Option<DTypeName>,
+    pub store_dtype: Option<DType>,
 }
 
 const fn default_batch() -> usize {
@@ -262,32 +186,45 @@ fn default_device() -> String {
     "cpu".to_string()
 }
 
-/// The feature names [`build_encoder`] knows.
-pub const KNOWN_ENCODERS: &[&str] = &[
-    "sd_vae",
-    "flux_vae",
-    "siglip",
-    "clip_vision",
-    "t5",
-    "clip_text",
-];
-
 /// Builds the encoder a config names. `resolution` is the pipeline's image size (the
 /// VAE input size); text encoders ignore it.
+///
+/// # Errors
+/// [`EncodeError::UnknownEncoder`] for a name the schema does not know; the
+/// feature's own loading errors otherwise.
 pub fn build_encoder(cfg: &EncoderConfig, resolution: u32) -> Result<Box<dyn Encoder>> {
-    match cfg.name.as_str() {
-        // Image features (vision.rs).
-        "sd_vae" | "flux_vae" => Ok(Box::new(vision::build_vae(cfg, resolution)?)),
-        "siglip" => Ok(Box::new(vision::build_siglip(cfg)?)),
-        "clip_vision" => Ok(Box::new(vision::build_clip_vision(cfg)?)),
-        // Text encoders.
-        "t5" => Ok(Box::new(T5TextEncoder::load(cfg)?)),
-        "clip_text" => Ok(Box::new(ClipTextEncoder::load(cfg)?)),
-        _ => Err(EncodeError::UnknownEncoder {
-            name: cfg.name.clone(),
-            known: KNOWN_ENCODERS.join(", "),
-        }),
+    let feature = Feature::from_name(&cfg.name).ok_or_else(|| EncodeError::UnknownEncoder {
+        name: cfg.name.clone(),
+        known: Feature::known_names(),
+    })?;
+    Ok(match feature {
+        Feature::SdVae | Feature::FluxVae => Box::new(vision::build_vae(cfg, feature, resolution)?),
+        Feature::Siglip => Box::new(vision::build_siglip(cfg)?),
+        Feature::ClipVision => Box::new(vision::build_clip_vision(cfg)?),
+        Feature::T5 => Box::new(T5TextEncoder::load(cfg)?),
+        Feature::ClipText => Box::new(ClipTextEncoder::load(cfg)?),
+    })
+}
+
+/// Runs `f` over `items` in chunks of at most `batch` and concatenates each of its
+/// outputs on axis 0 (the batching every encoder does).
+pub(crate) fn chunked<T>(
+    items: &[T],
+    batch: usize,
+    encoder: &str,
+    mut f: impl FnMut(&[T]) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for chunk in items.chunks(batch.max(1)) {
+        parts.push(f(chunk)?);
     }
+    let n = parts.first().map_or(0, Vec::len);
+    (0..n)
+        .map(|k| {
+            let col: Vec<&Tensor> = parts.iter().map(|p| &p[k]).collect();
+            Tensor::cat(&col, 0).map_err(EncodeError::candle(encoder))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -295,15 +232,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dtype_and_device_parsing() {
-        assert_eq!("BF16".parse::<DTypeName>().unwrap(), DTypeName::Bf16);
-        assert_eq!("float32".parse::<DTypeName>().unwrap(), DTypeName::F32);
-        assert!("int8".parse::<DTypeName>().unwrap_err().contains("int8"));
-        assert!(parse_device("cpu").unwrap().is_cpu());
-        let e = parse_device("tpu").unwrap_err().to_string();
-        assert!(e.contains("tpu") && e.contains("cuda:N"), "{e}");
-        let e = parse_device("cuda:x").unwrap_err().to_string();
-        assert!(e.contains("GPU index"), "{e}");
+    fn dtype_parsing() {
+        assert_eq!("BF16".parse::<DType>().unwrap(), DType::Bf16);
+        assert_eq!("float32".parse::<DType>().unwrap(), DType::F32);
+        assert!("int8".parse::<DType>().unwrap_err().contains("int8"));
     }
 
     #[test]
@@ -311,13 +243,35 @@ mod tests {
         let cfg: EncoderConfig = toml_like(r#"{"name":"t5","weights":"/m"}"#);
         assert_eq!(
             (cfg.batch, cfg.device.as_str(), cfg.dtype),
-            (16, "cpu", DTypeName::F32)
+            (16, "cpu", DType::F32)
         );
         let err =
             serde_json::from_str::<EncoderConfig>(r#"{"name":"t5","weights":"/m","batchsize":3}"#)
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("batchsize"), "{err}");
+    }
+
+    #[test]
+    fn unknown_encoders_are_named_with_the_known_ones() {
+        let cfg: EncoderConfig = toml_like(r#"{"name":"resnet","weights":"/m"}"#);
+        let e = build_encoder(&cfg, 64).err().unwrap().to_string();
+        assert!(e.contains("resnet") && e.contains("clip_vision"), "{e}");
+    }
+
+    #[test]
+    fn chunked_concatenates_every_output_in_order() {
+        let items: Vec<f32> = (0..5).map(|i| i as f32).collect();
+        let out = chunked(&items, 2, "test", |c| {
+            let t = Tensor::new(c, &candle_core::Device::Cpu).map_err(EncodeError::candle("t"))?;
+            Ok(vec![
+                t.clone(),
+                (t * 2.0).map_err(EncodeError::candle("t"))?,
+            ])
+        })
+        .unwrap();
+        assert_eq!(out[0].to_vec1::<f32>().unwrap(), [0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(out[1].to_vec1::<f32>().unwrap(), [0.0, 2.0, 4.0, 6.0, 8.0]);
     }
 
     fn toml_like(s: &str) -> EncoderConfig {

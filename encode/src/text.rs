@@ -28,14 +28,20 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::checked::CheckedWeights;
-use crate::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::t5::{T5Config, T5EncoderModel};
+use std::sync::Arc;
+
+use tensorbake_kit::dtype::DType as Precision;
+use tensorbake_kit::schema::{Array, Feature, NullInput};
+use tensorbake_nn::Error as NnError;
+use tensorbake_nn::clip_text::{ClipTextConfig, ClipTextModel};
+use tensorbake_nn::loader::{WeightFiles, same_names};
+use tensorbake_nn::t5::{T5Config, T5EncoderModel};
+use tensorbake_nn::weights::{ModelDir, file_sha256, fingerprint};
+use tensorbake_nn::{compute_dtype, parse_device};
+
 use crate::tokenize::{TextTokenizer, TokenBatch, find_tokenizer, tokenizer_dirs};
-use crate::weights::{ModelDir, file_sha256, fingerprint};
 use crate::{
-    ArraySpec, DTypeName, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result,
-    parse_device,
+    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8, chunked,
 };
 
 /// T5's default maximum length: PixArt-α's 120 tokens.
@@ -78,7 +84,7 @@ fn locate(
             seen.push(format!("{s}/config.json is `{}`", architecture(&v).trim()));
         }
     }
-    Err(EncodeError::WeightsNotFound {
+    Err(NnError::WeightsNotFound {
         spec: m.spec.clone(),
         why: format!(
             "no {what} config.json in {} or its {} ({})",
@@ -90,21 +96,19 @@ fn locate(
                 seen.join("; ")
             }
         ),
-    })
+    }
+    .into())
 }
 
 fn candle(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
-    move |source| EncodeError::Candle {
-        encoder: encoder.to_string(),
-        source,
-    }
+    EncodeError::candle(encoder)
 }
 
 /// Common state of the two text encoders.
 struct Loaded {
     dir: ModelDir,
     config: serde_json::Value,
-    weights: CheckedWeights,
+    weights: Arc<WeightFiles>,
     files: Vec<PathBuf>,
     tokenizer: TextTokenizer,
     device: Device,
@@ -122,48 +126,31 @@ fn load(
     let root = ModelDir::resolve(&cfg.weights)?;
     let (dir, config) = locate(&root, subdirs, accept, what)?;
     let files = dir.safetensors(&["model"])?;
-    let weights = CheckedWeights::open(&files)?;
+    let weights = Arc::new(WeightFiles::open(&files)?);
     let tokenizer = find_tokenizer(
         &tokenizer_dirs(&dir.root, std::slice::from_ref(&root.root)),
         &cfg.weights,
     )?
     .load(&cfg.weights, t5, default_pads)?;
+    let device = parse_device(&cfg.device)?;
+    let dtype = compute_dtype(cfg.dtype, &device)?;
     Ok(Loaded {
         dir,
         config,
         weights,
         files,
         tokenizer,
-        device: parse_device(&cfg.device)?,
-        dtype: cfg.dtype.dtype(),
+        device,
+        dtype,
     })
 }
 
 fn bad_config(dir: &ModelDir, e: serde_json::Error) -> EncodeError {
-    EncodeError::BadFile {
+    NnError::BadFile {
         path: dir.root.join("config.json"),
         why: format!("not a usable config: {e}"),
     }
-}
-
-/// Splits `texts` into chunks of at most `batch` and concatenates each output on axis 0.
-fn chunked(
-    texts: &[&str],
-    batch: usize,
-    encoder: &str,
-    mut f: impl FnMut(&[&str]) -> Result<Vec<Tensor>>,
-) -> Result<Vec<Tensor>> {
-    let mut parts: Vec<Vec<Tensor>> = Vec::new();
-    for chunk in texts.chunks(batch.max(1)) {
-        parts.push(f(chunk)?);
-    }
-    let n = parts.first().map_or(0, Vec::len);
-    (0..n)
-        .map(|k| {
-            let col: Vec<&Tensor> = parts.iter().map(|p| &p[k]).collect();
-            Tensor::cat(&col, 0).map_err(candle(encoder))
-        })
-        .collect()
+    .into()
 }
 
 fn texts<'a>(input: Input<'a>, encoder: &str) -> Result<&'a [&'a str]> {
@@ -196,7 +183,7 @@ impl T5TextEncoder {
     /// `max_length` defaults to [`T5_DEFAULT_MAX_LENGTH`]; `dtype = "f16"` is refused
     /// (T5 v1.1 overflows in f16: use bf16 or f32).
     pub fn load(cfg: &EncoderConfig) -> Result<Self> {
-        if cfg.dtype == DTypeName::F16 {
+        if cfg.dtype == Precision::F16 {
             return Err(EncodeError::BadInput {
                 encoder: "t5".into(),
                 why: "f16 is not supported: T5 v1.1 activations overflow float16 (inf/NaN); \
@@ -217,8 +204,11 @@ impl T5TextEncoder {
         )?;
         let t5cfg: T5Config =
             serde_json::from_value(l.config.clone()).map_err(|e| bad_config(&l.dir, e))?;
-        let model = T5EncoderModel::new(l.weights.var_builder(l.dtype, &l.device), &t5cfg)
-            .map_err(|e| l.weights.error("t5", e))?;
+        let model = l
+            .weights
+            .build("t5", same_names(), l.dtype, &l.device, |vb| {
+                T5EncoderModel::new(vb, &t5cfg)
+            })?;
         let max_length = cfg.max_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
         if max_length <= l.tokenizer.special_tokens_added() {
             return Err(EncodeError::BadInput {
@@ -227,7 +217,7 @@ impl T5TextEncoder {
             });
         }
         let info = EncoderInfo {
-            feature: "t5".into(),
+            feature: Feature::T5,
             model: format!(
                 "{} (T5EncoderModel, d_model {}, {} layers)",
                 l.dir.spec, t5cfg.d_model, t5cfg.num_layers
@@ -246,11 +236,11 @@ impl T5TextEncoder {
             }),
             arrays: vec![
                 ArraySpec {
-                    name: "t5_hidden".into(),
+                    array: Array::T5Hidden,
                     shape: vec![max_length, t5cfg.d_model],
                 },
                 ArraySpec {
-                    name: "t5_len".into(),
+                    array: Array::T5Len,
                     shape: vec![],
                 },
             ],
@@ -344,9 +334,9 @@ impl T5TextEncoder {
 }
 
 impl Encoder for T5TextEncoder {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         let (h, l) = self.encode_texts(texts(input, "t5")?)?;
-        Ok(vec![("t5_hidden".into(), h), ("t5_len".into(), l)])
+        Ok(vec![(Array::T5Hidden, h), (Array::T5Len, l)])
     }
 
     fn info(&self) -> EncoderInfo {
@@ -385,8 +375,11 @@ impl ClipTextEncoder {
             false,
         )?;
         let ccfg = ClipTextConfig::from_json(&l.config).map_err(|e| bad_config(&l.dir, e))?;
-        let model = ClipTextModel::new(l.weights.var_builder(l.dtype, &l.device), &ccfg)
-            .map_err(|e| l.weights.error("clip_text", e))?;
+        let model = l
+            .weights
+            .build("clip_text", same_names(), l.dtype, &l.device, |vb| {
+                ClipTextModel::new(vb, &ccfg)
+            })?;
         let max_length = cfg.max_length.unwrap_or(ccfg.max_position_embeddings);
         if max_length > ccfg.max_position_embeddings
             || max_length <= l.tokenizer.special_tokens_added()
@@ -401,7 +394,7 @@ impl ClipTextEncoder {
             });
         }
         let info = EncoderInfo {
-            feature: "clip_text".into(),
+            feature: Feature::ClipText,
             model: format!(
                 "{} (CLIPTextModel pooler_output, hidden {}, {} layers)",
                 l.dir.spec, ccfg.hidden_size, ccfg.num_hidden_layers
@@ -418,7 +411,7 @@ impl ClipTextEncoder {
                 "dtype": format!("{:?}", l.dtype).to_lowercase(),
             }),
             arrays: vec![ArraySpec {
-                name: "clip_text_pooled".into(),
+                array: Array::ClipTextPooled,
                 shape: vec![ccfg.hidden_size],
             }],
         };
@@ -471,9 +464,9 @@ impl ClipTextEncoder {
 }
 
 impl Encoder for ClipTextEncoder {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         let p = self.encode_texts(texts(input, "clip_text")?)?;
-        Ok(vec![("clip_text_pooled".into(), p)])
+        Ok(vec![(Array::ClipTextPooled, p)])
     }
 
     fn info(&self) -> EncoderInfo {
@@ -485,25 +478,47 @@ impl Encoder for ClipTextEncoder {
     }
 }
 
-/// The arrays a text encoder writes for the empty caption `""`, without the batch
-/// axis (per-sample shapes as in [`EncoderInfo::arrays`]): what Flux reconditioning
-/// and conditioning dropout use, and what the store records.
-pub fn null_embedding(encoder: &dyn Encoder) -> Result<Vec<(String, Tensor)>> {
+/// The arrays an encoder writes for its feature's "nothing" input
+/// ([`tensorbake_kit::schema::NullInput`]), without the batch axis (per-sample shapes
+/// as in [`EncoderInfo::arrays`]): the empty caption `""` for text encoders, a black
+/// `resolution` x `resolution` image (the pipeline's sample size, so it goes through
+/// the same preprocessing as every sample) for SigLIP and CLIP. Conditioning dropout
+/// and classifier-free guidance use them; `run` records them in the store.
+///
+/// # Errors
+/// [`EncodeError::BadInput`] for a feature without a null input (the VAEs) or a zero
+/// resolution for an image feature; the encoder's own errors.
+pub fn null_embedding(encoder: &dyn Encoder, resolution: u32) -> Result<Vec<(Array, Tensor)>> {
     let info = encoder.info();
-    if !encoder.takes_text() {
-        return Err(EncodeError::BadInput {
-            encoder: info.feature,
-            why: "has no empty-caption embedding: it does not take text".into(),
-        });
-    }
-    encoder
-        .encode(Input::Texts(&[""]))?
-        .into_iter()
+    let feature = info.feature;
+    let bad = |why: String| EncodeError::BadInput {
+        encoder: feature.name().to_string(),
+        why,
+    };
+    let out = match feature.null_input() {
+        Some(NullInput::EmptyCaption) => encoder.encode(Input::Texts(&[""]))?,
+        Some(NullInput::BlackImage) => {
+            if resolution == 0 {
+                return Err(bad("a black image needs the pipeline resolution".into()));
+            }
+            let black = vec![0u8; resolution as usize * resolution as usize * 3];
+            let img = [Rgb8 {
+                width: resolution,
+                height: resolution,
+                pixels: &black,
+            }];
+            encoder.encode(Input::Images(&img))?
+        }
+        None => {
+            return Err(bad(
+                "has no null embedding: its feature records none (only SigLIP, CLIP and the text encoders do)"
+                    .into(),
+            ));
+        }
+    };
+    out.into_iter()
         .map(|(name, t)| {
-            let t = t.squeeze(0).map_err(|source| EncodeError::Candle {
-                encoder: info.feature.clone(),
-                source,
-            })?;
+            let t = t.squeeze(0).map_err(EncodeError::candle(feature.name()))?;
             Ok((name, t))
         })
         .collect()

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::{Tokenizer, TruncationParams};
 
+use tensorbake_nn::Error as NnError;
+
 use crate::{EncodeError, Result};
 
 /// A batch of token ids padded to one length, with the number of real tokens per row.
@@ -95,7 +97,7 @@ impl TextTokenizer {
     /// directory's `tokenizer_config.json` / `special_tokens_map.json`, else the first
     /// of `default_pads` that the vocabulary has (T5: `<pad>`; CLIP: `<|endoftext|>`).
     pub fn from_file(path: &Path, default_pads: &[&str]) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| EncodeError::BadFile {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| NnError::BadFile {
             path: path.to_path_buf(),
             why: format!("not a tokenizer.json: {e}"),
         })?;
@@ -106,11 +108,11 @@ impl TextTokenizer {
     /// `T5Tokenizer` does ([`crate::spm`]), with the `extra_ids` of the directory's
     /// `tokenizer_config.json` (default 100) as `<extra_id_N>` sentinels.
     pub fn from_t5_spiece(path: &Path) -> Result<Self> {
-        let bad = |why: String| EncodeError::BadFile {
+        let bad = |why: String| NnError::BadFile {
             path: path.to_path_buf(),
             why,
         };
-        let bytes = std::fs::read(path).map_err(|source| EncodeError::Io {
+        let bytes = std::fs::read(path).map_err(|source| NnError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -130,7 +132,7 @@ impl TextTokenizer {
     }
 
     fn new(mut tokenizer: Tokenizer, path: &Path, default_pads: &[&str]) -> Result<Self> {
-        let bad = |why: String| EncodeError::BadFile {
+        let bad = |why: String| NnError::BadFile {
             path: path.to_path_buf(),
             why,
         };
@@ -188,30 +190,31 @@ impl TextTokenizer {
     /// kept) and padded to `max_length` with the pad id.
     pub fn encode_batch(&self, texts: &[&str], max_length: usize) -> Result<TokenBatch> {
         if max_length <= self.n_special {
-            return Err(EncodeError::BadFile {
+            return Err(NnError::BadFile {
                 path: self.path.clone(),
                 why: format!(
                     "max_length {max_length} leaves no room for text beside the {} special \
                      token(s) this tokenizer adds",
                     self.n_special
                 ),
-            });
+            }
+            .into());
         }
         let mut tok = self.tokenizer.clone();
         tok.with_truncation(Some(TruncationParams {
             max_length,
             ..Default::default()
         }))
-        .map_err(|e| EncodeError::BadFile {
+        .map_err(|e| NnError::BadFile {
             path: self.path.clone(),
             why: e.to_string(),
         })?;
-        let encodings =
-            tok.encode_batch(texts.to_vec(), true)
-                .map_err(|e| EncodeError::BadFile {
-                    path: self.path.clone(),
-                    why: format!("tokenizing failed: {e}"),
-                })?;
+        let encodings = tok
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| NnError::BadFile {
+                path: self.path.clone(),
+                why: format!("tokenizing failed: {e}"),
+            })?;
         let mut ids = vec![self.pad_id; texts.len() * max_length];
         let mut lengths = Vec::with_capacity(texts.len());
         for (i, enc) in encodings.iter().enumerate() {
@@ -272,7 +275,7 @@ impl TokenizerFile {
 
 fn spiece_error(sp: &Path, model: &str) -> EncodeError {
     let dir = sp.parent().unwrap_or(Path::new(".")).display().to_string();
-    EncodeError::WeightsNotFound {
+    EncodeError::Model(NnError::WeightsNotFound {
         spec: model.to_string(),
         why: format!(
             "the tokenizer in {dir} is a SentencePiece model ({}) without tokenizer.json, \
@@ -284,7 +287,7 @@ fn spiece_error(sp: &Path, model: &str) -> EncodeError {
                 .and_then(|n| n.to_str())
                 .unwrap_or("spiece.model"),
         ),
-    }
+    })
 }
 
 /// The first tokenizer among `dirs`: a directory's `tokenizer.json` is preferred to
@@ -302,7 +305,7 @@ pub fn find_tokenizer(dirs: &[PathBuf], model: &str) -> Result<TokenizerFile> {
             }
         }
     }
-    Err(EncodeError::WeightsNotFound {
+    Err(NnError::WeightsNotFound {
         spec: model.to_string(),
         why: format!(
             "no tokenizer.json or spiece.model in {}",
@@ -311,7 +314,8 @@ pub fn find_tokenizer(dirs: &[PathBuf], model: &str) -> Result<TokenizerFile> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    })
+    }
+    .into())
 }
 
 #[cfg(test)]

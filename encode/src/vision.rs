@@ -24,41 +24,21 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::clip_vision::{self, ClipVisionWithProjection};
+use tensorbake_kit::schema::{Array, Feature};
+use tensorbake_nn::clip_vision::{self, CLIP_MEAN, CLIP_STD, ClipVisionWithProjection};
+use tensorbake_nn::loader::{NameMap, WeightFiles, same_names};
+use tensorbake_nn::siglip::{self, SiglipVision};
+use tensorbake_nn::vae::{self, VaeEncoder};
+use tensorbake_nn::weights::{ModelDir, fingerprint};
+use tensorbake_nn::{Error as NnError, conv_compute_dtype, parse_device};
+
 use crate::image_ops::{Filter, ImageProcessor, PreprocessorConfig, ResizeRule, RgbImage};
-use crate::loader::{NameMap, WeightFiles, same_names};
-use crate::siglip::{self, SiglipVision};
-use crate::vae::{self, VaeEncoder};
-use crate::weights::{ModelDir, fingerprint};
 use crate::{
-    ArraySpec, DTypeName, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8,
-    parse_device,
+    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8, chunked,
 };
 
-/// OpenAI CLIP's normalisation (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
-pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// See [`CLIP_MEAN`].
-pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
-
-/// candle's CPU backend has no bf16 matrix multiply: refuse the combination up front
-/// rather than fail on the first batch.
-fn check_dtype(feature: &str, device: &Device, dtype: DType) -> Result<()> {
-    if device.is_cpu() && dtype == DType::BF16 {
-        return Err(EncodeError::BadInput {
-            encoder: feature.to_string(),
-            why: "bf16 is not supported on the CPU (candle has no CPU bf16 matmul); \
-                  use f32 or f16 on the CPU, bf16 on CUDA"
-                .into(),
-        });
-    }
-    Ok(())
-}
-
 fn candle_err(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
-    move |source| EncodeError::Candle {
-        encoder: encoder.to_string(),
-        source,
-    }
+    EncodeError::candle(encoder)
 }
 
 fn images<'a>(encoder: &str, input: Input<'a>) -> Result<&'a [Rgb8<'a>]> {
@@ -91,14 +71,15 @@ fn images<'a>(encoder: &str, input: Input<'a>) -> Result<&'a [Rgb8<'a>]> {
 
 /// A model directory's config read as JSON, with the error naming the file.
 fn read_config(dir: &ModelDir) -> Result<serde_json::Value> {
-    dir.json("config.json")
+    Ok(dir.json("config.json")?)
 }
 
 fn bad_config(dir: &ModelDir, why: String) -> EncodeError {
-    EncodeError::BadFile {
+    tensorbake_nn::Error::BadFile {
         path: dir.root.join("config.json"),
         why,
     }
+    .into()
 }
 
 /// Where a model's `preprocessor_config.json` is: in its directory, else in the
@@ -118,19 +99,21 @@ fn apply_preprocessor(base: ImageProcessor, dir: &ModelDir) -> Result<(ImageProc
     let Some(path) = find_preprocessor(dir) else {
         return Ok((base, "model defaults (no preprocessor_config.json)".into()));
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| EncodeError::Io {
+    let text = std::fs::read_to_string(&path).map_err(|source| tensorbake_nn::Error::Io {
         path: path.clone(),
         source,
     })?;
     let cfg: PreprocessorConfig =
-        serde_json::from_str(&text).map_err(|e| EncodeError::BadFile {
+        serde_json::from_str(&text).map_err(|e| tensorbake_nn::Error::BadFile {
             path: path.clone(),
             why: format!("invalid preprocessor config: {e}"),
         })?;
-    let p = base.with_config(&cfg).map_err(|why| EncodeError::BadFile {
-        path: path.clone(),
-        why,
-    })?;
+    let p = base
+        .with_config(&cfg)
+        .map_err(|why| tensorbake_nn::Error::BadFile {
+            path: path.clone(),
+            why,
+        })?;
     Ok((p, path.display().to_string()))
 }
 
@@ -158,43 +141,19 @@ fn to_batch(
         .to_dtype(dtype)
 }
 
-/// Runs `f` over `items` in chunks of `batch` and concatenates each output on axis 0.
-fn chunked<T>(
-    items: &[T],
-    batch: usize,
-    mut f: impl FnMut(&[T]) -> Result<Vec<Tensor>>,
-    encoder: &str,
-) -> Result<Vec<Tensor>> {
-    let mut parts: Vec<Vec<Tensor>> = Vec::new();
-    for chunk in items.chunks(batch.max(1)) {
-        let outs = f(chunk)?;
-        if parts.is_empty() {
-            parts = outs.into_iter().map(|t| vec![t]).collect();
-        } else {
-            for (p, t) in parts.iter_mut().zip(outs) {
-                p.push(t);
-            }
-        }
-    }
-    parts
-        .into_iter()
-        .map(|p| Tensor::cat(&p, 0).map_err(candle_err(encoder)))
-        .collect()
-}
-
 fn empty_outputs(
     arrays: &[ArraySpec],
     dtype: DType,
     dev: &Device,
     encoder: &str,
-) -> Result<Vec<(String, Tensor)>> {
+) -> Result<Vec<(Array, Tensor)>> {
     arrays
         .iter()
         .map(|a| {
             let mut shape = vec![0];
             shape.extend(&a.shape);
             Tensor::zeros(shape, dtype, dev)
-                .map(|t| (a.name.clone(), t))
+                .map(|t| (a.array, t))
                 .map_err(candle_err(encoder))
         })
         .collect()
@@ -213,23 +172,17 @@ pub struct VaeFeature {
     info: EncoderInfo,
 }
 
-/// Loads a VAE feature (`cfg.name` is `sd_vae` or `flux_vae`) for images of
-/// `resolution` pixels (a multiple of the VAE's downscale factor).
-pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
-    let feature = cfg.name.as_str();
-    let expected_latents = match feature {
-        "sd_vae" => 4,
-        "flux_vae" => 16,
-        other => {
-            return Err(EncodeError::UnknownEncoder {
-                name: other.to_string(),
-                known: "sd_vae, flux_vae".into(),
-            });
-        }
+/// Loads a VAE feature (`sd_vae` or `flux_vae`) for images of `resolution` pixels (a
+/// multiple of the VAE's downscale factor).
+pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Result<VaeFeature> {
+    let Some(expected_latents) = feature.latent_channels() else {
+        return Err(EncodeError::UnknownEncoder {
+            name: feature.name().to_string(),
+            known: "sd_vae, flux_vae".into(),
+        });
     };
     let device = parse_device(&cfg.device)?;
-    let dtype = cfg.dtype.dtype();
-    check_dtype(feature, &device, dtype)?;
+    let dtype = conv_compute_dtype(cfg.dtype, &device)?;
     let mut dir = ModelDir::resolve(&cfg.weights)?;
     if dir.file("model_index.json").is_some()
         && let Some(v) = dir.sub("vae")
@@ -253,7 +206,7 @@ pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
         (c, "config.json")
     } else {
         let c = vae::Config::from_ldm_shapes(|n| weights.meta(n).map(|m| m.shape.clone()))
-            .ok_or_else(|| EncodeError::BadFile {
+            .ok_or_else(|| NnError::BadFile {
                 path: dir.root.join("config.json"),
                 why: format!(
                     "missing, and {} is not in the BFL/LDM autoencoder layout \
@@ -272,7 +225,11 @@ pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
                 "`{feature}` takes a VAE with {expected_latents} latent channels; this one has {} \
                  (is it the {} VAE?)",
                 vcfg.latent_channels,
-                if feature == "sd_vae" { "Flux" } else { "SD" }
+                if feature == Feature::SdVae {
+                    "Flux"
+                } else {
+                    "SD"
+                }
             ),
         ));
     }
@@ -300,13 +257,13 @@ pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
             c
         })
     };
-    let model = weights.build(feature, map, dtype, &device, |vb| {
+    let model = weights.build(feature.name(), map, dtype, &device, |vb| {
         VaeEncoder::new(vb, &vcfg)
     })?;
     let lat = (resolution / f) as usize;
     let c = vcfg.latent_channels;
     let info = EncoderInfo {
-        feature: feature.to_string(),
+        feature,
         model: format!(
             "{} (AutoencoderKL encoder; {} names; {layout})",
             cfg.weights,
@@ -322,21 +279,19 @@ pub fn build_vae(cfg: &EncoderConfig, resolution: u32) -> Result<VaeFeature> {
             "posterior": "mean, std = exp(0.5 * clamp(logvar, -30, 20))",
             "scaling_factor": vcfg.scaling_factor,
             "shift_factor": vcfg.shift_factor,
-            "dtype": dtype_label(cfg.dtype),
+            "dtype": cfg.dtype.short_name(),
         }),
-        arrays: vec![
-            ArraySpec {
-                name: format!("{feature}_mean"),
+        arrays: feature
+            .arrays()
+            .iter()
+            .map(|&array| ArraySpec {
+                array,
                 shape: vec![c, lat, lat],
-            },
-            ArraySpec {
-                name: format!("{feature}_std"),
-                shape: vec![c, lat, lat],
-            },
-        ],
+            })
+            .collect(),
     };
     Ok(VaeFeature {
-        feature: feature.to_string(),
+        feature: feature.name().to_string(),
         model,
         resolution,
         device,
@@ -355,38 +310,33 @@ impl VaeFeature {
 }
 
 impl Encoder for VaeFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         let imgs = images(&self.feature, input)?;
-        let names: Vec<String> = self.info.arrays.iter().map(|a| a.name.clone()).collect();
+        let names: Vec<Array> = self.info.arrays.iter().map(|a| a.array).collect();
         if imgs.is_empty() {
             return empty_outputs(&self.info.arrays, self.dtype, &self.device, &self.feature);
         }
         let n = self.resolution as usize;
-        let outs = chunked(
-            imgs,
-            self.batch,
-            |chunk| {
-                let pix: Vec<Vec<f32>> = chunk
-                    .par_iter()
-                    .map(|im| {
-                        let r = self.prepare(im);
-                        // HWC u8 -> CHW in [-1, 1]
-                        let mut v = vec![0f32; 3 * n * n];
-                        for (i, px) in r.pixels.chunks_exact(3).enumerate() {
-                            for ch in 0..3 {
-                                v[ch * n * n + i] = f32::from(px[ch]) / 127.5 - 1.0;
-                            }
+        let outs = chunked(imgs, self.batch, &self.feature, |chunk| {
+            let pix: Vec<Vec<f32>> = chunk
+                .par_iter()
+                .map(|im| {
+                    let r = self.prepare(im);
+                    // HWC u8 -> CHW in [-1, 1]
+                    let mut v = vec![0f32; 3 * n * n];
+                    for (i, px) in r.pixels.chunks_exact(3).enumerate() {
+                        for ch in 0..3 {
+                            v[ch * n * n + i] = f32::from(px[ch]) / 127.5 - 1.0;
                         }
-                        v
-                    })
-                    .collect();
-                let x = to_batch(pix, n, n, &self.device, self.dtype)
-                    .map_err(candle_err(&self.feature))?;
-                let (mean, std) = self.model.forward(&x).map_err(candle_err(&self.feature))?;
-                Ok(vec![mean, std])
-            },
-            &self.feature,
-        )?;
+                    }
+                    v
+                })
+                .collect();
+            let x =
+                to_batch(pix, n, n, &self.device, self.dtype).map_err(candle_err(&self.feature))?;
+            let (mean, std) = self.model.forward(&x).map_err(candle_err(&self.feature))?;
+            Ok(vec![mean, std])
+        })?;
         Ok(names.into_iter().zip(outs).collect())
     }
 
@@ -410,8 +360,7 @@ pub struct SiglipFeature {
 /// Loads the `siglip` feature.
 pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
     let device = parse_device(&cfg.device)?;
-    let dtype = cfg.dtype.dtype();
-    check_dtype("siglip", &device, dtype)?;
+    let dtype = conv_compute_dtype(cfg.dtype, &device)?;
     let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
     let raw = read_config(&dir)?;
     let scfg = siglip::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;
@@ -444,7 +393,7 @@ pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
         SiglipVision::new(vb.pp("vision_model"), v)
     })?;
     let info = EncoderInfo {
-        feature: "siglip".into(),
+        feature: Feature::Siglip,
         model: format!(
             "{} ({}; vision last_hidden_state)",
             cfg.weights,
@@ -458,10 +407,10 @@ pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
         preprocess: json!({
             "processor": processor,
             "source": pp_source,
-            "dtype": dtype_label(cfg.dtype),
+            "dtype": cfg.dtype.short_name(),
         }),
         arrays: vec![ArraySpec {
-            name: "siglip_hidden".into(),
+            array: Array::SiglipHidden,
             shape: vec![v.num_patches(), v.hidden_size],
         }],
     };
@@ -485,14 +434,15 @@ fn check_processor_output(
     let fixed = p.crop.is_some() || matches!(p.resize, Some(ResizeRule::Exact { .. }));
     let out = p.output_size(side + 7, side + 3);
     if !fixed || out != (side, side) {
-        return Err(EncodeError::BadFile {
+        return Err(NnError::BadFile {
             path: find_preprocessor(dir)
                 .unwrap_or_else(|| dir.root.join("preprocessor_config.json")),
             why: format!(
                 "`{feature}` needs {side}x{side} pixel values (the model's image_size), \
                  but this preprocessor config does not produce a fixed {side}x{side} image"
             ),
-        });
+        }
+        .into());
     }
     Ok(())
 }
@@ -530,7 +480,7 @@ impl SiglipFeature {
 }
 
 impl Encoder for SiglipFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         self.encode_images(input)
     }
 
@@ -554,8 +504,7 @@ pub struct ClipVisionFeature {
 /// Loads the `clip_vision` feature.
 pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
     let device = parse_device(&cfg.device)?;
-    let dtype = cfg.dtype.dtype();
-    check_dtype("clip_vision", &device, dtype)?;
+    let dtype = conv_compute_dtype(cfg.dtype, &device)?;
     let dir = model_or_sub(ModelDir::resolve(&cfg.weights)?, "image_encoder");
     let raw = read_config(&dir)?;
     let ccfg = clip_vision::Config::from_json(&raw).map_err(|why| bad_config(&dir, why))?;
@@ -575,7 +524,7 @@ pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
         ClipVisionWithProjection::new(vb, &ccfg)
     })?;
     let info = EncoderInfo {
-        feature: "clip_vision".into(),
+        feature: Feature::ClipVision,
         model: format!(
             "{} ({}; image_embeds)",
             cfg.weights,
@@ -589,10 +538,10 @@ pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
         preprocess: json!({
             "processor": processor,
             "source": pp_source,
-            "dtype": dtype_label(cfg.dtype),
+            "dtype": cfg.dtype.short_name(),
         }),
         arrays: vec![ArraySpec {
-            name: "clip_image_embeds".into(),
+            array: Array::ClipImageEmbeds,
             shape: vec![ccfg.projection_dim],
         }],
     };
@@ -625,7 +574,7 @@ impl ClipVisionFeature {
 }
 
 impl Encoder for ClipVisionFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         self.encode_images(input)
     }
 
@@ -640,36 +589,31 @@ trait ProcessedImageFeature {
     /// Feature name (errors, empty outputs).
     const FEATURE: &'static str;
     /// The store array the model output becomes.
-    const ARRAY: &'static str;
+    const ARRAY: Array;
     /// Processor, device, dtype, batch size and info.
     fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo);
     /// The model on processed pixel values `[B, 3, S, S]`.
     fn run(&self, pixel_values: &Tensor) -> Result<Tensor>;
 
-    fn encode_images(&self, input: Input<'_>) -> Result<Vec<(String, Tensor)>> {
+    fn encode_images(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
         let (processor, device, dtype, batch, info) = self.parts();
         let imgs = images(Self::FEATURE, input)?;
         if imgs.is_empty() {
             return empty_outputs(&info.arrays, dtype, device, Self::FEATURE);
         }
         let (side, _) = processor.output_size(1, 1);
-        let mut outs = chunked(
-            imgs,
-            batch,
-            |chunk| {
-                let x = processed_batch(processor, chunk, side as usize, device, dtype)
-                    .map_err(candle_err(Self::FEATURE))?;
-                Ok(vec![self.run(&x)?])
-            },
-            Self::FEATURE,
-        )?;
-        Ok(vec![(Self::ARRAY.into(), outs.remove(0))])
+        let mut outs = chunked(imgs, batch, Self::FEATURE, |chunk| {
+            let x = processed_batch(processor, chunk, side as usize, device, dtype)
+                .map_err(candle_err(Self::FEATURE))?;
+            Ok(vec![self.run(&x)?])
+        })?;
+        Ok(vec![(Self::ARRAY, outs.remove(0))])
     }
 }
 
 impl ProcessedImageFeature for SiglipFeature {
     const FEATURE: &'static str = "siglip";
-    const ARRAY: &'static str = "siglip_hidden";
+    const ARRAY: Array = Array::SiglipHidden;
     fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
         (
             &self.processor,
@@ -686,7 +630,7 @@ impl ProcessedImageFeature for SiglipFeature {
 
 impl ProcessedImageFeature for ClipVisionFeature {
     const FEATURE: &'static str = "clip_vision";
-    const ARRAY: &'static str = "clip_image_embeds";
+    const ARRAY: Array = Array::ClipImageEmbeds;
     fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
         (
             &self.processor,
@@ -698,14 +642,5 @@ impl ProcessedImageFeature for ClipVisionFeature {
     }
     fn run(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.forward_pixels(pixel_values)
-    }
-}
-
-/// The dtype name as the store records it.
-pub fn dtype_label(d: DTypeName) -> &'static str {
-    match d {
-        DTypeName::F32 => "f32",
-        DTypeName::Bf16 => "bf16",
-        DTypeName::F16 => "f16",
     }
 }

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use tensorbake_encode::text::T5_DEFAULT_MAX_LENGTH;
 use tensorbake_encode::{
-    ClipTextEncoder, DTypeName, EncodeError, Encoder, EncoderConfig, Input, Rgb8, T5TextEncoder,
+    ClipTextEncoder, EncodeError, Encoder, EncoderConfig, Input, Rgb8, T5TextEncoder,
     build_encoder, null_embedding,
 };
+use tensorbake_kit::dtype::DType as Precision;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
@@ -55,7 +56,7 @@ fn cfg(name: &str, weights: &Path, max_length: Option<usize>) -> EncoderConfig {
     EncoderConfig {
         name: name.into(),
         weights: weights.display().to_string(),
-        dtype: DTypeName::F32,
+        dtype: Precision::F32,
         batch: 16,
         device: "cpu".into(),
         max_length,
@@ -184,9 +185,7 @@ fn t5_relative_buckets_match_transformers() {
     for (j, w) in want.iter().enumerate() {
         let rel = j as i64 - 600;
         assert_eq!(
-            i64::from(tensorbake_encode::t5::relative_position_bucket(
-                rel, 32, 128
-            )),
+            i64::from(tensorbake_nn::t5::relative_position_bucket(rel, 32, 128)),
             *w,
             "relative position {rel}"
         );
@@ -210,7 +209,7 @@ fn null_embeddings_match_the_reference_and_are_stable() {
 
     // through the trait: per-sample shapes, both arrays
     let boxed: Box<dyn Encoder> = Box::new(enc);
-    let arrays = null_embedding(boxed.as_ref()).unwrap();
+    let arrays = null_embedding(boxed.as_ref(), 0).unwrap();
     assert_eq!(arrays[0].0, "t5_hidden");
     assert_eq!(arrays[0].1.dims(), &[32, 48]);
     assert_eq!(arrays[1].0, "t5_len");
@@ -220,7 +219,7 @@ fn null_embeddings_match_the_reference_and_are_stable() {
     let p = c.null_embedding().unwrap();
     assert!(rel_err(&p, g.get("clip_null")) < 1e-4);
     assert_eq!(max_abs(&(&p - &c.null_embedding().unwrap()).unwrap()), 0.0);
-    let arrays = null_embedding(&c).unwrap();
+    let arrays = null_embedding(&c, 0).unwrap();
     assert_eq!(arrays[0].0, "clip_text_pooled");
     assert!(rel_err(&arrays[0].1, g.get("clip_null")) < 1e-4);
 }
@@ -485,7 +484,10 @@ fn spiece_only_clip_or_missing_tokenizers_say_how_to_fix_it() {
         .err()
         .unwrap();
     assert!(
-        matches!(err, EncodeError::WeightsNotFound { .. }),
+        matches!(
+            err,
+            EncodeError::Model(tensorbake_nn::Error::WeightsNotFound { .. })
+        ),
         "{err:?}"
     );
     let msg = err.to_string();
@@ -511,8 +513,10 @@ fn bad_weights_and_dtypes_are_named() {
     let err = T5TextEncoder::load(&cfg("t5", &d, None)).err().unwrap();
     let msg = err.to_string();
     assert!(
-        matches!(err, EncodeError::BadTensor { .. })
-            && msg.contains(gone)
+        matches!(
+            err,
+            EncodeError::Model(tensorbake_nn::Error::BadTensor { .. })
+        ) && msg.contains(gone)
             && msg.contains("missing")
             && msg.contains(&file.display().to_string()),
         "{msg}"
@@ -543,7 +547,7 @@ fn bad_weights_and_dtypes_are_named() {
 
     // f16 T5 is refused with the supported dtypes named
     let mut c = cfg("t5", &fixtures().join("t5"), None);
-    c.dtype = DTypeName::F16;
+    c.dtype = Precision::F16;
     let msg = T5TextEncoder::load(&c).err().unwrap().to_string();
     assert!(
         msg.contains("f16") && msg.contains("bf16") && msg.contains("f32"),
@@ -565,7 +569,7 @@ fn bad_weights_and_dtypes_are_named() {
 fn bf16_runs_close_to_f32() {
     let g = golden();
     let mut c = cfg("t5", &fixtures().join("t5"), Some(32));
-    c.dtype = DTypeName::Bf16;
+    c.dtype = Precision::Bf16;
     let enc = T5TextEncoder::load(&c).unwrap();
     let (h, _) = enc.encode_texts(&g.caps()).unwrap();
     assert_eq!(h.dtype(), DType::BF16);

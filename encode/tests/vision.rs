@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use tensorbake_encode::image_ops::{self, Filter, RgbImage};
 use tensorbake_encode::vision::{build_clip_vision, build_siglip, build_vae};
-use tensorbake_encode::{
-    DTypeName, EncodeError, Encoder, EncoderConfig, Input, build_encoder, weights,
-};
+use tensorbake_encode::{EncodeError, Encoder, EncoderConfig, Input, build_encoder};
+use tensorbake_kit::dtype::DType as Precision;
+use tensorbake_kit::schema::Feature;
+use tensorbake_nn::weights;
 
 const N_IMAGES: usize = 3;
 /// Parity bound: max |ours - reference| / max |reference|.
@@ -39,7 +40,7 @@ fn cfg(name: &str, dir: &Path, batch: usize) -> EncoderConfig {
     EncoderConfig {
         name: name.into(),
         weights: dir.to_str().unwrap().into(),
-        dtype: DTypeName::F32,
+        dtype: Precision::F32,
         batch,
         device: "cpu".into(),
         max_length: None,
@@ -127,7 +128,7 @@ fn preprocessing_matches_the_reference_processors() {
     let fx = fixtures();
     let siglip = build_siglip(&cfg("siglip", &fx.join("siglip_full"), 4)).unwrap();
     let clip = build_clip_vision(&cfg("clip_vision", &fx.join("clip_full"), 4)).unwrap();
-    let vae = build_vae(&cfg("sd_vae", &fx.join("sd_vae"), 4), 32).unwrap();
+    let vae = build_vae(&cfg("sd_vae", &fx.join("sd_vae"), 4), Feature::SdVae, 32).unwrap();
     for (i, img) in imgs.iter().enumerate() {
         assert_ne!(img.width, img.height, "test images are non-square");
         for (what, ours, key) in [
@@ -197,6 +198,7 @@ fn outputs(enc: &dyn Encoder, imgs: &[RgbImage]) -> HashMap<String, Tensor> {
     enc.encode(Input::Images(&views))
         .unwrap()
         .into_iter()
+        .map(|(array, t)| (array.name().to_string(), t))
         .collect()
 }
 
@@ -221,7 +223,10 @@ fn vae_posteriors_match_diffusers() {
         let info = enc.info();
         let c = if feature == "sd_vae" { 4 } else { 16 };
         assert_eq!(info.arrays[0].shape, vec![c, 16, 16]);
-        assert_eq!(out[&info.arrays[0].name].dims(), &[N_IMAGES, c, 16, 16]);
+        assert_eq!(
+            out[info.arrays[0].array.name()].dims(),
+            &[N_IMAGES, c, 16, 16]
+        );
     }
 }
 
@@ -536,4 +541,48 @@ fn set_hub_cache(p: &Path) {
     // SAFETY: only this test reads HF_HUB_CACHE in this test binary (every other test
     // passes directories), so no concurrent reader races with the write.
     unsafe { std::env::set_var("HF_HUB_CACHE", p) };
+}
+
+#[test]
+fn image_null_embeddings_are_a_black_sample_and_vaes_have_none() {
+    let fx = fixtures();
+    let black = vec![0u8; 48 * 48 * 3];
+    let img = [tensorbake_encode::Rgb8 {
+        width: 48,
+        height: 48,
+        pixels: &black,
+    }];
+    for (feature, dir, array) in [
+        ("siglip", "siglip_full", "siglip_hidden"),
+        ("clip_vision", "clip_full", "clip_image_embeds"),
+    ] {
+        let enc = build_encoder(&cfg(feature, &fx.join(dir), 2), 48).unwrap();
+        let null = tensorbake_encode::null_embedding(enc.as_ref(), 48).unwrap();
+        assert_eq!(null.len(), 1);
+        assert_eq!(null[0].0, array);
+        let (_, want) = enc.encode(Input::Images(&img)).unwrap().remove(0);
+        let want = want.squeeze(0).unwrap();
+        assert_eq!(null[0].1.dims(), want.dims());
+        assert_eq!(rel_err(&null[0].1, &want), 0.0, "{feature}");
+        // not a zero vector: the black image goes through the model
+        assert!(
+            null[0]
+                .1
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+    let vae = build_encoder(&cfg("sd_vae", &fx.join("sd_vae"), 2), 32).unwrap();
+    let e = tensorbake_encode::null_embedding(vae.as_ref(), 32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sd_vae") && e.contains("no null embedding"),
+        "{e}"
+    );
 }

@@ -21,6 +21,8 @@
 
 use thiserror::Error;
 
+use crate::rng::SplitMix64;
+
 /// Failure to encode a synthetic image.
 #[derive(Debug, Error)]
 pub enum SynthImageError {
@@ -38,23 +40,17 @@ pub enum SynthImageError {
     },
 }
 
-/// SplitMix64 finaliser: a fast, well-mixed 64-bit hash.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Hash of a lattice point to a value in [-1, 1).
 fn lattice(seed: u64, x: i64, y: i64) -> f32 {
-    let h = mix(seed ^ mix((x as u64).wrapping_mul(0x1656_67B1) ^ (y as u64).rotate_left(32)));
+    let h = SplitMix64::mix(
+        seed ^ SplitMix64::mix((x as u64).wrapping_mul(0x1656_67B1) ^ (y as u64).rotate_left(32)),
+    );
     ((h >> 40) as f32 / (1u64 << 23) as f32) - 1.0
 }
 
 /// Uniform value in [0, 1) drawn from `seed` and a stream index.
 fn unit(seed: u64, i: u64) -> f32 {
-    (mix(seed ^ mix(i)) >> 40) as f32 / (1u64 << 24) as f32
+    (SplitMix64::mix(seed ^ SplitMix64::mix(i)) >> 40) as f32 / (1u64 << 24) as f32
 }
 
 fn smooth(t: f32) -> f32 {
@@ -132,7 +128,7 @@ pub fn photo_rgb(width: u32, height: u32, seed: u64) -> Vec<u8> {
             }
         })
         .collect();
-    let noise_seed = mix(seed ^ 0xA5A5_5A5A_0F0F_F0F0);
+    let noise_seed = SplitMix64::mix(seed ^ 0xA5A5_5A5A_0F0F_F0F0);
     // Texture octaves: (period in pixels at 1500 px, luminance amplitude, chroma amplitude).
     const OCTAVES: [(f32, f32, f32); 5] = [
         (96.0, 22.0, 8.0),

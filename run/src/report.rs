@@ -1,9 +1,114 @@
 //! The JSON report of a run: what was done, what was skipped and why, where the time
-//! went (per stage: busy and waiting), and how full the queues got.
+//! went (per stage: busy and waiting), and how full the queues got; and how the
+//! stages' outcomes become it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
+use tensorbake_ingest::pipeline::Summary;
+
+use crate::Run;
+use crate::write_stage::PartOutcome;
+
+/// What the stages of [`Run::run`] hand back when they are done.
+pub(crate) struct Finished {
+    pub(crate) summary: Summary,
+    pub(crate) encode: (StageTime, BTreeMap<String, EncoderTime>),
+    pub(crate) outcomes: Vec<PartOutcome>,
+    pub(crate) write: StageTime,
+    pub(crate) ingest_blocked: Duration,
+    pub(crate) skipped_samples: Vec<SkipReport>,
+    pub(crate) seconds: f64,
+}
+
+impl Run {
+    /// The report of a finished run: shard outcomes in shard order, counts, per-stage
+    /// times, queue figures.
+    pub(crate) fn report(&self, done: Finished) -> RunReport {
+        let Finished {
+            summary,
+            encode: encode_time,
+            outcomes,
+            write: mut write_time,
+            ingest_blocked,
+            mut skipped_samples,
+            seconds,
+        } = done;
+        write_time.threads = self.cfg.options.writers.max(1);
+        write_time.finish();
+        let o = &self.cfg.options;
+
+        let mut committed = Vec::new();
+        let mut failed = Vec::new();
+        for o in outcomes {
+            match o {
+                PartOutcome::Committed(p) => committed.push(p),
+                PartOutcome::Failed(f) => failed.push(f),
+            }
+        }
+        committed.sort_by_key(|p| p.index);
+        failed.sort_by_key(|f| f.index);
+        let snap = self.stats.snapshot();
+        let (encode, encoders) = encode_time;
+        let ingest_time = IngestTime {
+            wall_s: summary.seconds,
+            blocked_s: ingest_blocked.as_secs_f64(),
+            samples_per_s: summary.kept as f64 / summary.seconds.max(1e-9),
+            mb_per_s: summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9),
+        };
+        skipped_samples.sort_by(|a, b| (&a.shard, &a.key).cmp(&(&b.shard, &b.key)));
+        RunReport {
+            name: self.cfg.name.clone(),
+            store: self.cfg.store.to_string(),
+            rank: self.cfg.rank.rank,
+            world: self.cfg.rank.world,
+            rank_from: self.cfg.rank.origin.to_string(),
+            encoders: self.encoder_names(),
+            shards: ShardCounts {
+                listed: self.listed,
+                mine: self.mine,
+                already_committed: self.mine - self.todo.len(),
+                todo: self.todo.len(),
+                committed: committed.len(),
+                failed: failed.len(),
+                not_started: self
+                    .todo
+                    .len()
+                    .saturating_sub(committed.len() + failed.len()),
+            },
+            samples: SampleCounts {
+                read: summary.kept,
+                encoded: snap.samples_encoded,
+                written: snap.samples_written,
+                skipped: summary.skipped.clone(),
+                lost_with_failed_shards: failed.iter().map(|f| f.samples_read).sum(),
+            },
+            bytes: summary.bytes,
+            retries: summary.retries,
+            seconds,
+            samples_per_s: snap.samples_written as f64 / seconds.max(1e-9),
+            stages: Stages {
+                ingest: ingest_time,
+                encode,
+                encoders,
+                write: write_time,
+            },
+            queues: QueueReport {
+                encode_queue: o.encode_queue,
+                write_queue: o.write_queue,
+                batch: self.batch,
+                in_flight_bound: self.in_flight_bound(),
+                in_flight_high: snap.in_flight_high,
+            },
+            committed_parts: committed,
+            failed_shards: failed,
+            skipped_samples_truncated: summary.skipped.values().sum::<u64>()
+                > skipped_samples.len() as u64,
+            skipped_samples,
+        }
+    }
+}
 
 /// Everything a run did.
 #[derive(Debug, Clone, Serialize)]

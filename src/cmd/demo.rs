@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tensorbake_encode::tiny::{TinyModel, write_tiny_model};
 use tensorbake_kit::http::FileServer;
+use tensorbake_kit::schema::Array;
 use tensorbake_kit::synth::{Sa1bSpec, write_sa1b};
+use tensorbake_nn::tiny::{TinyModel, write_tiny_model};
 use tensorbake_store::{Loader, LoaderConfig, Location, StoreReader};
 
 use crate::manifest::Manifest;
@@ -95,11 +96,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let models = out.join("models");
     eprintln!(
         "demo: writing tiny random-weight models ({}) to {}",
-        MODELS.map(TinyModel::feature).join(", "),
+        MODELS.map(|m| m.feature().name()).join(", "),
         models.display()
     );
     for (i, m) in MODELS.into_iter().enumerate() {
-        write_tiny_model(m, &models.join(m.feature()), 100 + i as u64)
+        write_tiny_model(m, &models.join(m.feature().name()), 100 + i as u64)
             .with_context(|| format!("writing the tiny {} model", m.feature()))?;
     }
     std::fs::write(
@@ -150,13 +151,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // read it back as the trainer will: shuffled batches of tensors
     let reader = std::sync::Arc::new(StoreReader::open(&Location::from(store_dir.as_path()))?);
     let arrays: Vec<String> = [
-        "sd_vae_mean",
-        "siglip_hidden",
-        "clip_image_embeds",
-        "t5_hidden",
+        Array::SdVaeMean,
+        Array::SiglipHidden,
+        Array::ClipImageEmbeds,
+        Array::T5Hidden,
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(|a| a.name().to_string())
     .collect();
     let cfg = LoaderConfig::new(7, 0, 16, arrays.clone());
     let mut loaded = 0usize;

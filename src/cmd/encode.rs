@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use candle_core::{DType, Tensor};
 use tensorbake_encode::image_ops::RgbImage;
-use tensorbake_encode::{DTypeName, EncoderConfig, Input, build_encoder};
+use tensorbake_encode::{EncoderConfig, Input, build_encoder};
+use tensorbake_kit::dtype::DType as Precision;
+use tensorbake_kit::schema::Array;
 
 /// Flags of `tensorbake encode`.
 #[derive(Debug, clap::Args)]
@@ -30,7 +32,7 @@ pub struct EncodeArgs {
     pub device: String,
     /// Compute and output dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
-    pub dtype: DTypeName,
+    pub dtype: Precision,
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -64,8 +66,8 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
     let encoder = build_encoder(&cfg, args.resolution)
         .with_context(|| format!("loading encoder `{}` from {}", args.encoder, args.weights))?;
     let info = encoder.info();
-    let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
-    let mut push = |outs: Vec<(String, Tensor)>| {
+    let mut parts: BTreeMap<Array, Vec<Tensor>> = BTreeMap::new();
+    let mut push = |outs: Vec<(Array, Tensor)>| {
         for (name, t) in outs {
             parts.entry(name).or_default().push(t);
         }
@@ -115,12 +117,12 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<ExitCode> {
     let mut arrays = Vec::new();
     for spec in &info.arrays {
         let ts = parts
-            .remove(&spec.name)
-            .with_context(|| format!("encoder produced no `{}` array", spec.name))?;
-        arrays.push((spec.name.clone(), Tensor::cat(&ts, 0)?));
+            .remove(&spec.array)
+            .with_context(|| format!("encoder produced no `{}` array", spec.array))?;
+        arrays.push((spec.array.name().to_string(), Tensor::cat(&ts, 0)?));
     }
     let mut meta = BTreeMap::new();
-    meta.insert("feature".to_string(), info.feature.clone());
+    meta.insert("feature".to_string(), info.feature.name().to_string());
     meta.insert("model".to_string(), info.model.clone());
     meta.insert("weights_sha256".to_string(), info.weights_sha256.clone());
     meta.insert("preprocess".to_string(), info.preprocess.to_string());

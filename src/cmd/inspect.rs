@@ -2,7 +2,7 @@
 //! bytes are intact.
 //!
 //! Exit status: 0 when the store opened (and, with `--verify`, no damage was found);
-//! 2 when `--verify` found damaged parts or a damaged empty-caption embedding (the
+//! 2 when `--verify` found damaged parts or a damaged null embedding (the
 //! report lists them); 1 on any error.
 
 use std::process::ExitCode;
@@ -88,10 +88,10 @@ fn print_table(info: &StoreInfo, report: Option<&VerifyReport>) {
     println!(
         "null         {}",
         if info.null_embeddings.is_empty() {
-            "no empty-caption embedding recorded".to_string()
+            "no null embedding (empty caption, black image) recorded".to_string()
         } else {
             format!(
-                "empty-caption embedding of {}",
+                "embedding of nothing (empty caption / black image) for {}",
                 info.null_embeddings.join(", ")
             )
         }

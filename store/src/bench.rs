@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use serde::Serialize;
+use tensorbake_kit::schema::Array;
 
 use crate::layout::StoreOptions;
 use crate::location::Location;
@@ -42,19 +43,23 @@ pub fn default_profiles() -> Vec<Profile> {
         Profile {
             name: "latent".into(),
             features: vec![
-                ("sd_vae_mean".into(), DType::F32, vec![4, 64, 64]),
-                ("sd_vae_std".into(), DType::F32, vec![4, 64, 64]),
+                (Array::SdVaeMean.name().into(), DType::F32, vec![4, 64, 64]),
+                (Array::SdVaeStd.name().into(), DType::F32, vec![4, 64, 64]),
             ],
             samples: 512,
         },
         Profile {
             name: "siglip".into(),
-            features: vec![("siglip_hidden".into(), DType::Bf16, vec![729, 1152])],
+            features: vec![(
+                Array::SiglipHidden.name().into(),
+                DType::Bf16,
+                vec![729, 1152],
+            )],
             samples: 64,
         },
         Profile {
             name: "t5".into(),
-            features: vec![("t5_hidden".into(), DType::Bf16, vec![120, 4096])],
+            features: vec![(Array::T5Hidden.name().into(), DType::Bf16, vec![120, 4096])],
             samples: 96,
         },
     ]

@@ -119,7 +119,7 @@ pub fn array_path(part: &str, array: &str) -> String {
     format!("/{PARTS_DIR}/{part}/{array}")
 }
 
-/// Zarr path (`/null/<array>`) of the empty-caption embedding of a feature array.
+/// Zarr path (`/null/<array>`) of the null embedding of a feature array.
 #[must_use]
 pub fn null_array_path(array: &str) -> String {
     format!("/{NULL_DIR}/{array}")

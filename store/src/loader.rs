@@ -7,41 +7,18 @@ use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{Receiver, bounded};
+use tensorbake_kit::rng::SplitMix64;
 
 use crate::layout::ArrayKind;
 use crate::reader::{StoreReader, tensor_from_le_bytes};
 use crate::{Result, StoreError};
 
-/// SplitMix64: a tiny, well-mixed generator whose output is fixed forever (unlike
-/// `rand`'s `StdRng`), so a `(seed, epoch)` order never changes between versions.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift with rejection).
-    fn below(&mut self, n: u64) -> u64 {
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
-}
-
 /// The order of epoch `epoch` for a store of `len` samples: a Fisher-Yates
 /// permutation of `0..len` seeded by `(seed, epoch)`. Every sample appears once.
 #[must_use]
 pub fn epoch_order(len: u64, seed: u64, epoch: u64) -> Vec<u64> {
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x7E45_0B4E);
+    // SplitMix64 (kit::rng): its output never changes, so neither does an epoch's order.
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x7E45_0B4E);
     let mut order: Vec<u64> = (0..len).collect();
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -70,6 +47,9 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// Shuffle (otherwise index order).
     pub shuffle: bool,
+    /// Start the epoch at this batch (a resumed training run): the batches before it
+    /// are not read. The epoch's order and batches are the same as from the start.
+    pub start_batch: usize,
     /// Device the tensors are created on.
     pub device: Device,
 }
@@ -88,6 +68,7 @@ impl LoaderConfig {
             prefetch_depth: 2,
             drop_last: false,
             shuffle: true,
+            start_batch: 0,
             device: Device::Cpu,
         }
     }
@@ -213,6 +194,7 @@ impl Loader {
         if config.drop_last && batches.last().is_some_and(|b| b.len() < config.batch_size) {
             batches.pop();
         }
+        batches.drain(..config.start_batch.min(batches.len()));
         let n_batches = batches.len();
         let batches = Arc::new(batches);
         let threads_n = config.prefetch_threads.min(n_batches.max(1));
@@ -248,7 +230,7 @@ impl Loader {
         })
     }
 
-    /// Number of batches in the epoch.
+    /// Number of batches in the epoch (from `start_batch` on).
     #[must_use]
     pub fn batches(&self) -> usize {
         self.batches
@@ -303,14 +285,50 @@ mod tests {
     }
 
     #[test]
-    fn below_is_in_range_and_covers_it() {
-        let mut rng = SplitMix64(1);
-        let mut seen = [false; 5];
-        for _ in 0..200 {
-            let v = rng.below(5);
-            assert!(v < 5);
-            seen[v as usize] = true;
+    fn a_loader_started_at_a_batch_gives_the_rest_of_the_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = crate::Location::from(dir.path().join("s"));
+        let mut features = BTreeMap::new();
+        features.insert(
+            "x".to_string(),
+            crate::FeatureSpec {
+                model: "m".into(),
+                weights_sha256: "0".into(),
+                preprocess: serde_json::json!({}),
+                dtype: crate::DType::F32,
+                shape: vec![1],
+            },
+        );
+        let store =
+            crate::Store::create_or_open(&location, crate::StoreSpec::new(features)).unwrap();
+        let mut w = store.part_writer("p", "src").unwrap();
+        for i in 0..10u32 {
+            w.push(crate::Record {
+                key: format!("k{i}"),
+                caption: String::new(),
+                caption_raw: String::new(),
+                orig_size: [1, 1],
+                features: BTreeMap::from([(
+                    "x".to_string(),
+                    crate::FeatureValue::Bytes((i as f32).to_le_bytes().to_vec()),
+                )]),
+            })
+            .unwrap();
         }
-        assert!(seen.iter().all(|&s| s));
+        w.commit().unwrap();
+        let reader = Arc::new(StoreReader::open(&location).unwrap());
+        let keys = |start: usize| -> Vec<Vec<String>> {
+            let mut c = LoaderConfig::new(3, 1, 3, vec!["x".into()]);
+            c.drop_last = true;
+            c.start_batch = start;
+            Loader::new(reader.clone(), &c)
+                .unwrap()
+                .map(|b| b.unwrap().keys)
+                .collect()
+        };
+        let all = keys(0);
+        assert_eq!(all.len(), 3);
+        assert_eq!(keys(1), all[1..]);
+        assert!(keys(5).is_empty());
     }
 }

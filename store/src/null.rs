@@ -1,14 +1,16 @@
-//! The embedding of the empty caption ("null embedding"), which Flux reconditioning and
-//! conditioning dropout need at training time.
+//! The embeddings of "nothing" ("null embeddings"): the empty caption for text features,
+//! a black image for SigLIP and CLIP (the feature schema's `NullInput`), which Flux
+//! reconditioning, conditioning dropout and classifier-free guidance need.
 //!
 //! ```text
-//! STORE/null/zarr.json    group; attributes.tensorbake_null = {caption: "", arrays: [...]},
+//! STORE/null/zarr.json    group; attributes.tensorbake_null = {caption: "", image: "black",
+//!                         inputs: {array: "empty caption" | "black image"}, arrays: [...]},
 //!                         written after the arrays
 //! STORE/null/<array>      one array per recorded feature array, shape [1, ...feature shape]
 //! ```
 //!
-//! Each array keeps the leading axis of a part array, of length 1 (the empty caption
-//! as a one-sample batch), so it is built, encoded and checked exactly like a part
+//! Each array keeps the leading axis of a part array, of length 1 (the null input as a
+//! one-sample batch), so it is built, encoded and checked exactly like a part
 //! array: the feature's dtype, one shard of one inner chunk, `zstd` + `crc32c`. The
 //! reader drops that axis: [`StoreReader::null_embedding`] returns the per-sample shape.
 //!
@@ -31,10 +33,20 @@ use crate::location::Backend;
 use crate::reader::{StoreReader, tensor_from_le_bytes};
 use crate::spec::StoreSpec;
 use crate::writer::{Store, group_json, tensor_to_le_bytes};
+use tensorbake_kit::schema::NullInput;
+
 use crate::{Result, StoreError};
 
-/// The caption whose embedding the `null` group holds.
+/// The caption whose embedding the `null` group holds for text features.
 pub const NULL_CAPTION: &str = "";
+
+/// What input a null array is the embedding of: the schema's null input of its feature
+/// (arrays outside the schema are taken as text, the group's original meaning).
+fn null_input_label(array: &str) -> &'static str {
+    tensorbake_kit::schema::Array::from_name(array)
+        .and_then(|a| a.feature().null_input())
+        .map_or(NullInput::EmptyCaption.label(), NullInput::label)
+}
 
 fn null_err(backend: &Backend, array: &str, reason: String) -> StoreError {
     StoreError::NullEmbedding {
@@ -211,9 +223,10 @@ fn encode_null_array(
 }
 
 impl Store {
-    /// Records the embedding of the empty caption: `arrays` maps feature array names to
+    /// Records the embeddings of the null input (the empty caption of a text feature,
+    /// the black image of an image feature): `arrays` maps feature array names to
     /// tensors of the feature's per-sample shape (no batch axis), e.g. the output of
-    /// `tensorbake_encode::text::null_embedding`. Float tensors are cast to the feature's
+    /// `tensorbake_encode::null_embedding`. Float tensors are cast to the feature's
     /// dtype, `uint16`/`uint32` features take `U8`/`U32` tensors, as in
     /// [`crate::PartWriter::push`].
     ///
@@ -272,9 +285,11 @@ impl Store {
                         backend,
                         &name,
                         format!(
-                            "a different embedding of the empty caption is already recorded \
+                            "a different embedding of the {} is already recorded \
                              (first differing byte {first} of {}); the store spec pins the \
-                             weights, so this means a changed tokenizer or a bug",
+                             weights, so this means a changed tokenizer or preprocessing, \
+                             or a bug",
+                            null_input_label(&name),
                             bytes.len()
                         ),
                     ));
@@ -308,8 +323,14 @@ impl Store {
             return Ok(());
         }
         all.extend(listed);
+        let inputs: serde_json::Map<String, serde_json::Value> = all
+            .iter()
+            .map(|a| (a.clone(), null_input_label(a).into()))
+            .collect();
         let value = serde_json::json!({
             "caption": NULL_CAPTION,
+            "image": "black",
+            "inputs": inputs,
             "arrays": all.into_iter().collect::<Vec<_>>(),
         });
         backend.put_atomic(&group_key, group_json(NULL_ATTR, value))
@@ -328,7 +349,7 @@ fn recorded_arrays_on_storage(backend: &Backend, spec: &StoreSpec) -> Result<BTr
 }
 
 impl StoreReader {
-    /// The recorded embedding of the empty caption for feature array `name`, with the
+    /// The recorded null embedding (empty caption, black image) of feature array `name`, with the
     /// feature's per-sample shape (no batch axis) and candle dtype (`uint16` as `U32`),
     /// on `device`; `None` when it was not recorded.
     ///
@@ -356,10 +377,10 @@ impl StoreReader {
             })
     }
 
-    /// The recorded null embedding of feature array `name` as decoded little-endian
-    /// bytes of the feature's stored dtype (`uint16` stays `uint16`), per-sample shape;
-    /// `None` when it was not recorded. For language bindings; see
-    /// [`StoreReader::null_embedding`] for a tensor.
+    /// The recorded null embedding (empty caption, black image) of feature array `name`
+    /// as decoded little-endian bytes of the feature's stored dtype (`uint16` stays
+    /// `uint16`), per-sample shape; `None` when it was not recorded. For language
+    /// bindings; see [`StoreReader::null_embedding`] for a tensor.
     ///
     /// # Errors
     /// As [`StoreReader::null_embedding`].
@@ -372,7 +393,7 @@ impl StoreReader {
         read_null_bytes(backend, name, &kind)
     }
 
-    /// Names of the feature arrays whose empty-caption embedding is recorded.
+    /// Names of the feature arrays whose null embedding is recorded.
     ///
     /// # Errors
     /// Storage errors while listing.

@@ -421,7 +421,7 @@ pub struct StoreInfo {
     pub bytes_per_sample: f64,
     /// Uncompressed / stored for the numeric arrays together.
     pub compression_ratio: Option<f64>,
-    /// Feature arrays whose empty-caption embedding is recorded under `null/`.
+    /// Feature arrays whose null embedding (empty caption, black image) is recorded under `null/`.
     pub null_embeddings: Vec<String>,
 }
 

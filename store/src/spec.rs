@@ -6,91 +6,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use tensorbake_kit::schema::Array;
+
 use crate::StoreError;
 use crate::layout::BUILTIN_ARRAYS;
 
 /// Version of the on-disk layout described in `docs/store.md`.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Element type of a feature array.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum DType {
-    /// bfloat16 (the zarr-extensions `bfloat16` data type). Embeddings.
-    #[serde(rename = "bfloat16")]
-    Bf16,
-    /// IEEE half precision. Latents, when configured.
-    #[serde(rename = "float16")]
-    F16,
-    /// IEEE single precision. Latents, when configured.
-    #[serde(rename = "float32")]
-    F32,
-    /// Unsigned 16-bit integers (read back as candle `U32`: candle has no u16).
-    #[serde(rename = "uint16")]
-    U16,
-    /// Unsigned 32-bit integers (token counts, sizes).
-    #[serde(rename = "uint32")]
-    U32,
-}
-
-impl DType {
-    /// Bytes per element.
-    #[must_use]
-    pub const fn size(self) -> usize {
-        match self {
-            Self::Bf16 | Self::F16 | Self::U16 => 2,
-            Self::F32 | Self::U32 => 4,
-        }
-    }
-
-    /// The Zarr v3 `data_type` name.
-    #[must_use]
-    pub const fn zarr_name(self) -> &'static str {
-        match self {
-            Self::Bf16 => "bfloat16",
-            Self::F16 => "float16",
-            Self::F32 => "float32",
-            Self::U16 => "uint16",
-            Self::U32 => "uint32",
-        }
-    }
-
-    /// The dtype of a Zarr v3 `data_type` name, if tensorbake writes it.
-    #[must_use]
-    pub fn from_zarr_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "bfloat16" => Self::Bf16,
-            "float16" => Self::F16,
-            "float32" => Self::F32,
-            "uint16" => Self::U16,
-            "uint32" => Self::U32,
-            _ => return None,
-        })
-    }
-
-    /// The candle dtype tensors of this feature have. `U16` maps to `U32` (widened on
-    /// read) because candle has no 16-bit unsigned type.
-    #[must_use]
-    pub const fn candle(self) -> candle_core::DType {
-        match self {
-            Self::Bf16 => candle_core::DType::BF16,
-            Self::F16 => candle_core::DType::F16,
-            Self::F32 => candle_core::DType::F32,
-            Self::U16 | Self::U32 => candle_core::DType::U32,
-        }
-    }
-
-    /// Whether this is a floating point type.
-    #[must_use]
-    pub const fn is_float(self) -> bool {
-        matches!(self, Self::Bf16 | Self::F16 | Self::F32)
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.zarr_name())
-    }
-}
+/// Element type of a feature array: the workspace's one dtype vocabulary (Zarr names
+/// `bfloat16`, `float16`, `float32`, `uint16`, `uint32` in the metadata).
+pub use tensorbake_kit::dtype::DType;
 
 /// One feature array: which model made it, from which weights, how its input was
 /// prepared, and the dtype and per-sample shape it is stored with.
@@ -163,8 +89,16 @@ impl StoreSpec {
         }
     }
 
+    /// The spec of a schema array, if the store has it.
+    #[must_use]
+    pub fn array(&self, array: Array) -> Option<&FeatureSpec> {
+        self.features.get(array.name())
+    }
+
     /// Checks names and shapes: feature names are safe path components and do not
-    /// collide with the built-in arrays.
+    /// collide with the built-in arrays; an array the feature schema knows has the
+    /// shape its rule gives and an element type of the right kind (floats for
+    /// embeddings and latents, integers for counts). Other names are the caller's.
     ///
     /// # Errors
     /// [`StoreError::InvalidSpec`] naming the feature.
@@ -189,6 +123,23 @@ impl StoreSpec {
                     "features.{name}.shape {:?} has a zero dimension",
                     feature.shape
                 )));
+            }
+            if let Some(array) = Array::from_name(name) {
+                array
+                    .shape_rule()
+                    .check(&feature.shape)
+                    .map_err(|why| StoreError::InvalidSpec(format!("features.{name}: {why}")))?;
+                if array.is_float() != feature.dtype.is_float() {
+                    return Err(StoreError::InvalidSpec(format!(
+                        "features.{name}.dtype {} is not {}",
+                        feature.dtype,
+                        if array.is_float() {
+                            "a float type"
+                        } else {
+                            "an integer type"
+                        }
+                    )));
+                }
             }
         }
         Ok(())
@@ -357,5 +308,38 @@ mod tests {
         let mut s = spec();
         s.features.insert("../x".into(), f);
         assert!(s.validate().unwrap_err().to_string().contains("../x"));
+    }
+
+    #[test]
+    fn validate_holds_schema_arrays_to_their_shape_and_kind() {
+        assert!(spec().validate().is_ok());
+        assert_eq!(
+            spec().array(Array::SiglipHidden).unwrap().shape,
+            [729, 1152]
+        );
+        assert!(spec().array(Array::T5Hidden).is_none());
+        let mut s = spec();
+        s.features.get_mut("siglip_hidden").unwrap().shape = vec![1152];
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("siglip_hidden") && e.contains("[tokens, width]"),
+            "{e}"
+        );
+        let mut s = spec();
+        let mut latent = s.features["siglip_hidden"].clone();
+        latent.shape = vec![16, 64, 64];
+        s.features.insert("sd_vae_mean".into(), latent.clone());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("sd_vae_mean") && e.contains("[4, h, w]"), "{e}");
+        let mut s = spec();
+        latent.shape = vec![];
+        latent.dtype = DType::Bf16;
+        s.features.insert("t5_len".into(), latent.clone());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("t5_len") && e.contains("integer"), "{e}");
+        // names outside the schema are the caller's business
+        let mut s = spec();
+        s.features.insert("my_feature".into(), latent);
+        assert!(s.validate().is_ok());
     }
 }

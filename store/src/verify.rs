@@ -1,7 +1,7 @@
 //! Checking a store's bytes: every shard of every array of every committed part is
 //! read whole; its index checksum, every index entry's bounds and every inner chunk's
 //! crc32c are checked, and shards that should exist but do not are reported. The
-//! recorded empty-caption embeddings (`null/<array>`) are checked the same way.
+//! recorded null embeddings (`null/<array>`) are checked the same way.
 
 use serde::Serialize;
 
@@ -35,7 +35,7 @@ pub struct VerifyReport {
     pub damaged: Vec<DamagedPart>,
     /// Empty-caption embedding arrays (`null/<array>`) checked.
     pub null_arrays_checked: usize,
-    /// Problems of the empty-caption embedding arrays, one sentence each naming the key.
+    /// Problems of the null-embedding arrays, one sentence each naming the key.
     pub null_problems: Vec<String>,
 }
 
@@ -234,7 +234,7 @@ fn check_array(
 }
 
 /// Verifies every shard of every committed part of the store at `location`, and the
-/// recorded empty-caption embeddings under `null/`.
+/// recorded null embeddings under `null/`.
 ///
 /// # Errors
 /// Only when the store cannot be opened or listed; damage is reported, not raised.

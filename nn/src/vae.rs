@@ -14,7 +14,10 @@
 //! `std = exp(0.5 * clamp(logvar, -30, 20))`, as diffusers computes it.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder, conv2d, group_norm, linear};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::layers::{Conv2d, GroupNorm, Linear};
+use crate::ops;
 use serde::Deserialize;
 
 fn default_in_channels() -> usize {
@@ -267,7 +270,7 @@ fn conv(
     pad: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    conv2d(
+    Conv2d::new(
         cin,
         cout,
         k,
@@ -292,9 +295,9 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, cin, NORM_EPS, vb.pp("norm1"))?,
             conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            norm2: group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, cout, NORM_EPS, vb.pp("norm2"))?,
             conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             shortcut: (cin != cout)
                 .then(|| conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut")))
@@ -305,8 +308,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = x.apply(&self.norm1)?.silu()?.apply(&self.conv1)?;
-        let h = h.apply(&self.norm2)?.silu()?.apply(&self.conv2)?;
+        let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
+        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
         match &self.shortcut {
             Some(s) => x.apply(s)? + h,
             None => x + h,
@@ -328,11 +331,11 @@ struct SpatialAttention {
 impl SpatialAttention {
     fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm: group_norm(groups, ch, NORM_EPS, vb.pp("group_norm"))?,
-            q: linear(ch, ch, vb.pp("to_q"))?,
-            k: linear(ch, ch, vb.pp("to_k"))?,
-            v: linear(ch, ch, vb.pp("to_v"))?,
-            out: linear(ch, ch, vb.pp("to_out").pp("0"))?,
+            norm: GroupNorm::new(groups, ch, NORM_EPS, vb.pp("group_norm"))?,
+            q: Linear::new(ch, ch, vb.pp("to_q"))?,
+            k: Linear::new(ch, ch, vb.pp("to_k"))?,
+            v: Linear::new(ch, ch, vb.pp("to_v"))?,
+            out: Linear::new(ch, ch, vb.pp("to_out").pp("0"))?,
         })
     }
 }
@@ -348,12 +351,13 @@ impl Module for SpatialAttention {
         let q = t.apply(&self.q)?;
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
-        let scale = 1.0 / (c as f64).sqrt();
         // softmax in f32 (diffusers' upcast_softmax) whatever the compute dtype
-        let dtype = q.dtype();
-        let att = (q.matmul(&k.t()?)? * scale)?.to_dtype(candle_core::DType::F32)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
-        let o = att.matmul(&v)?.apply(&self.out)?;
+        let opts = ops::AttentionOpts {
+            scale: Some(1.0 / (c as f64).sqrt()),
+            bias: None,
+            softmax_f32: true,
+        };
+        let o = ops::attention(&q, &k, &v, &opts)?.apply(&self.out)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + o
     }
@@ -430,7 +434,7 @@ impl VaeEncoder {
             .then(|| SpatialAttention::new(cin, g, vm.pp("attentions").pp(0)))
             .transpose()?;
         let mid_res2 = ResnetBlock::new(cin, cin, g, vm.pp("resnets").pp(1))?;
-        let norm_out = group_norm(g, cin, NORM_EPS, venc.pp("conv_norm_out"))?;
+        let norm_out = GroupNorm::new(g, cin, NORM_EPS, venc.pp("conv_norm_out"))?;
         let moments = 2 * cfg.latent_channels;
         let conv_out = conv(cin, moments, 3, 1, 1, venc.pp("conv_out"))?;
         let quant_conv = cfg
@@ -461,7 +465,7 @@ impl VaeEncoder {
             h = h.apply(a)?;
         }
         h = h.apply(&self.mid_res2)?;
-        h = h.apply(&self.norm_out)?.silu()?.apply(&self.conv_out)?;
+        h = self.norm_out.forward_silu(&h)?.apply(&self.conv_out)?;
         match &self.quant_conv {
             Some(q) => h.apply(q),
             None => Ok(h),

@@ -8,21 +8,26 @@
 //! `get` is checked against that header: the tensor must exist (under its own name or
 //! one of the aliases a [`NameMap`] gives, e.g. BFL names for diffusers ones), hold a
 //! floating-point dtype, and have the shape the model asks for. The first failure is
-//! kept as a typed [`EncodeError::BadTensor`] and returned instead of candle's message.
+//! kept as a typed [`Error::BadTensor`] and returned instead of candle's message.
 //!
 //! The only relaxation: a stored `[o, i, 1, 1]` 1x1-convolution kernel is accepted where
 //! the model asks for an `[o, i]` linear weight (LDM / BFL checkpoints store attention
 //! projections as 1x1 convolutions).
+//!
+//! For training, [`WeightFiles::build_trainable`] makes the tensors a predicate selects
+//! into candle [`Var`]s in f32 (master weights), collected in a [`VarSet`] under the
+//! names the model asks for; everything else is loaded as a constant in the compute
+//! dtype, which the [`crate::ops`] seam treats as frozen (input gradients only).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::{EncodeError, Result};
+use crate::{Error, Result};
 
 /// Maps the tensor name a model asks for to the names to look up in the files, in order
 /// of preference (the first present wins).
@@ -75,12 +80,12 @@ impl WeightFiles {
         let mut index = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             if let Err(source) = std::fs::metadata(path) {
-                return Err(EncodeError::Io {
+                return Err(Error::Io {
                     path: path.clone(),
                     source,
                 });
             }
-            let m = mmap(path).map_err(|e| EncodeError::BadFile {
+            let m = mmap(path).map_err(|e| Error::BadFile {
                 path: path.clone(),
                 why: format!("not a readable safetensors file: {e}"),
             })?;
@@ -154,14 +159,14 @@ impl WeightFiles {
             } else {
                 String::new()
             };
-            return Err(EncodeError::BadTensor {
+            return Err(Error::BadTensor {
                 tensor: shown.to_string(),
                 path: self.files_label(),
                 why: format!("missing{also}"),
             });
         };
         let path = self.files[meta.file].display().to_string();
-        let bad = |why: String| EncodeError::BadTensor {
+        let bad = |why: String| Error::BadTensor {
             tensor: stored.to_string(),
             path: path.clone(),
             why,
@@ -181,7 +186,10 @@ impl WeightFiles {
                 && meta.shape[..exp.len()] == *exp
                 && meta.shape[exp.len()..] == [1, 1];
             if !conv1x1 {
-                return Err(bad(format!("shape {:?}, expected {:?}", meta.shape, exp)));
+                return Err(bad(format!(
+                    "expected shape {:?}, found {:?}",
+                    exp, meta.shape
+                )));
             }
             reshape_to = Some(exp.to_vec());
         }
@@ -196,9 +204,9 @@ impl WeightFiles {
     }
 
     /// Builds a model: `build` gets a `VarBuilder` over these files whose lookups go
-    /// through `map` and are checked as [`WeightFiles::load`] does. A failed lookup is
-    /// returned as its [`EncodeError::BadTensor`]; any other candle error is wrapped
-    /// with `what` (the encoder name).
+    /// through `map` and are checked as [`WeightFiles::load`] does; every tensor is a
+    /// constant in `dtype` (frozen). A failed lookup is returned as its
+    /// [`Error::BadTensor`]; any other candle error is wrapped with `what` (the model).
     pub fn build<M>(
         self: &Arc<Self>,
         what: &str,
@@ -207,19 +215,47 @@ impl WeightFiles {
         device: &Device,
         build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<M>,
     ) -> Result<M> {
+        self.build_inner(what, map, dtype, device, None, build)
+    }
+
+    /// As [`WeightFiles::build`], but the tensors `train` selects become f32 variables
+    /// in `train.vars` (under the name the model asks for); the rest stay constants in
+    /// `dtype`.
+    pub fn build_trainable<M>(
+        self: &Arc<Self>,
+        what: &str,
+        map: NameMap,
+        dtype: DType,
+        device: &Device,
+        train: &Trainable,
+        build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        self.build_inner(what, map, dtype, device, Some(train.clone()), build)
+    }
+
+    fn build_inner<M>(
+        self: &Arc<Self>,
+        what: &str,
+        map: NameMap,
+        dtype: DType,
+        device: &Device,
+        train: Option<Trainable>,
+        build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<M>,
+    ) -> Result<M> {
         let first_error = Arc::new(Mutex::new(None));
         let backend = CheckedBackend {
             weights: Arc::clone(self),
             map,
             first_error: Arc::clone(&first_error),
+            train,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         match build(vb) {
             Ok(m) => Ok(m),
             Err(source) => {
                 let kept = first_error.lock().ok().and_then(|mut g| g.take());
-                Err(kept.unwrap_or(EncodeError::Candle {
-                    encoder: what.to_string(),
+                Err(kept.unwrap_or(Error::Candle {
+                    model: what.to_string(),
                     source,
                 }))
             }
@@ -227,10 +263,118 @@ impl WeightFiles {
     }
 }
 
+/// The trainable variables of a model, by the name the model asks for them (the
+/// diffusers / BFL name it is saved under), in f32. Cloning shares the set.
+#[derive(Debug, Clone, Default)]
+pub struct VarSet(Arc<Mutex<BTreeMap<String, Var>>>);
+
+impl VarSet {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Var>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The variable of `name`, made by `make` the first time (a tensor asked for twice
+    /// is one variable).
+    ///
+    /// # Errors
+    /// `make`'s error.
+    pub fn get_or_insert(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Var> {
+        let mut vars = self.lock();
+        if let Some(v) = vars.get(name) {
+            return Ok(v.clone());
+        }
+        let v = Var::from_tensor(&make()?.to_dtype(DType::F32)?)?;
+        vars.insert(name.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// Every variable, by name, in name order.
+    #[must_use]
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The variable of `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<Var> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Number of variables.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Total number of trainable elements.
+    #[must_use]
+    pub fn elem_count(&self) -> usize {
+        self.lock().values().map(|v| v.elem_count()).sum()
+    }
+}
+
+/// Which tensors of a model build train, and where their variables go.
+#[derive(Clone)]
+pub struct Trainable {
+    /// Selects trainable tensors by the name the model asks for.
+    pub select: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Receives the variables.
+    pub vars: VarSet,
+}
+
+impl std::fmt::Debug for Trainable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainable")
+            .field("vars", &self.vars.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainable {
+    /// Every tensor trains.
+    #[must_use]
+    pub fn all(vars: &VarSet) -> Self {
+        Self {
+            select: Arc::new(|_| true),
+            vars: vars.clone(),
+        }
+    }
+
+    /// The tensors whose name `select` accepts train.
+    pub fn when(vars: &VarSet, select: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            select: Arc::new(select),
+            vars: vars.clone(),
+        }
+    }
+}
+
 struct CheckedBackend {
     weights: Arc<WeightFiles>,
     map: NameMap,
-    first_error: Arc<Mutex<Option<EncodeError>>>,
+    first_error: Arc<Mutex<Option<Error>>>,
+    train: Option<Trainable>,
 }
 
 impl CheckedBackend {
@@ -241,17 +385,27 @@ impl CheckedBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.weights
-            .load(name, expected, &self.map, dtype, dev)
-            .map_err(|e| {
-                let msg = e.to_string();
-                if let Ok(mut slot) = self.first_error.lock()
-                    && slot.is_none()
-                {
-                    *slot = Some(e);
-                }
-                candle_core::Error::Msg(msg)
-            })
+        let load = |dtype| {
+            self.weights
+                .load(name, expected, &self.map, dtype, dev)
+                .map_err(|e| {
+                    let msg = e.to_string();
+                    if let Ok(mut slot) = self.first_error.lock()
+                        && slot.is_none()
+                    {
+                        *slot = Some(e);
+                    }
+                    candle_core::Error::Msg(msg)
+                })
+        };
+        match &self.train {
+            Some(t) if (t.select)(name) => Ok(t
+                .vars
+                .get_or_insert(name, || load(DType::F32))?
+                .as_tensor()
+                .clone()),
+            _ => load(dtype),
+        }
     }
 }
 
@@ -349,7 +503,7 @@ mod tests {
             })
             .unwrap_err();
         match err {
-            EncodeError::BadTensor { tensor, .. } => assert_eq!(tensor, "a.bias"),
+            Error::BadTensor { tensor, .. } => assert_eq!(tensor, "a.bias"),
             other => panic!("{other}"),
         }
     }

@@ -7,6 +7,8 @@
 //! transformers models), the real tensor names, a `preprocessor_config.json` for the
 //! image towers and, for T5, a SentencePiece `spiece.model` with `tokenizer_config.json`
 //! as google/t5-v1_1-xxl ships them. Only the sizes are small (a few hundred kB).
+//! [`write_tiny_pixart`] and [`write_tiny_redux`] do the same for the models the trainer
+//! trains (PixArt-α's transformer, the Redux adapter), in the diffusers layout.
 //!
 //! The tensor names are not listed by hand: the model is built once through a
 //! `VarBuilder` whose backend records every tensor the model asks for and makes it up
@@ -17,7 +19,7 @@
 //! version (SplitMix64 + Box-Muller, not `rand`).
 //!
 //! ```no_run
-//! use tensorbake_encode::tiny::{write_tiny_model, TinyModel};
+//! use tensorbake_nn::tiny::{write_tiny_model, TinyModel};
 //! let dir = std::env::temp_dir().join("tiny-t5");
 //! write_tiny_model(TinyModel::T5, &dir, 7).unwrap();
 //! assert!(dir.join("spiece.model").is_file());
@@ -32,7 +34,10 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use serde_json::{Value, json};
 
-use crate::{EncodeError, Result};
+use tensorbake_kit::rng::SplitMix64;
+use tensorbake_kit::schema::Feature;
+
+use crate::{Error, Result};
 
 /// The architectures [`write_tiny_model`] writes, by the feature they serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,68 +55,36 @@ pub enum TinyModel {
 }
 
 impl TinyModel {
-    /// The model serving a feature name (`sd_vae`, `flux_vae`, `siglip`,
-    /// `clip_vision`, `t5`), `None` for the others.
-    pub fn for_feature(name: &str) -> Option<Self> {
-        Some(match name {
-            "sd_vae" => Self::SdVae,
-            "flux_vae" => Self::FluxVae,
-            "siglip" => Self::Siglip,
-            "clip_vision" => Self::ClipVision,
-            "t5" => Self::T5,
-            _ => return None,
+    /// The model serving a feature, `None` for the features without one (`clip_text`).
+    #[must_use]
+    pub fn for_feature(feature: Feature) -> Option<Self> {
+        Some(match feature {
+            Feature::SdVae => Self::SdVae,
+            Feature::FluxVae => Self::FluxVae,
+            Feature::Siglip => Self::Siglip,
+            Feature::ClipVision => Self::ClipVision,
+            Feature::T5 => Self::T5,
+            Feature::ClipText => return None,
         })
     }
 
-    /// The feature name this model serves.
-    pub fn feature(self) -> &'static str {
+    /// The feature this model serves.
+    #[must_use]
+    pub fn feature(self) -> Feature {
         match self {
-            Self::SdVae => "sd_vae",
-            Self::FluxVae => "flux_vae",
-            Self::Siglip => "siglip",
-            Self::ClipVision => "clip_vision",
-            Self::T5 => "t5",
+            Self::SdVae => Feature::SdVae,
+            Self::FluxVae => Feature::FluxVae,
+            Self::Siglip => Feature::Siglip,
+            Self::ClipVision => Feature::ClipVision,
+            Self::T5 => Feature::T5,
         }
     }
-}
-
-/// SplitMix64: fixed output forever, so tiny models are the same bytes everywhere.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
-/// FNV-1a of the tensor name, mixed with the seed: each tensor has its own stream.
-fn stream(seed: u64, name: &str) -> SplitMix64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    SplitMix64(h ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 /// Values for one tensor, by its name and shape: norm scales near 1, small biases,
 /// embeddings of unit scale, other weights `N(0, 1/fan_in)`.
 fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
-    let mut rng = stream(seed, name);
+    let mut rng = SplitMix64::for_name(seed, name);
     let n: usize = dims.iter().product();
     let leaf = name.rsplit('.').next().unwrap_or(name);
     let embedding = name.contains("embed") || name.starts_with("shared");
@@ -130,10 +103,33 @@ fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
     (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
 }
 
+/// Values for the diffusion transformers and adapters ([`write_tiny_pixart`],
+/// [`write_tiny_redux`]): as [`values`], but every weight of rank 2 or more is
+/// `N(0, 1/fan_in)` whatever its name (their `*_embedder` layers are linear layers,
+/// not embedding tables), so the adaLN modulation stays of order one.
+fn fan_in_values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
+    let mut rng = SplitMix64::for_name(seed, name);
+    let n: usize = dims.iter().product();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let (mean, std) = if leaf == "bias" {
+        (0.0, 0.02)
+    } else if dims.len() == 1 {
+        (1.0, 0.05)
+    } else {
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        (0.0, 1.0 / (fan_in as f64).sqrt())
+    };
+    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+}
+
+/// How a [`Recorder`] makes up a tensor's values from the seed, name and shape.
+type ValuesFn = fn(u64, &str, &[usize]) -> Vec<f32>;
+
 /// A `VarBuilder` backend that makes up every tensor asked for and remembers it.
 struct Recorder {
     seed: u64,
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+    values: ValuesFn,
 }
 
 impl SimpleBackend for Recorder {
@@ -156,7 +152,11 @@ impl SimpleBackend for Recorder {
             }
             return t.to_dtype(dtype)?.to_device(dev);
         }
-        let t = Tensor::from_vec(values(self.seed, name, s.dims()), s.dims(), &Device::Cpu)?;
+        let t = Tensor::from_vec(
+            (self.values)(self.seed, name, s.dims()),
+            s.dims(),
+            &Device::Cpu,
+        )?;
         made.insert(name.to_string(), t.clone());
         t.to_dtype(dtype)?.to_device(dev)
     }
@@ -175,11 +175,21 @@ fn record(
     seed: u64,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
 ) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    record_with(seed, values, build)
+}
+
+/// [`record`] with another rule for the values.
+fn record_with(
+    seed: u64,
+    values: ValuesFn,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> candle_core::Result<BTreeMap<String, Tensor>> {
     let made = Arc::new(Mutex::new(BTreeMap::new()));
     let vb = VarBuilder::from_backend(
         Box::new(Recorder {
             seed,
             made: made.clone(),
+            values,
         }),
         DType::F32,
         Device::Cpu,
@@ -189,8 +199,8 @@ fn record(
     Ok(out)
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EncodeError + '_ {
-    move |source| EncodeError::Io {
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
         path: path.to_path_buf(),
         source,
     }
@@ -208,15 +218,15 @@ fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    candle_core::safetensors::save(&map, path).map_err(|e| EncodeError::BadFile {
+    candle_core::safetensors::save(&map, path).map_err(|e| Error::BadFile {
         path: path.to_path_buf(),
         why: format!("writing safetensors: {e}"),
     })
 }
 
-fn candle(model: TinyModel) -> impl Fn(candle_core::Error) -> EncodeError {
-    move |source| EncodeError::Candle {
-        encoder: format!("tiny {}", model.feature()),
+fn candle(model: TinyModel) -> impl Fn(candle_core::Error) -> Error {
+    move |source| Error::Candle {
+        model: format!("tiny {}", model.feature()),
         source,
     }
 }
@@ -261,7 +271,7 @@ fn write_vae(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
         "use_quant_conv": !flux,
     });
     let cfg: crate::vae::Config =
-        serde_json::from_value(config.clone()).map_err(|e| EncodeError::BadFile {
+        serde_json::from_value(config.clone()).map_err(|e| Error::BadFile {
             path: dir.join("config.json"),
             why: e.to_string(),
         })?;
@@ -310,7 +320,7 @@ fn write_siglip(dir: &Path, seed: u64) -> Result<()> {
         "patch_size": 16,
         "torch_dtype": "float32",
     });
-    let cfg = crate::siglip::Config::from_json(&config).map_err(|why| EncodeError::BadFile {
+    let cfg = crate::siglip::Config::from_json(&config).map_err(|why| Error::BadFile {
         path: dir.join("config.json"),
         why,
     })?;
@@ -344,11 +354,10 @@ fn write_clip_vision(dir: &Path, seed: u64) -> Result<()> {
         "projection_dim": 16,
         "torch_dtype": "float32",
     });
-    let cfg =
-        crate::clip_vision::Config::from_json(&config).map_err(|why| EncodeError::BadFile {
-            path: dir.join("config.json"),
-            why,
-        })?;
+    let cfg = crate::clip_vision::Config::from_json(&config).map_err(|why| Error::BadFile {
+        path: dir.join("config.json"),
+        why,
+    })?;
     let tensors = record(seed, |vb| {
         crate::clip_vision::ClipVisionWithProjection::new(vb, &cfg).map(|_| ())
     })
@@ -359,8 +368,8 @@ fn write_clip_vision(dir: &Path, seed: u64) -> Result<()> {
         &image_preprocessor(
             "CLIPImageProcessor",
             side,
-            crate::vision::CLIP_MEAN,
-            crate::vision::CLIP_STD,
+            crate::clip_vision::CLIP_MEAN,
+            crate::clip_vision::CLIP_STD,
         ),
     )?;
     save(&tensors, &dir.join("model.safetensors"))
@@ -560,7 +569,7 @@ fn write_t5(dir: &Path, seed: u64) -> Result<()> {
         "vocab_size": vocab_size,
     });
     let cfg: crate::t5::T5Config =
-        serde_json::from_value(config.clone()).map_err(|e| EncodeError::BadFile {
+        serde_json::from_value(config.clone()).map_err(|e| Error::BadFile {
             path: dir.join("config.json"),
             why: e.to_string(),
         })?;
@@ -589,110 +598,109 @@ fn write_t5(dir: &Path, seed: u64) -> Result<()> {
     save(&tensors, &dir.join("model.safetensors"))
 }
 
+/// The PixArt-α layouts [`write_tiny_pixart`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyPixart {
+    /// PixArt-XL-2-512x512 style: no resolution / aspect-ratio embedders; hidden 32 =
+    /// 2 heads x 16.
+    Xl512,
+    /// PixArt-XL-2-1024-MS style: with the size embedders (`use_additional_conditions`),
+    /// hidden 48 = 2 heads x 24 (the embedders need a multiple of 3).
+    Xl1024Ms,
+}
+
+/// The config of a tiny PixArt: depth 2, patch 2, 4 latent channels in, 8 out (learned
+/// sigma), cross-attention over `caption_channels`-wide caption tokens projected to the
+/// hidden width, position embeddings based at `sample_size` latent pixels (the
+/// demo's latent side; any latent size runs).
+#[must_use]
+pub fn tiny_pixart_config(
+    variant: TinyPixart,
+    caption_channels: usize,
+    sample_size: usize,
+) -> crate::pixart::Config {
+    let ms = variant == TinyPixart::Xl1024Ms;
+    let head_dim = if ms { 24 } else { 16 };
+    let hidden = 2 * head_dim;
+    // written as diffusers would derive it, explicit only where the rule disagrees
+    let additional = match (ms, sample_size == 128) {
+        (true, true) | (false, false) => None,
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+    };
+    crate::pixart::Config {
+        num_attention_heads: 2,
+        attention_head_dim: head_dim,
+        in_channels: 4,
+        out_channels: Some(8),
+        num_layers: 2,
+        cross_attention_dim: Some(hidden),
+        sample_size,
+        use_additional_conditions: additional,
+        caption_channels: Some(caption_channels),
+        ..crate::pixart::Config::xl_2_512()
+    }
+}
+
+/// Writes a tiny random-weight PixArt-α transformer ([`tiny_pixart_config`]) into
+/// `dir` in the diffusers layout (`config.json`, `diffusion_pytorch_model.safetensors`;
+/// `PixArtTransformer2DModel.from_pretrained` loads it), weights drawn from `seed`
+/// (`N(0, 1/fan_in)`, small biases: finite, order-one activations). For the demo store,
+/// `caption_channels` is the tiny T5's width (32) and `sample_size` the latent side.
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_tiny_pixart(
+    dir: &Path,
+    seed: u64,
+    variant: TinyPixart,
+    caption_channels: usize,
+    sample_size: usize,
+) -> Result<crate::pixart::Config> {
+    let cfg = tiny_pixart_config(variant, caption_channels, sample_size);
+    let tensors = record_with(seed, fan_in_values, |vb| {
+        crate::pixart::PixArt::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(|source| Error::Candle {
+        model: "tiny pixart".into(),
+        source,
+    })?;
+    crate::pixart::save_diffusers(dir, &cfg, &tensors)?;
+    Ok(cfg)
+}
+
+/// Writes a tiny random-weight Redux adapter (`redux_dim` -> `3 txt_in_features` ->
+/// `txt_in_features`) into `dir` as diffusers' `ReduxImageEncoder` (`config.json`,
+/// `diffusion_pytorch_model.safetensors`: FLUX.1-Redux-dev's `image_embedder/`). For the
+/// demo store, `redux_dim` is the tiny SigLIP's width (32) and `txt_in_features` the
+/// tiny T5's (32).
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_tiny_redux(
+    dir: &Path,
+    seed: u64,
+    redux_dim: usize,
+    txt_in_features: usize,
+) -> Result<crate::redux::Config> {
+    let cfg = crate::redux::Config {
+        redux_dim,
+        txt_in_features,
+    };
+    let tensors = record_with(seed, fan_in_values, |vb| {
+        crate::redux::Redux::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(|source| Error::Candle {
+        model: "tiny redux".into(),
+        source,
+    })?;
+    crate::redux::save_diffusers(dir, &cfg, &tensors)?;
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EncoderConfig, Input, Rgb8, build_encoder};
-
-    fn cfg(name: &str, dir: &Path) -> EncoderConfig {
-        EncoderConfig {
-            name: name.into(),
-            weights: dir.to_string_lossy().into_owned(),
-            dtype: Default::default(),
-            batch: 2,
-            device: "cpu".into(),
-            max_length: Some(16),
-            store_dtype: None,
-        }
-    }
-
-    fn image(seed: u8, side: u32) -> Vec<u8> {
-        (0..side * side * 3)
-            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(i as u8 / 7))
-            .collect()
-    }
-
-    #[test]
-    fn every_tiny_model_loads_through_the_real_loader_and_gives_finite_outputs() {
-        let root = tempfile::tempdir().unwrap();
-        for model in [
-            TinyModel::SdVae,
-            TinyModel::FluxVae,
-            TinyModel::Siglip,
-            TinyModel::ClipVision,
-            TinyModel::T5,
-        ] {
-            let dir = root.path().join(model.feature());
-            write_tiny_model(model, &dir, 3).unwrap();
-            let enc = build_encoder(&cfg(model.feature(), &dir), 64)
-                .unwrap_or_else(|e| panic!("{}: {e}", model.feature()));
-            let out = if model == TinyModel::T5 {
-                enc.encode(Input::Texts(&["a red bicycle", "zebra crossing"]))
-                    .unwrap()
-            } else {
-                let (a, b) = (image(3, 64), image(5, 64));
-                let imgs = [
-                    Rgb8 {
-                        width: 64,
-                        height: 64,
-                        pixels: &a,
-                    },
-                    Rgb8 {
-                        width: 64,
-                        height: 64,
-                        pixels: &b,
-                    },
-                ];
-                enc.encode(Input::Images(&imgs)).unwrap()
-            };
-            let info = enc.info();
-            assert_eq!(out.len(), info.arrays.len(), "{}", model.feature());
-            for ((name, t), spec) in out.iter().zip(&info.arrays) {
-                assert_eq!(name, &spec.name);
-                let mut want = vec![2];
-                want.extend(&spec.shape);
-                assert_eq!(t.dims(), want.as_slice(), "{name}");
-                let v: Vec<f32> = t
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                assert!(
-                    v.iter().all(|x| x.is_finite()),
-                    "{name} has non-finite values"
-                );
-                if name != "t5_len" {
-                    // two different inputs give two different outputs (not a constant net)
-                    let half = v.len() / 2;
-                    assert!(
-                        v[..half] != v[half..],
-                        "{name}: both samples encode the same"
-                    );
-                    let spread = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    assert!(spread > 1e-3, "{name} is all zeros");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn tiny_t5_tokenizes_words_whole_and_spells_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        write_tiny_model(TinyModel::T5, dir.path(), 1).unwrap();
-        let tok = crate::tokenize::TextTokenizer::from_t5_spiece(&dir.path().join("spiece.model"))
-            .unwrap();
-        let b = tok.encode_batch(&["a red bicycle", "zq"], 16).unwrap();
-        // "▁a", "▁red", "▁bicycle", "</s>", then padding
-        assert_eq!(b.lengths[0], 4, "{:?}", b.row(0));
-        assert_eq!(b.row(0)[3], 1, "ends with </s>");
-        assert!(b.row(0)[4..].iter().all(|&id| id == 0));
-        // "▁z" + "q" + "</s>": spelled, no <unk> (id 2)
-        assert_eq!(b.lengths[1], 3, "{:?}", b.row(1));
-        assert!(!b.row(1)[..3].contains(&2));
-        assert_eq!(tok.pad_id(), 0);
-    }
 
     #[test]
     fn same_seed_same_bytes_other_seed_other_weights() {

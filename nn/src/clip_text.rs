@@ -13,11 +13,13 @@
 //! position of the largest token id (`argmax(input_ids)`); otherwise the first
 //! position holding `eos_token_id`. Flux and SDXL take this vector.
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::t5::Activation;
+use crate::activation::Activation;
+use crate::layers::{LayerNorm, Linear};
+use crate::ops;
 
 /// The upstream text config: `config.json` of a `CLIPTextModel`, or its `text_config`
 /// in a `CLIPModel`.
@@ -132,10 +134,10 @@ impl Attention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q: Linear::new(d, d, vb.pp("q_proj"))?,
+            k: Linear::new(d, d, vb.pp("k_proj"))?,
+            v: Linear::new(d, d, vb.pp("v_proj"))?,
+            out: Linear::new(d, d, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
@@ -152,12 +154,14 @@ impl Attention {
         let q = split((self.q.forward(x)? * scale)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(causal)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let opts = ops::AttentionOpts {
+            scale: None,
+            bias: Some(causal),
+            softmax_f32: true,
+        };
+        let o = ops::attention(&q, &k, &v, &opts)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.out.forward(&o)
     }
 }
@@ -176,11 +180,11 @@ impl Layer {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         Ok(Self {
-            norm1: candle_nn::layer_norm(d, eps, vb.pp("layer_norm1"))?,
+            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(vb.pp("self_attn"), cfg)?,
-            norm2: candle_nn::layer_norm(d, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
             act,
         })
     }
@@ -234,7 +238,7 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let final_norm = candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let final_norm = LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(Self {
             token_embedding,
             position_embedding,

@@ -5,17 +5,21 @@
 //! - Reference code: transformers `SiglipVisionModel`
 //!   (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py>)
 //!
-//! The transformer itself is candle-transformers' `siglip::VisionModel` without its
-//! pooling head. This module adds the [`Config`] that reads both upstream layouts — a
+//! Pre-norm ViT: patch convolution plus learned positions, `num_hidden_layers` blocks
+//! of LayerNorm -> attention -> residual, LayerNorm -> MLP -> residual, then
+//! `post_layernorm`; no pooling head. [`Config`] reads both upstream layouts — a
 //! full `SiglipModel` (`vision_config` nested beside `text_config`) and a vision-only
 //! `SiglipVisionModel` (fields at the top level, as Flux Redux's `image_encoder`) — and
 //! finds the weights' prefix (`vision_model.` in hub checkpoints; none in what
 //! transformers 5 writes for a vision-only model).
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::siglip;
+use candle_core::{Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
+
+use crate::activation::Activation;
+use crate::layers::{Conv2d, LayerNorm, Linear};
+use crate::ops;
 
 fn d_hidden() -> usize {
     768
@@ -38,8 +42,8 @@ fn d_image() -> usize {
 fn d_patch() -> usize {
     16
 }
-fn d_act() -> candle_nn::Activation {
-    candle_nn::Activation::GeluPytorchTanh
+fn d_act() -> Activation {
+    Activation::GeluTanh
 }
 fn d_eps() -> f64 {
     1e-6
@@ -71,7 +75,7 @@ pub struct VisionConfig {
     pub patch_size: usize,
     /// MLP activation.
     #[serde(default = "d_act")]
-    pub hidden_act: candle_nn::Activation,
+    pub hidden_act: Activation,
     /// LayerNorm epsilon.
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
@@ -88,7 +92,7 @@ impl VisionConfig {
             num_channels: 3,
             image_size: 384,
             patch_size: 14,
-            hidden_act: candle_nn::Activation::GeluPytorchTanh,
+            hidden_act: Activation::GeluTanh,
             layer_norm_eps: 1e-6,
         }
     }
@@ -96,20 +100,6 @@ impl VisionConfig {
     /// Tokens per image (`(image_size / patch_size)^2`: 729 for so400m@384).
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)
-    }
-
-    fn to_candle(&self) -> siglip::VisionConfig {
-        siglip::VisionConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_channels: self.num_channels,
-            image_size: self.image_size,
-            patch_size: self.patch_size,
-            hidden_act: self.hidden_act,
-            layer_norm_eps: self.layer_norm_eps,
-        }
     }
 }
 
@@ -158,24 +148,158 @@ impl Config {
     }
 }
 
+/// Multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q: Linear::new(d, d, vb.pp("q_proj"))?,
+            k: Linear::new(d, d, vb.pp("k_proj"))?,
+            v: Linear::new(d, d, vb.pp("v_proj"))?,
+            out: Linear::new(d, d, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(x.apply(&self.q)?)?;
+        let k = split(x.apply(&self.k)?)?;
+        let v = split(x.apply(&self.v)?)?;
+        let opts = ops::AttentionOpts {
+            scale: Some((self.head_dim as f64).powf(-0.5)),
+            bias: None,
+            softmax_f32: false,
+        };
+        ops::attention(&q, &k, &v, &opts)?
+            .transpose(1, 2)?
+            .reshape((b, t, ()))?
+            .apply(&self.out)
+    }
+}
+
+/// Pre-norm encoder layer.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&x.apply(&self.norm1)?)?)?;
+        let h = self.act.forward(&x.apply(&self.norm2)?.apply(&self.fc1)?)?;
+        h.apply(&self.fc2)? + x
+    }
+}
+
 /// SigLIP's vision transformer without the pooling head.
 #[derive(Debug, Clone)]
 pub struct SiglipVision {
-    inner: siglip::VisionModel,
+    patch_embedding: Conv2d,
+    /// `[1, hidden, side, side]`: the learned positions as a feature map.
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    post_layernorm: LayerNorm,
+    patches_per_side: usize,
+    patch_size: usize,
 }
 
 impl SiglipVision {
     /// Builds the tower; `vb` points at the tower's root (`vision_model` in hub
     /// checkpoints), under which `embeddings`, `encoder` and `post_layernorm` live.
     pub fn new(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+        let emb = vb.pp("embeddings");
+        let patch_embedding = Conv2d::new(
+            cfg.num_channels,
+            cfg.hidden_size,
+            cfg.patch_size,
+            Conv2dConfig {
+                stride: cfg.patch_size,
+                ..Default::default()
+            },
+            emb.pp("patch_embedding"),
+        )?;
+        let side = cfg.image_size / cfg.patch_size;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get_with_hints(
+                (side * side, cfg.hidden_size),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?
+            .reshape((1, side, side, cfg.hidden_size))?
+            .permute((0, 3, 1, 2))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp("encoder.layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let post_layernorm =
+            LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self {
-            inner: siglip::VisionModel::new(&cfg.to_candle(), false, vb)?,
+            patch_embedding,
+            position_embedding,
+            layers,
+            post_layernorm,
+            patches_per_side: side,
+            patch_size: cfg.patch_size,
         })
     }
 
     /// `last_hidden_state` `[B, patches, hidden]` of `pixel_values` `[B, 3, S, S]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.inner.forward(pixel_values)
+        let (_, _, h, w) = pixel_values.dims4()?;
+        let (ph, pw) = (h / self.patch_size, w / self.patch_size);
+        if (ph, pw) != (self.patches_per_side, self.patches_per_side) {
+            candle_core::bail!(
+                "SigLIP takes {0}x{0} patches ({1} px), got {h}x{w} px",
+                self.patches_per_side,
+                self.patches_per_side * self.patch_size
+            );
+        }
+        let mut x = pixel_values
+            .apply(&self.patch_embedding)?
+            .broadcast_add(&self.position_embedding)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        x.apply(&self.post_layernorm)
     }
 }
 

@@ -3,10 +3,10 @@
 //! ViT-L/14 at 224. Prints images/s per encoder.
 //!
 //! ```text
-//! cargo bench -p tensorbake-encode --bench encoders                      # all, CPU, f32
-//! cargo bench -p tensorbake-encode --bench encoders -- siglip clip       # a subset
+//! cargo bench -p tensorbake-nn --bench encoders                      # all, CPU, f32
+//! cargo bench -p tensorbake-nn --bench encoders -- siglip clip       # a subset
 //! TENSORBAKE_BENCH_DEVICE=cuda TENSORBAKE_BENCH_DTYPE=bf16 TENSORBAKE_BENCH_BATCH=32 \
-//!     cargo bench -p tensorbake-encode --features cuda --bench encoders
+//!     cargo bench -p tensorbake-nn --features cuda --bench encoders
 //! ```
 //!
 //! Environment: `TENSORBAKE_BENCH_DEVICE` (`cpu` default, `cuda`, `cuda:N`),
@@ -21,10 +21,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use tensorbake_encode::clip_vision::{self, ClipVisionWithProjection};
-use tensorbake_encode::siglip::{SiglipVision, VisionConfig};
-use tensorbake_encode::vae::{self, VaeEncoder};
-use tensorbake_encode::{DTypeName, parse_device};
+use tensorbake_nn::clip_vision::{self, ClipVisionWithProjection};
+use tensorbake_nn::siglip::{SiglipVision, VisionConfig};
+use tensorbake_nn::vae::{self, VaeEncoder};
+use tensorbake_nn::{DType as Precision, parse_device};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|s| !s.is_empty())
@@ -62,9 +62,9 @@ fn main() -> candle_core::Result<()> {
     let device: Device = parse_device(&dev_spec).expect("TENSORBAKE_BENCH_DEVICE");
     let dtype: DType = env("TENSORBAKE_BENCH_DTYPE")
         .map(|s| {
-            s.parse::<DTypeName>()
+            s.parse::<Precision>()
                 .expect("TENSORBAKE_BENCH_DTYPE")
-                .dtype()
+                .candle()
         })
         .unwrap_or(if device.is_cpu() {
             DType::F32

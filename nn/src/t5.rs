@@ -17,9 +17,13 @@
 //! f16 is not supported: T5 v1.1 activations exceed f16's range (transformers clamps
 //! them, which changes the result); bf16 and f32 are.
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
+
+use crate::activation::Activation;
+use crate::layers::{Linear, RmsNorm};
+use crate::ops;
 
 /// The upstream `config.json` of a T5 model (the fields the encoder uses).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -116,46 +120,6 @@ impl T5Config {
     }
 }
 
-/// Activation functions as named in transformers' `ACT2FN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `relu`.
-    Relu,
-    /// `gelu` (exact, erf).
-    Gelu,
-    /// `gelu_new`, `gelu_pytorch_tanh` (tanh approximation).
-    GeluTanh,
-    /// `silu` / `swish`.
-    Silu,
-    /// `quick_gelu`: `x * sigmoid(1.702 x)` (CLIP).
-    QuickGelu,
-}
-
-impl Activation {
-    /// Parses a transformers activation name.
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "relu" => Self::Relu,
-            "gelu" => Self::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "silu" | "swish" => Self::Silu,
-            "quick_gelu" => Self::QuickGelu,
-            _ => return None,
-        })
-    }
-
-    /// Applies the activation.
-    pub fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Relu => x.relu(),
-            Self::Gelu => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-            Self::Silu => x.silu(),
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        }
-    }
-}
-
 /// The relative position bucket of `memory - query` for a bidirectional encoder,
 /// as Mesh TensorFlow and transformers compute it (f32 logarithm, truncation).
 pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> u32 {
@@ -174,31 +138,8 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
     bucket as u32
 }
 
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(vb: VarBuilder, d: usize, eps: f64) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(d, "weight")?,
-            eps,
-        })
-    }
-
-    /// Variance in f32 whatever the dtype, as transformers' `T5LayerNorm`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
-    }
-}
-
 fn linear(vb: VarBuilder, d_in: usize, d_out: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(vb.get((d_out, d_in), "weight")?, None))
+    Linear::no_bias(d_in, d_out, vb)
 }
 
 struct Attention {
@@ -235,11 +176,12 @@ impl Attention {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         // T5 does not scale the logits by 1/sqrt(d_kv).
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let opts = ops::AttentionOpts {
+            scale: None,
+            bias: Some(bias),
+            softmax_f32: true,
+        };
+        let out = ops::attention(&q, &k, &v, &opts)?
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.d_kv))?;
         self.o.forward(&out)
@@ -307,9 +249,9 @@ impl Block {
     fn new(vb: VarBuilder, cfg: &T5Config) -> candle_core::Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         Ok(Self {
-            attn_norm: RmsNorm::new(vb.pp("layer.0.layer_norm"), cfg.d_model, eps)?,
+            attn_norm: RmsNorm::new(cfg.d_model, eps, vb.pp("layer.0.layer_norm"))?,
             attn: Attention::new(vb.pp("layer.0.SelfAttention"), cfg)?,
-            ff_norm: RmsNorm::new(vb.pp("layer.1.layer_norm"), cfg.d_model, eps)?,
+            ff_norm: RmsNorm::new(cfg.d_model, eps, vb.pp("layer.1.layer_norm"))?,
             ff: FeedForward::new(vb.pp("layer.1.DenseReluDense"), cfg)?,
         })
     }
@@ -355,9 +297,9 @@ impl T5EncoderModel {
             .map(|i| Block::new(enc.pp(format!("block.{i}")), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_norm = RmsNorm::new(
-            enc.pp("final_layer_norm"),
             cfg.d_model,
             cfg.layer_norm_epsilon,
+            enc.pp("final_layer_norm"),
         )?;
         Ok(Self {
             embed,

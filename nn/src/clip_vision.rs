@@ -6,18 +6,27 @@
 //! - Reference code: transformers `CLIPVisionModelWithProjection`
 //!   (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py>)
 //!
-//! The vision transformer is candle-transformers' `ClipVisionTransformer`; this module
-//! adds the projection and a [`Config`] reading both upstream layouts: a full
-//! `CLIPModel` (`vision_config` nested, `projection_dim` at the top) and a vision-only
-//! `CLIPVisionModelWithProjection` (fields at the top level). candle's transformer hard
-//! codes QuickGELU and LayerNorm eps 1e-5 (what the OpenAI checkpoints use), so a config
-//! asking for anything else is refused rather than silently run differently.
+//! Pre-norm ViT: class token plus patch convolution (no bias) plus learned positions,
+//! `pre_layrnorm` (sic, the checkpoints' name), `num_hidden_layers` blocks, the class
+//! token through `post_layernorm`, then `visual_projection`. [`Config`] reads both
+//! upstream layouts: a full `CLIPModel` (`vision_config` nested, `projection_dim` at
+//! the top) and a vision-only `CLIPVisionModelWithProjection` (fields at the top
+//! level). Only QuickGELU and LayerNorm eps 1e-5 (what the OpenAI checkpoints use)
+//! are accepted; a config asking for anything else is refused rather than run
+//! differently from the model it names.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear_no_bias};
-use candle_transformers::models::clip::text_model::Activation;
-use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
+use candle_core::{D, IndexOp, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
+
+use crate::activation::Activation;
+use crate::layers::{Conv2d, LayerNorm, Linear};
+use crate::ops;
+
+/// OpenAI CLIP's normalisation (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
+pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// See [`CLIP_MEAN`].
+pub const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 fn d_hidden() -> usize {
     768
@@ -169,49 +178,162 @@ impl Config {
             full_model,
         })
     }
+}
 
-    fn to_candle(&self) -> ClipVisionConfig {
-        ClipVisionConfig {
-            embed_dim: self.vision.hidden_size,
-            activation: Activation::QuickGelu,
-            intermediate_size: self.vision.intermediate_size,
-            num_hidden_layers: self.vision.num_hidden_layers,
-            num_attention_heads: self.vision.num_attention_heads,
-            projection_dim: self.projection_dim,
-            num_channels: self.vision.num_channels,
-            image_size: self.vision.image_size,
-            patch_size: self.vision.patch_size,
-        }
+/// Self-attention; `q` is scaled before the logits, as transformers' CLIP does.
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q: Linear::new(d, d, vb.pp("q_proj"))?,
+            k: Linear::new(d, d, vb.pp("k_proj"))?,
+            v: Linear::new(d, d, vb.pp("v_proj"))?,
+            out: Linear::new(d, d, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((x.apply(&self.q)? * (self.head_dim as f64).powf(-0.5))?)?;
+        let k = split(x.apply(&self.k)?)?;
+        let v = split(x.apply(&self.v)?)?;
+        let opts = ops::AttentionOpts {
+            scale: None,
+            bias: None,
+            softmax_f32: true,
+        };
+        ops::attention(&q, &k, &v, &opts)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?
+            .apply(&self.out)
+    }
+}
+
+/// Pre-norm encoder layer with a QuickGELU MLP.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (self.attn.forward(&x.apply(&self.norm1)?)? + x)?;
+        let h = Activation::QuickGelu.forward(&x.apply(&self.norm2)?.apply(&self.fc1)?)?;
+        h.apply(&self.fc2)? + x
     }
 }
 
 /// `CLIPVisionModelWithProjection`: pixel values to `image_embeds`.
 #[derive(Debug, Clone)]
 pub struct ClipVisionWithProjection {
-    vision: ClipVisionTransformer,
+    class_embedding: Tensor,
+    patch_embedding: Conv2d,
+    /// `[patches + 1, hidden]`.
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_norm: LayerNorm,
     projection: Linear,
 }
 
 impl ClipVisionWithProjection {
     /// Builds the model from a `vb` at the checkpoint root (`vision_model.*` and
-    /// `visual_projection.weight`). candle's embeddings would substitute random values
-    /// for a missing `class_embedding`; it is fetched here first so that it is an error.
+    /// `visual_projection.weight`).
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        vb.pp("vision_model")
-            .pp("embeddings")
-            .get(cfg.vision.hidden_size, "class_embedding")?;
-        let vision = ClipVisionTransformer::new(vb.pp("vision_model"), &cfg.to_candle())?;
-        let projection = linear_no_bias(
-            cfg.vision.hidden_size,
-            cfg.projection_dim,
-            vb.pp("visual_projection"),
+        let c = &cfg.vision;
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        let vm = vb.pp("vision_model");
+        let emb = vm.pp("embeddings");
+        let class_embedding = emb.get_with_hints(
+            d,
+            "class_embedding",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
         )?;
-        Ok(Self { vision, projection })
+        let patch_embedding = Conv2d::no_bias(
+            c.num_channels,
+            d,
+            c.patch_size,
+            Conv2dConfig {
+                stride: c.patch_size,
+                ..Default::default()
+            },
+            emb.pp("patch_embedding"),
+        )?;
+        let positions = (c.image_size / c.patch_size).pow(2) + 1;
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (positions, d),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(c, vm.pp("encoder.layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            class_embedding,
+            patch_embedding,
+            position_embedding,
+            pre_norm: LayerNorm::new(d, eps, vm.pp("pre_layrnorm"))?,
+            layers,
+            post_norm: LayerNorm::new(d, eps, vm.pp("post_layernorm"))?,
+            projection: Linear::no_bias(d, cfg.projection_dim, vb.pp("visual_projection"))?,
+        })
     }
 
     /// `image_embeds` `[B, projection_dim]` of `pixel_values` `[B, 3, S, S]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision.forward(pixel_values)?.apply(&self.projection)
+        let b = pixel_values.dim(0)?;
+        let patches = pixel_values
+            .apply(&self.patch_embedding)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let d = self.class_embedding.dim(D::Minus1)?;
+        let class = self.class_embedding.expand((b, 1, d))?;
+        let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut x = x.apply(&self.pre_norm)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        x.i((.., 0, ..))?
+            .apply(&self.post_norm)?
+            .apply(&self.projection)
     }
 }
 

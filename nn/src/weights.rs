@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::{EncodeError, Result};
+use crate::{Error, Result};
 
 /// A resolved model directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl ModelDir {
             });
         }
         if path.exists() {
-            return Err(EncodeError::WeightsNotFound {
+            return Err(Error::WeightsNotFound {
                 spec: spec.to_string(),
                 why: "it is a file; give the model directory (the one holding config.json)".into(),
             });
@@ -52,14 +52,14 @@ impl ModelDir {
         let looks_like_hub_id =
             id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
         if !looks_like_hub_id {
-            return Err(EncodeError::WeightsNotFound {
+            return Err(Error::WeightsNotFound {
                 spec: spec.to_string(),
                 why: "no such directory, and not a hub id of the form org/name".into(),
             });
         }
         let cache = hf_cache_dir();
         let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-        let not_cached = |what: String| EncodeError::WeightsNotFound {
+        let not_cached = |what: String| Error::WeightsNotFound {
             spec: spec.to_string(),
             why: format!(
                 "{what}; tensorbake never downloads: run `huggingface-cli download {id}` \
@@ -108,11 +108,11 @@ impl ModelDir {
     /// Reads and parses a JSON file of the directory (e.g. `config.json`).
     pub fn json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
         let path = self.root.join(name);
-        let text = std::fs::read_to_string(&path).map_err(|source| EncodeError::Io {
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| EncodeError::BadFile {
+        serde_json::from_str(&text).map_err(|e| Error::BadFile {
             path,
             why: format!("invalid JSON: {e}"),
         })
@@ -132,7 +132,7 @@ impl ModelDir {
                 let map = v
                     .get("weight_map")
                     .and_then(|m| m.as_object())
-                    .ok_or_else(|| EncodeError::BadFile {
+                    .ok_or_else(|| Error::BadFile {
                         path: self.root.join(&index),
                         why: "no `weight_map` object".into(),
                     })?;
@@ -145,7 +145,7 @@ impl ModelDir {
                 return files
                     .into_iter()
                     .map(|f| {
-                        self.file(&f).ok_or_else(|| EncodeError::BadFile {
+                        self.file(&f).ok_or_else(|| Error::BadFile {
                             path: self.root.join(&index),
                             why: format!("lists `{f}`, which is missing"),
                         })
@@ -153,7 +153,7 @@ impl ModelDir {
                     .collect();
             }
         }
-        Err(EncodeError::WeightsNotFound {
+        Err(Error::WeightsNotFound {
             spec: self.spec.clone(),
             why: format!(
                 "no {} in {}",
@@ -191,7 +191,7 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     {
         return Ok(name.to_ascii_lowercase());
     }
-    let io = |source| EncodeError::Io {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };

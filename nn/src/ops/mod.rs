@@ -1,0 +1,244 @@
+//! The ops seam: the operations that get GPU fast paths, behind one set of functions
+//! that every model file calls.
+//!
+//! | op | what | gradient path |
+//! |---|---|---|
+//! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]) |
+//! | [`conv2d`] | 2-D convolution + bias | candle's |
+//! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
+//! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite |
+//! | [`group_norm`] | GroupNorm, optional SiLU after | composite |
+//! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
+//! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
+//! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
+//!
+//! Each function has a plain candle implementation that is the reference: the CPU
+//! path, and the path whenever a gradient is needed. candle's fused kernels
+//! (`candle_nn::ops::{softmax_last_dim, layer_norm, rms_norm}`) are used only when no
+//! input needs a gradient ([`needs_grad`]): they record no backward at all, so on a
+//! trainable path they would silently cut the gradient. CUDA fast paths (cuDNN
+//! convolutions, fused norms and attention) plug in here, behind `cfg(feature =
+//! "cuda")` and a device check, in one module that alone may use `unsafe`
+//! (`docs/architecture.md`); model files never change for them.
+//!
+//! Parameters may be f32 master weights while activations are bf16: every op casts
+//! its weights to the input's dtype (a no-op when they agree), so the cast is part of
+//! the graph and the gradient reaches the f32 variable.
+
+pub mod frozen;
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Whether any of `xs` is a variable or depends on one, i.e. whether an op on them
+/// must record its backward.
+#[must_use]
+pub fn needs_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|t| t.track_op())
+}
+
+/// `t` in the dtype of `like` (a clone when they agree).
+fn cast_like(t: &Tensor, like: &Tensor) -> Result<Tensor> {
+    t.to_dtype(like.dtype())
+}
+
+/// `x · wᵀ + b` for `x` `[..., k]`, `w` `[n, k]`, `b` `[n]`.
+///
+/// A constant (frozen) `w` on a gradient path goes through [`frozen::frozen_matmul`],
+/// which computes the input gradient only; a variable `w` through candle's matmul
+/// (both gradients). With no gradient needed this is exactly `candle_nn::Linear`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let w = cast_like(w, x)?;
+    let y = if x.track_op() && !w.track_op() {
+        let dims = x.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = x.elem_count() / k.max(1);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = w.dim(0)?;
+        }
+        frozen::frozen_matmul(&x.reshape((m, k))?, &w)?.reshape(out_dims)?
+    } else {
+        let wt = match *x.dims() {
+            [b1, b2, _, _] => w.broadcast_left((b1, b2))?.t()?,
+            [bsize, _, _] => w.broadcast_left(bsize)?.t()?,
+            _ => w.t()?,
+        };
+        x.matmul(&wt)?
+    };
+    match b {
+        None => Ok(y),
+        Some(b) => y.broadcast_add(&cast_like(b, &y)?),
+    }
+}
+
+/// 2-D convolution of `x` `[B, C, H, W]` with `w` `[O, C/groups, kh, kw]`, plus `b` `[O]`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Tensor> {
+    let w = cast_like(w, x)?;
+    let y = x.conv2d_with_algo(
+        &w,
+        cfg.padding,
+        cfg.stride,
+        cfg.dilation,
+        cfg.groups,
+        cfg.cudnn_fwd_algo,
+    )?;
+    match b {
+        None => Ok(y),
+        Some(b) => {
+            let n = b.dims1()?;
+            y.broadcast_add(&cast_like(b, &y)?.reshape((1, n, 1, 1))?)
+        }
+    }
+}
+
+/// The dtype norms take their statistics in: f32 for half types, else the input's.
+fn internal_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// Normalises over the last axis with statistics in f32 for half types.
+fn layer_norm_composite(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x_dtype = x.dtype();
+    let internal = internal_dtype(x_dtype);
+    let hidden = x.dim(D::Minus1)?;
+    let x = x.to_dtype(internal)?;
+    let mean = (x.sum_keepdim(D::Minus1)? / hidden as f64)?;
+    let x = x.broadcast_sub(&mean)?;
+    let var = (x.sqr()?.sum_keepdim(D::Minus1)? / hidden as f64)?;
+    x.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(x_dtype)
+}
+
+/// LayerNorm over the last axis, `weight` and `bias` optional (PixArt's blocks have
+/// none). The fused kernel when nothing needs a gradient and both are present; the
+/// composite (candle's `LayerNorm` slow path) otherwise.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    if let (Some(w), Some(b)) = (weight, bias)
+        && x.is_contiguous()
+        && x.dtype() != DType::F64
+        && !needs_grad(&[x, w, b])
+    {
+        return candle_nn::ops::layer_norm(x, &cast_like(w, x)?, &cast_like(b, x)?, eps as f32);
+    }
+    let mut y = layer_norm_composite(x, eps)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&cast_like(w, &y)?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&cast_like(b, &y)?)?;
+    }
+    Ok(y)
+}
+
+/// T5's RMS norm (`T5LayerNorm`): `x / sqrt(mean(x²) + eps) · weight`, the mean taken
+/// in f32 for half types, the result cast back before the weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(internal_dtype(dtype))?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(&cast_like(weight, x)?)
+}
+
+/// GroupNorm of `x` `[B, C, ...]` over `groups` groups with per-channel affine
+/// `weight`, `bias` `[C]`, statistics in f32 for half types; `silu` applies SiLU to the
+/// result (the VAE's `norm -> silu` pairs, one kernel on the GPU).
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() <= 2 {
+        candle_core::bail!("group_norm: input rank must be at least 3, got {dims:?}");
+    }
+    let (b, c) = (dims[0], dims[1]);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        candle_core::bail!("group_norm: {c} channels are not divisible into {groups} groups");
+    }
+    let hidden = dims[2..].iter().product::<usize>() * c / groups;
+    let x_dtype = x.dtype();
+    let internal = internal_dtype(x_dtype);
+    let xg = x.reshape((b, groups, hidden))?.to_dtype(internal)?;
+    let mean = (xg.sum_keepdim(2)? / hidden as f64)?;
+    let xg = xg.broadcast_sub(&mean)?;
+    let var = (xg.sqr()?.sum_keepdim(2)? / hidden as f64)?;
+    let normed = xg.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let mut w_dims = vec![1; dims.len()];
+    w_dims[1] = c;
+    let y = normed
+        .to_dtype(x_dtype)?
+        .reshape(dims)?
+        .broadcast_mul(&cast_like(weight, x)?.reshape(w_dims.clone())?)?
+        .broadcast_add(&cast_like(bias, x)?.reshape(w_dims)?)?;
+    if silu { y.silu() } else { Ok(y) }
+}
+
+/// Softmax over the last axis: candle's fused kernel when no gradient is needed,
+/// else `exp(x - max) / sum` (the max is a constant shift: detached, the gradient is
+/// exact and one reduction cheaper).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// How [`attention`] scores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttentionOpts<'a> {
+    /// Multiplies the logits (`1/sqrt(head_dim)`); `None` when the model scales `q`
+    /// itself (CLIP) or not at all (T5).
+    pub scale: Option<f64>,
+    /// Added to the logits after scaling: a mask of `0` / large negative values, a
+    /// position bias, broadcast to `[B, heads, q, k]`.
+    pub bias: Option<&'a Tensor>,
+    /// Logits and softmax in f32 whatever the input dtype (transformers'
+    /// `upcast_softmax`); the probabilities are cast back before `· v`.
+    pub softmax_f32: bool,
+}
+
+/// Multi-head attention `softmax(q kᵀ · scale + bias) v` for `q` `[B, H, Tq, D]`,
+/// `k`, `v` `[B, H, Tk, D]` (contiguous): `[B, H, Tq, D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -> Result<Tensor> {
+    let mut logits = q.matmul(&k.t()?)?;
+    if let Some(s) = opts.scale {
+        logits = (logits * s)?;
+    }
+    if opts.softmax_f32 {
+        logits = logits.to_dtype(DType::F32)?;
+    }
+    if let Some(bias) = opts.bias {
+        logits = logits.broadcast_add(&bias.to_dtype(logits.dtype())?)?;
+    }
+    let probs = softmax_last_dim(&logits)?.to_dtype(v.dtype())?;
+    probs.matmul(v)
+}
+
+/// adaLN modulation: `x · (1 + scale) + shift`, `shift` and `scale` broadcast to `x`.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(cast_like(scale, x)? + 1.0)?)?
+        .broadcast_add(&cast_like(shift, x)?)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! The seam's contract: with no gradient needed each op is bit-for-bit what the
+//! encoders computed before (candle's modules and fused kernels); on a gradient path
+//! each op's gradient matches finite differences, where candle's fused kernels pass
+//! none (the traps the trainer must avoid); a frozen weight costs no weight gradient.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor, Var};
+
+use super::*;
+use crate::testing::rel_err;
+
+/// A seeded tensor of values in [-2, 2).
+fn seeded(shape: &[usize], seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let mut rng = tensorbake_kit::rng::SplitMix64::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| 4.0 * rng.unit() - 2.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)
+}
+
+/// Central finite differences of a scalar function of `x` (f64).
+fn fd_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let base: Vec<f64> = x.flatten_all()?.to_vec1()?;
+    let h = 1e-6;
+    let mut g = Vec::with_capacity(base.len());
+    for i in 0..base.len() {
+        let mut up = base.clone();
+        up[i] += h;
+        let mut down = base.clone();
+        down[i] -= h;
+        let fu = f(&Tensor::from_vec(up, x.dims(), x.device())?)?.to_scalar::<f64>()?;
+        let fd = f(&Tensor::from_vec(down, x.dims(), x.device())?)?.to_scalar::<f64>()?;
+        g.push((fu - fd) / (2.0 * h));
+    }
+    Tensor::from_vec(g, x.dims(), x.device())
+}
+
+/// A loss that weighs every output differently (so a wrong gradient cannot cancel).
+fn weighted_sum(y: &Tensor) -> Result<Tensor> {
+    let w = seeded(y.dims(), 99, y.dtype(), y.device())?;
+    (y * w)?.sum_all()
+}
+
+fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let var = Var::from_tensor(x)?;
+    let loss = weighted_sum(&f(var.as_tensor())?)?;
+    let grads = loss.backward()?;
+    let got = grads
+        .get(var.as_tensor())
+        .expect("gradient reaches the input");
+    let want = fd_grad(x, |t| weighted_sum(&f(t)?))?;
+    let e = rel_err(got, &want)?;
+    assert!(e < 1e-6, "gradient relative error {e}: {got} vs {want}");
+    Ok(())
+}
+
+#[test]
+fn candle_fused_kernels_silently_pass_no_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&seeded(&[3, 8], 1, DType::F32, &dev)?)?;
+    let w = Tensor::ones(8, DType::F32, &dev)?;
+    let b = Tensor::zeros(8, DType::F32, &dev)?;
+    let fused = [
+        candle_nn::ops::softmax_last_dim(x.as_tensor())?,
+        candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-6)?,
+        candle_nn::ops::layer_norm(x.as_tensor(), &w, &b, 1e-6)?,
+        candle_nn::LayerNorm::new(w.clone(), b.clone(), 1e-6).forward(x.as_tensor())?,
+        candle_nn::RmsNorm::new(w.clone(), 1e-6).forward(x.as_tensor())?,
+    ];
+    for y in &fused {
+        // the output does not even know it depends on x: no error, no gradient
+        assert!(!y.track_op());
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(x.as_tensor()).is_none());
+    }
+    // the seam's ops on the same input do carry it
+    let ours = [
+        softmax_last_dim(x.as_tensor())?,
+        rms_norm(x.as_tensor(), &w, 1e-6)?,
+        layer_norm(x.as_tensor(), Some(&w), Some(&b), 1e-6)?,
+    ];
+    for y in &ours {
+        assert!(y.track_op());
+        let grads = weighted_sum(y)?.backward()?;
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+    Ok(())
+}
+
+#[test]
+fn seam_gradients_match_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded(&[2, 3, 6], 2, DType::F64, &dev)?;
+    let w = seeded(&[6], 3, DType::F64, &dev)?;
+    let b = seeded(&[6], 4, DType::F64, &dev)?;
+    check_grad(&x, softmax_last_dim)?;
+    check_grad(&x, |t| rms_norm(t, &w, 1e-6))?;
+    check_grad(&x, |t| layer_norm(t, Some(&w), Some(&b), 1e-6))?;
+    check_grad(&x, |t| layer_norm(t, None, None, 1e-6))?;
+    let shift = seeded(&[2, 1, 6], 5, DType::F64, &dev)?;
+    let scale = seeded(&[2, 1, 6], 6, DType::F64, &dev)?;
+    check_grad(&x, |t| modulate(t, &shift, &scale))?;
+    // attention: q, k, v from one input through different slices
+    let qkv = seeded(&[1, 2, 4, 9], 7, DType::F64, &dev)?;
+    let bias = seeded(&[1, 1, 4, 4], 8, DType::F64, &dev)?;
+    check_grad(&qkv, |t| {
+        let q = t.narrow(D::Minus1, 0, 3)?.contiguous()?;
+        let k = t.narrow(D::Minus1, 3, 3)?.contiguous()?;
+        let v = t.narrow(D::Minus1, 6, 3)?.contiguous()?;
+        let opts = AttentionOpts {
+            scale: Some(0.5),
+            bias: Some(&bias),
+            softmax_f32: false,
+        };
+        attention(&q, &k, &v, &opts)
+    })?;
+    // group norm + silu over [B, C, H, W]
+    let img = seeded(&[1, 4, 2, 3], 9, DType::F64, &dev)?;
+    let gw = seeded(&[4], 10, DType::F64, &dev)?;
+    let gb = seeded(&[4], 11, DType::F64, &dev)?;
+    check_grad(&img, |t| group_norm(t, 2, &gw, &gb, 1e-6, true))?;
+    Ok(())
+}
+
+#[test]
+fn a_frozen_weight_gets_no_gradient_and_the_input_the_right_one() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded(&[2, 3, 5], 12, DType::F64, &dev)?;
+    let w = seeded(&[4, 5], 13, DType::F64, &dev)?;
+    let b = seeded(&[4], 14, DType::F64, &dev)?;
+    // frozen: the input gradient is right...
+    check_grad(&x, |t| linear(t, &w, Some(&b)))?;
+    // ...and nothing is computed for the weight
+    let xv = Var::from_tensor(&x)?;
+    let grads = weighted_sum(&linear(xv.as_tensor(), &w, Some(&b))?)?.backward()?;
+    assert!(grads.get(&w).is_none());
+    assert!(grads.get(&b).is_none());
+    // where candle's own matmul computes (and holds) one for the constant operand
+    let wt = w.t()?;
+    let plain = xv.as_tensor().reshape((6, 5))?.matmul(&wt)?;
+    let grads = weighted_sum(&plain)?.backward()?;
+    assert!(
+        grads.get(&wt).is_some(),
+        "candle computes a frozen weight's gradient"
+    );
+    // a trainable weight gets its gradient, equal to finite differences
+    check_grad(&w, |wt| linear(&x, wt, Some(&b)))?;
+    Ok(())
+}
+
+#[test]
+fn master_weights_in_f32_receive_gradients_through_a_cast() -> Result<()> {
+    let dev = Device::Cpu;
+    let w = Var::from_tensor(&seeded(&[4, 5], 15, DType::F32, &dev)?)?;
+    let x = seeded(&[3, 5], 16, DType::F16, &dev)?;
+    let y = linear(&x, w.as_tensor(), None)?;
+    assert_eq!(y.dtype(), DType::F16);
+    let grads = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+    let g = grads
+        .get(w.as_tensor())
+        .expect("the f32 variable gets a gradient");
+    assert_eq!(g.dtype(), DType::F32);
+    Ok(())
+}
+
+/// Without a gradient, each op is exactly what candle's module computes.
+fn inference_is_candle_bit_for_bit(dev: &Device) -> Result<()> {
+    let x = seeded(&[2, 6, 8], 20, DType::F32, dev)?;
+    let w = seeded(&[8], 21, DType::F32, dev)?;
+    let b = seeded(&[8], 22, DType::F32, dev)?;
+    let same = |a: &Tensor, b: &Tensor| -> Result<()> {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    };
+    let ln = candle_nn::LayerNorm::new(w.clone(), b.clone(), 1e-5);
+    same(&layer_norm(&x, Some(&w), Some(&b), 1e-5)?, &ln.forward(&x)?)?;
+    let lw = seeded(&[5, 8], 23, DType::F32, dev)?;
+    let lb = seeded(&[5], 24, DType::F32, dev)?;
+    let lin = candle_nn::Linear::new(lw.clone(), Some(lb.clone()));
+    same(&linear(&x, &lw, Some(&lb))?, &lin.forward(&x)?)?;
+    let img = seeded(&[2, 4, 5, 5], 25, DType::F32, dev)?;
+    let gw = seeded(&[4], 26, DType::F32, dev)?;
+    let gb = seeded(&[4], 27, DType::F32, dev)?;
+    let gn = candle_nn::GroupNorm::new(gw.clone(), gb.clone(), 4, 2, 1e-6)?;
+    same(
+        &group_norm(&img, 2, &gw, &gb, 1e-6, false)?,
+        &gn.forward(&img)?,
+    )?;
+    same(
+        &group_norm(&img, 2, &gw, &gb, 1e-6, true)?,
+        &gn.forward(&img)?.silu()?,
+    )?;
+    let cw = seeded(&[3, 4, 3, 3], 28, DType::F32, dev)?;
+    let cb = seeded(&[3], 29, DType::F32, dev)?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = candle_nn::Conv2d::new(cw.clone(), Some(cb.clone()), cfg);
+    same(&conv2d(&img, &cw, Some(&cb), &cfg)?, &conv.forward(&img)?)?;
+    same(
+        &softmax_last_dim(&x)?,
+        &candle_nn::ops::softmax_last_dim(&x)?,
+    )?;
+    Ok(())
+}
+
+crate::test_device!(
+    inference_is_candle_bit_for_bit,
+    inference_is_candle_bit_for_bit_cpu,
+    inference_is_candle_bit_for_bit_cuda
+);

@@ -1,0 +1,134 @@
+//! The write stage: encoded batches in, one part per shard, committed when the shard
+//! ends well; every shard ends as a [`PartOutcome`].
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use tensorbake_ingest::shards::Shard;
+use tensorbake_store::{PartWriter, Store, StoreError};
+
+use crate::encode_stage::ToWrite;
+use crate::report::{FailedShard, PartReport, StageTime};
+use crate::stats::RunStats;
+
+/// What a writer saw of one shard.
+pub(crate) enum PartOutcome {
+    Committed(PartReport),
+    Failed(FailedShard),
+}
+
+/// The write stage of one run (each writer thread runs one [`WriteStage::run`]).
+pub(crate) struct WriteStage<'a> {
+    pub(crate) store: &'a Store,
+    /// The shards of this run with their parts, by shard index.
+    pub(crate) shards: HashMap<usize, (&'a Shard, &'a str)>,
+    pub(crate) stats: &'a RunStats,
+}
+
+impl WriteStage<'_> {
+    /// Runs until `rx` closes.
+    pub(crate) fn run(&self, rx: Receiver<ToWrite>) -> (Vec<PartOutcome>, StageTime) {
+        let mut parts: HashMap<usize, PartWriter> = HashMap::new();
+        let mut broken: HashMap<usize, StoreError> = HashMap::new();
+        let mut outcomes = Vec::new();
+        let mut time = StageTime::default();
+        let open = |shard: usize| -> Result<PartWriter, StoreError> {
+            let (s, part) = self.shards[&shard];
+            self.store.part_writer(part, &s.url)
+        };
+        loop {
+            let t0 = Instant::now();
+            let Ok(msg) = rx.recv() else { break };
+            time.wait_s += t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            match msg {
+                ToWrite::Batch {
+                    shard,
+                    meta,
+                    features,
+                } => {
+                    let n = meta.len() as u64;
+                    if broken.contains_key(&shard) {
+                        self.stats.dropped(n);
+                        continue;
+                    }
+                    let w = match parts.entry(shard) {
+                        std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            open(shard).map(|w| v.insert(w))
+                        }
+                    };
+                    match w.and_then(|w| w.push_batch(meta, &features)) {
+                        Ok(()) => {
+                            self.stats.written(n);
+                            time.samples += n;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                shard,
+                                "writing failed; the part will not be committed: {e}"
+                            );
+                            self.stats.dropped(n);
+                            parts.remove(&shard);
+                            broken.insert(shard, e);
+                        }
+                    }
+                }
+                ToWrite::End { end, encode_error } => {
+                    let shard = end.shard;
+                    let (s, part) = self.shards[&shard];
+                    let writer = parts.remove(&shard);
+                    let failure = match (&end.error, encode_error, broken.remove(&shard)) {
+                        (Some(e), _, _) => Some((e.reason().to_string(), e.to_string())),
+                        (None, Some(e), _) => Some(("encode".to_string(), e.to_string())),
+                        (None, None, Some(e)) => Some(("store".to_string(), e.to_string())),
+                        (None, None, None) => None,
+                    };
+                    let outcome = match failure {
+                        None => {
+                            // A shard whose every sample was skipped still commits
+                            // (empty), so that the next run does not read it again.
+                            match writer
+                                .map_or_else(|| open(shard), Ok)
+                                .and_then(PartWriter::commit)
+                            {
+                                Ok(samples) => {
+                                    self.stats.shard_committed();
+                                    tracing::info!(shard = %s.name, part, samples, "part committed");
+                                    PartOutcome::Committed(PartReport {
+                                        index: shard,
+                                        shard: s.name.clone(),
+                                        part: part.to_string(),
+                                        samples,
+                                        skipped: end.skipped,
+                                    })
+                                }
+                                Err(e) => failed_shard(s, end.kept, "store", e.to_string()),
+                            }
+                        }
+                        Some((reason, error)) => failed_shard(s, end.kept, &reason, error),
+                    };
+                    if let PartOutcome::Failed(f) = &outcome {
+                        self.stats.shard_failed();
+                        tracing::warn!(shard = %f.shard, reason = %f.reason, "shard failed, not committed: {}", f.error);
+                    }
+                    outcomes.push(outcome);
+                }
+            }
+            time.busy_s += t0.elapsed().as_secs_f64();
+        }
+        (outcomes, time)
+    }
+}
+
+fn failed_shard(s: &Shard, samples_read: u64, reason: &str, error: String) -> PartOutcome {
+    PartOutcome::Failed(FailedShard {
+        index: s.index,
+        shard: s.name.clone(),
+        url: s.url.clone(),
+        reason: reason.to_string(),
+        error,
+        samples_read,
+    })
+}

@@ -1,0 +1,427 @@
+//! The training configuration: one TOML file (`tensorbake train CONFIG.toml`).
+//!
+//! Every key is documented on [`TrainConfig`]; unknown keys are errors naming the key,
+//! the file and the line ([`TrainConfig::parse`]). Defaults are PixArt-α's own 512 px
+//! configs (AdamW, lr 2e-5, weight decay 0.03, eps 1e-10, gradient clip 0.01, class
+//! dropout 0.1) and the seed's Redux settings (scale 0.04, first 120 tokens). Every
+//! value a run actually uses, defaults included, is written to `OUT/config.json`.
+
+use serde::{Deserialize, Serialize};
+use tensorbake_kit::dtype::DType;
+
+use crate::TrainError;
+
+/// What is trained, on which condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// PixArt frozen; a fresh Redux-style adapter on the stored SigLIP hidden states is
+    /// trained (the seed's run 3).
+    PixartReduxAdapter,
+    /// A given Redux adapter frozen; PixArt (all of it, or `train_blocks`) is trained
+    /// to take its output (the seed's run 2).
+    PixartFinetune,
+    /// Plain text-to-image fine-tuning on the stored T5 embeddings with their mask.
+    PixartText,
+}
+
+impl Mode {
+    /// Every mode.
+    pub const ALL: [Self; 3] = [
+        Self::PixartReduxAdapter,
+        Self::PixartFinetune,
+        Self::PixartText,
+    ];
+
+    /// The name in configs.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PixartReduxAdapter => "pixart_redux_adapter",
+            Self::PixartFinetune => "pixart_finetune",
+            Self::PixartText => "pixart_text",
+        }
+    }
+
+    /// Whether the condition is SigLIP through a Redux adapter.
+    #[must_use]
+    pub const fn uses_adapter(self) -> bool {
+        matches!(self, Self::PixartReduxAdapter | Self::PixartFinetune)
+    }
+
+    /// Whether (some of) PixArt's weights train.
+    #[must_use]
+    pub const fn trains_pixart(self) -> bool {
+        matches!(self, Self::PixartFinetune | Self::PixartText)
+    }
+
+    /// Whether the adapter's weights train.
+    #[must_use]
+    pub const fn trains_adapter(self) -> bool {
+        matches!(self, Self::PixartReduxAdapter)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the learning rate moves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `lr` throughout.
+    #[default]
+    Constant,
+    /// Half a cosine from `lr` to `min_lr` over the steps after warm-up.
+    Cosine,
+    /// Piecewise constant: `lr`, then each `lr_milestones` `[step, lr]` from its step on.
+    Steps,
+}
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// As PixArt trains: epsilon MSE plus the IDDPM variational-bound term for the
+    /// learned variance (the model's second half of output channels).
+    #[default]
+    EpsVb,
+    /// Epsilon MSE only, the variance half ignored (as diffusers-based trainers do).
+    Eps,
+}
+
+/// A `tensorbake train` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The store to read (a directory, relative to the config file, or s3://...).
+    pub store: String,
+    /// `pixart_redux_adapter`, `pixart_finetune` or `pixart_text`.
+    pub mode: Mode,
+    /// PixArt: a diffusers model directory, a pipeline root (its `transformer/` is
+    /// used), or a hub id in the Hugging Face cache.
+    pub pixart: String,
+    /// The Redux adapter (a diffusers `image_embedder/` directory, a pipeline root, or a
+    /// bare safetensors file). Required in `pixart_finetune` (frozen there); not
+    /// allowed in `pixart_redux_adapter` (which trains a fresh one from `seed`) nor in
+    /// `pixart_text`.
+    #[serde(default)]
+    pub redux: Option<String>,
+    /// Output directory: `log.jsonl`, `loss.png`, `config.json`, `checkpoint-<step>/`.
+    pub out: String,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Samples per micro-batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (the effective batch is `batch_size * grad_accum`).
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// `constant`, `cosine` or `steps`.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// `steps` schedule: `[[step, lr], ...]`, e.g. `[[35000, 1e-5]]` for the seed's
+    /// "2e-5 for 35k steps, then 1e-5".
+    #[serde(default)]
+    pub lr_milestones: Vec<(u64, f64)>,
+    /// `cosine` schedule: the final learning rate.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up from 0 over this many steps.
+    #[serde(default)]
+    pub warmup: u64,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// AdamW epsilon.
+    #[serde(default = "d_eps")]
+    pub adam_eps: f64,
+    /// AdamW betas.
+    #[serde(default = "d_betas")]
+    pub adam_betas: (f64, f64),
+    /// Clip the gradient's global norm to this (`0` disables).
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// Probability that a sample's condition is replaced by the condition of nothing
+    /// (the recorded black-image / empty-caption embedding).
+    #[serde(default = "d_dropout")]
+    pub cond_dropout: f64,
+    /// Redux adapter output scale.
+    #[serde(default = "d_scale")]
+    pub redux_scale: f64,
+    /// Redux tokens kept (the first N of SigLIP's 729).
+    #[serde(default = "d_tokens")]
+    pub redux_tokens: usize,
+    /// `pixart_finetune` / `pixart_text`: the transformer blocks that train (default
+    /// all of PixArt).
+    #[serde(default)]
+    pub train_blocks: Option<Vec<usize>>,
+    /// EMA decay of the trained weights (off when absent).
+    #[serde(default)]
+    pub ema: Option<f64>,
+    /// Checkpoint every N steps (and at the end).
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (oldest deleted first; 0 keeps all).
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+    /// Seeds the data order, noise, timesteps, dropout and fresh weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Compute dtype (`f32`, `bf16`); master weights and optimizer moments are f32.
+    #[serde(default)]
+    pub dtype: DType,
+    /// `eps_vb` (PixArt: learned variance) or `eps`.
+    #[serde(default)]
+    pub objective: Objective,
+    /// Recompute each transformer block's activations in the backward instead of
+    /// keeping them (memory for compute).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Loader threads reading batches ahead.
+    #[serde(default = "d_prefetch")]
+    pub prefetch: usize,
+}
+
+const fn d_batch() -> usize {
+    32
+}
+const fn d_one() -> usize {
+    1
+}
+const fn d_lr() -> f64 {
+    2e-5
+}
+const fn d_wd() -> f64 {
+    0.03
+}
+const fn d_eps() -> f64 {
+    1e-10
+}
+const fn d_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+const fn d_clip() -> f64 {
+    0.01
+}
+const fn d_dropout() -> f64 {
+    0.1
+}
+const fn d_scale() -> f64 {
+    0.04
+}
+const fn d_tokens() -> usize {
+    120
+}
+const fn d_ckpt() -> u64 {
+    1000
+}
+const fn d_keep() -> usize {
+    3
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+const fn d_prefetch() -> usize {
+    4
+}
+
+impl TrainConfig {
+    /// Parses config text; `origin` names the file in errors (`file:line:col: ...`).
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] with the position of the offending key or value.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, TrainError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let line = text[..s.start].matches('\n').count() + 1;
+                let col = s.start - text[..s.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(":{line}:{col}")
+            });
+            TrainError::Config(format!(
+                "config {origin}{}: {}",
+                at.unwrap_or_default(),
+                e.message().trim()
+            ))
+        })?;
+        cfg.validate()
+            .map_err(|why| TrainError::Config(format!("config {origin}: {why}")))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`TrainError::Io`] when it cannot be read; parse errors as [`TrainConfig::parse`].
+    pub fn load(path: &std::path::Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The checks that need no file: values in range, keys that go together.
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("steps", self.steps as f64),
+            ("batch_size", self.batch_size as f64),
+            ("grad_accum", self.grad_accum as f64),
+            ("checkpoint_every", self.checkpoint_every as f64),
+            ("redux_tokens", self.redux_tokens as f64),
+            ("prefetch", self.prefetch as f64),
+        ];
+        for (key, v) in positive {
+            if v < 1.0 {
+                return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("`lr` {} must be a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.cond_dropout) {
+            return Err(format!(
+                "`cond_dropout` {} must be a probability in [0, 1)",
+                self.cond_dropout
+            ));
+        }
+        if let Some(d) = self.ema
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(format!("`ema` {d} must be a decay in [0, 1)"));
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 || self.adam_eps <= 0.0 {
+            return Err("`grad_clip` and `weight_decay` must be >= 0, `adam_eps` > 0".into());
+        }
+        let (b1, b2) = self.adam_betas;
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            return Err(format!("`adam_betas` ({b1}, {b2}) must be in [0, 1)"));
+        }
+        if !self.dtype.is_float() {
+            return Err(format!(
+                "`dtype` {} is not a float type (f32, bf16)",
+                self.dtype.short_name()
+            ));
+        }
+        match self.lr_schedule {
+            LrSchedule::Steps if self.lr_milestones.is_empty() => {
+                return Err(
+                    "`lr_schedule = \"steps\"` needs `lr_milestones = [[step, lr], ...]`".into(),
+                );
+            }
+            LrSchedule::Steps if self.lr_milestones.windows(2).any(|w| w[0].0 >= w[1].0) => {
+                return Err("`lr_milestones` steps must increase".into());
+            }
+            LrSchedule::Steps => {}
+            _ if !self.lr_milestones.is_empty() => {
+                return Err("`lr_milestones` is used only with `lr_schedule = \"steps\"`".into());
+            }
+            _ => {}
+        }
+        match (self.mode, &self.redux) {
+            (Mode::PixartReduxAdapter, Some(_)) => {
+                return Err(format!(
+                    "`redux` is given, but mode `{}` trains a fresh adapter from `seed`; remove \
+                     `redux` (mode `pixart_finetune` trains PixArt to a given adapter; \
+                     `--resume` continues a run)",
+                    self.mode
+                ));
+            }
+            (Mode::PixartFinetune, None) => {
+                return Err(format!(
+                    "mode `{}` trains PixArt to a frozen Redux adapter: set `redux = \"...\"` \
+                     (FLUX.1-Redux-dev's image_embedder/, or a safetensors file)",
+                    self.mode
+                ));
+            }
+            (Mode::PixartText, Some(_)) => {
+                return Err(format!(
+                    "`redux` is given, but mode `{}` conditions on T5 and uses no adapter",
+                    self.mode
+                ));
+            }
+            _ => {}
+        }
+        if self.train_blocks.is_some() && !self.mode.trains_pixart() {
+            return Err(format!(
+                "`train_blocks` is for the modes that train PixArt; mode `{}` keeps it frozen",
+                self.mode
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "store = \"s\"\nmode = \"pixart_redux_adapter\"\npixart = \"p\"\nout = \"o\"\nsteps = 10\n";
+
+    #[test]
+    fn defaults_are_pixarts_and_the_config_round_trips() {
+        let c = TrainConfig::parse(MIN, "t.toml").unwrap();
+        assert_eq!((c.lr, c.weight_decay, c.adam_eps), (2e-5, 0.03, 1e-10));
+        assert_eq!((c.grad_clip, c.cond_dropout), (0.01, 0.1));
+        assert_eq!((c.redux_scale, c.redux_tokens), (0.04, 120));
+        assert_eq!(c.objective, Objective::EpsVb);
+        let again = TrainConfig::parse(&toml::to_string(&c).unwrap(), "again").unwrap();
+        assert_eq!(c, again);
+        let json: TrainConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(c, json);
+        let seed = format!("{MIN}lr_schedule = \"steps\"\nlr_milestones = [[35000, 1e-5]]\n");
+        let c = TrainConfig::parse(&seed, "t.toml").unwrap();
+        assert_eq!(c.lr_milestones, [(35000, 1e-5)]);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key_file_and_line() {
+        let e = TrainConfig::parse(&format!("{MIN}learning_rate = 1e-4\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config t.toml:6:1:") && e.contains("learning_rate"),
+            "{e}"
+        );
+        let e = TrainConfig::parse(
+            &MIN.replace("pixart_redux_adapter", "pixart_lora"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("t.toml:2") && e.contains("pixart_lora"), "{e}");
+        let cases = [
+            ("redux = \"r\"\n", "trains a fresh adapter"),
+            ("cond_dropout = 1.5\n", "cond_dropout"),
+            ("lr_schedule = \"steps\"\n", "lr_milestones"),
+            ("train_blocks = [1]\n", "train_blocks"),
+            ("dtype = \"u32\"\n", "dtype"),
+        ];
+        for (extra, needle) in cases {
+            let e = TrainConfig::parse(&format!("{MIN}{extra}"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let finetune = MIN.replace("pixart_redux_adapter", "pixart_finetune");
+        let e = TrainConfig::parse(&finetune, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set `redux"), "{e}");
+        let text = MIN.replace("pixart_redux_adapter", "pixart_text");
+        let e = TrainConfig::parse(&format!("{text}redux = \"r\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("uses no adapter"), "{e}");
+    }
+}

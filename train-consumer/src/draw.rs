@@ -1,0 +1,333 @@
+//! A small RGB canvas with a built-in 5x7 bitmap font: the loss plot and the sample
+//! grids are drawn with it (no font files, no system dependencies), then saved as PNG.
+
+use std::path::Path;
+
+/// 5x7 glyphs of printable ASCII (32..=126), one byte per row, bit 4 = leftmost pixel.
+const GLYPHS: [[u8; 7]; 95] = [
+    [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // ' '
+    [0x04, 0x04, 0x04, 0x04, 0x04, 0x00, 0x04], // '!'
+    [0x0a, 0x0a, 0x0a, 0x00, 0x00, 0x00, 0x00], // '"'
+    [0x0a, 0x0a, 0x1f, 0x0a, 0x1f, 0x0a, 0x0a], // '#'
+    [0x04, 0x0f, 0x14, 0x0e, 0x05, 0x1e, 0x04], // '$'
+    [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03], // '%'
+    [0x0c, 0x12, 0x14, 0x08, 0x15, 0x12, 0x0d], // '&'
+    [0x04, 0x04, 0x08, 0x00, 0x00, 0x00, 0x00], // "'"
+    [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02], // '('
+    [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08], // ')'
+    [0x00, 0x04, 0x15, 0x0e, 0x15, 0x04, 0x00], // '*'
+    [0x00, 0x04, 0x04, 0x1f, 0x04, 0x04, 0x00], // '+'
+    [0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08], // ','
+    [0x00, 0x00, 0x00, 0x1f, 0x00, 0x00, 0x00], // '-'
+    [0x00, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x0c], // '.'
+    [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00], // '/'
+    [0x0e, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0e], // '0'
+    [0x04, 0x0c, 0x04, 0x04, 0x04, 0x04, 0x0e], // '1'
+    [0x0e, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1f], // '2'
+    [0x1f, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0e], // '3'
+    [0x02, 0x06, 0x0a, 0x12, 0x1f, 0x02, 0x02], // '4'
+    [0x1f, 0x10, 0x1e, 0x01, 0x01, 0x11, 0x0e], // '5'
+    [0x06, 0x08, 0x10, 0x1e, 0x11, 0x11, 0x0e], // '6'
+    [0x1f, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08], // '7'
+    [0x0e, 0x11, 0x11, 0x0e, 0x11, 0x11, 0x0e], // '8'
+    [0x0e, 0x11, 0x11, 0x0f, 0x01, 0x02, 0x0c], // '9'
+    [0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x0c, 0x00], // ':'
+    [0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x04, 0x08], // ';'
+    [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02], // '<'
+    [0x00, 0x00, 0x1f, 0x00, 0x1f, 0x00, 0x00], // '='
+    [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08], // '>'
+    [0x0e, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04], // '?'
+    [0x0e, 0x11, 0x01, 0x0d, 0x15, 0x15, 0x0e], // '@'
+    [0x0e, 0x11, 0x11, 0x11, 0x1f, 0x11, 0x11], // 'A'
+    [0x1e, 0x11, 0x11, 0x1e, 0x11, 0x11, 0x1e], // 'B'
+    [0x0e, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0e], // 'C'
+    [0x1c, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1c], // 'D'
+    [0x1f, 0x10, 0x10, 0x1e, 0x10, 0x10, 0x1f], // 'E'
+    [0x1f, 0x10, 0x10, 0x1e, 0x10, 0x10, 0x10], // 'F'
+    [0x0e, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0f], // 'G'
+    [0x11, 0x11, 0x11, 0x1f, 0x11, 0x11, 0x11], // 'H'
+    [0x0e, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e], // 'I'
+    [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0c], // 'J'
+    [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11], // 'K'
+    [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1f], // 'L'
+    [0x11, 0x1b, 0x15, 0x15, 0x11, 0x11, 0x11], // 'M'
+    [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11], // 'N'
+    [0x0e, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0e], // 'O'
+    [0x1e, 0x11, 0x11, 0x1e, 0x10, 0x10, 0x10], // 'P'
+    [0x0e, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0d], // 'Q'
+    [0x1e, 0x11, 0x11, 0x1e, 0x14, 0x12, 0x11], // 'R'
+    [0x0f, 0x10, 0x10, 0x0e, 0x01, 0x01, 0x1e], // 'S'
+    [0x1f, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04], // 'T'
+    [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0e], // 'U'
+    [0x11, 0x11, 0x11, 0x11, 0x11, 0x0a, 0x04], // 'V'
+    [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0a], // 'W'
+    [0x11, 0x11, 0x0a, 0x04, 0x0a, 0x11, 0x11], // 'X'
+    [0x11, 0x11, 0x11, 0x0a, 0x04, 0x04, 0x04], // 'Y'
+    [0x1f, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1f], // 'Z'
+    [0x0e, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0e], // '['
+    [0x00, 0x10, 0x08, 0x04, 0x02, 0x01, 0x00], // '\\'
+    [0x0e, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0e], // ']'
+    [0x04, 0x0a, 0x11, 0x00, 0x00, 0x00, 0x00], // '^'
+    [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1f], // '_'
+    [0x08, 0x04, 0x02, 0x00, 0x00, 0x00, 0x00], // '`'
+    [0x00, 0x00, 0x0e, 0x01, 0x0f, 0x11, 0x0f], // 'a'
+    [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1e], // 'b'
+    [0x00, 0x00, 0x0e, 0x10, 0x10, 0x11, 0x0e], // 'c'
+    [0x01, 0x01, 0x0d, 0x13, 0x11, 0x11, 0x0f], // 'd'
+    [0x00, 0x00, 0x0e, 0x11, 0x1f, 0x10, 0x0e], // 'e'
+    [0x06, 0x09, 0x08, 0x1c, 0x08, 0x08, 0x08], // 'f'
+    [0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x0e], // 'g'
+    [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11], // 'h'
+    [0x04, 0x00, 0x0c, 0x04, 0x04, 0x04, 0x0e], // 'i'
+    [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0c], // 'j'
+    [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12], // 'k'
+    [0x0c, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e], // 'l'
+    [0x00, 0x00, 0x1a, 0x15, 0x15, 0x11, 0x11], // 'm'
+    [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11], // 'n'
+    [0x00, 0x00, 0x0e, 0x11, 0x11, 0x11, 0x0e], // 'o'
+    [0x00, 0x00, 0x1e, 0x11, 0x1e, 0x10, 0x10], // 'p'
+    [0x00, 0x00, 0x0d, 0x13, 0x0f, 0x01, 0x01], // 'q'
+    [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10], // 'r'
+    [0x00, 0x00, 0x0e, 0x10, 0x0e, 0x01, 0x1e], // 's'
+    [0x08, 0x08, 0x1c, 0x08, 0x08, 0x09, 0x06], // 't'
+    [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0d], // 'u'
+    [0x00, 0x00, 0x11, 0x11, 0x11, 0x0a, 0x04], // 'v'
+    [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0a], // 'w'
+    [0x00, 0x00, 0x11, 0x0a, 0x04, 0x0a, 0x11], // 'x'
+    [0x00, 0x00, 0x11, 0x11, 0x0f, 0x01, 0x0e], // 'y'
+    [0x00, 0x00, 0x1f, 0x02, 0x04, 0x08, 0x1f], // 'z'
+    [0x02, 0x04, 0x04, 0x08, 0x04, 0x04, 0x02], // '{'
+    [0x04, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04], // '|'
+    [0x08, 0x04, 0x04, 0x02, 0x04, 0x04, 0x08], // '}'
+    [0x00, 0x00, 0x08, 0x15, 0x02, 0x00, 0x00], // '~'
+];
+
+/// Pixels per glyph cell (5 wide plus 1 of spacing; 7 high plus 2 of leading).
+pub const CELL: (u32, u32) = (6, 9);
+
+/// An RGB8 color.
+pub type Rgb = [u8; 3];
+
+/// An RGB8 image being drawn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canvas {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Row-major RGB8.
+    pub pixels: Vec<u8>,
+}
+
+impl Canvas {
+    /// A `width` x `height` canvas filled with `bg`.
+    #[must_use]
+    pub fn new(width: u32, height: u32, bg: Rgb) -> Self {
+        let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
+        for _ in 0..width as usize * height as usize {
+            pixels.extend_from_slice(&bg);
+        }
+        Self {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    /// Sets one pixel (ignored outside the canvas).
+    pub fn put(&mut self, x: i64, y: i64, c: Rgb) {
+        if x >= 0 && y >= 0 && (x as u32) < self.width && (y as u32) < self.height {
+            let i = (y as usize * self.width as usize + x as usize) * 3;
+            self.pixels[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    /// The pixel at `(x, y)`.
+    #[must_use]
+    pub fn get(&self, x: u32, y: u32) -> Rgb {
+        let i = (y as usize * self.width as usize + x as usize) * 3;
+        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
+    }
+
+    /// Fills a rectangle.
+    pub fn fill(&mut self, x: i64, y: i64, w: u32, h: u32, c: Rgb) {
+        for yy in y..y + i64::from(h) {
+            for xx in x..x + i64::from(w) {
+                self.put(xx, yy, c);
+            }
+        }
+    }
+
+    /// A line from `a` to `b` (Bresenham), `thick` pixels wide.
+    pub fn line(&mut self, a: (f64, f64), b: (f64, f64), c: Rgb, thick: u32) {
+        let (mut x0, mut y0) = (a.0.round() as i64, a.1.round() as i64);
+        let (x1, y1) = (b.0.round() as i64, b.1.round() as i64);
+        let dx = (x1 - x0).abs();
+        let dy = -(y1 - y0).abs();
+        let sx = if x0 < x1 { 1 } else { -1 };
+        let sy = if y0 < y1 { 1 } else { -1 };
+        let mut err = dx + dy;
+        let half = i64::from(thick / 2);
+        loop {
+            self.fill(x0 - half, y0 - half, thick.max(1), thick.max(1), c);
+            if x0 == x1 && y0 == y1 {
+                break;
+            }
+            let e2 = 2 * err;
+            if e2 >= dy {
+                err += dy;
+                x0 += sx;
+            }
+            if e2 <= dx {
+                err += dx;
+                y0 += sy;
+            }
+        }
+    }
+
+    /// Draws `text` with its top-left at `(x, y)`, each font pixel `scale` x `scale`;
+    /// characters outside printable ASCII are drawn as `?`.
+    pub fn text(&mut self, x: i64, y: i64, text: &str, scale: u32, c: Rgb) {
+        let s = i64::from(scale.max(1));
+        for (k, ch) in text.chars().enumerate() {
+            let code = ch as u32;
+            let glyph = if (32..=126).contains(&code) {
+                GLYPHS[(code - 32) as usize]
+            } else {
+                GLYPHS[('?' as u32 - 32) as usize]
+            };
+            let gx = x + k as i64 * i64::from(CELL.0) * s;
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (1 << (4 - col)) != 0 {
+                        self.fill(
+                            gx + col * s,
+                            y + row as i64 * s,
+                            scale.max(1),
+                            scale.max(1),
+                            c,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Width in pixels of `text` at `scale`.
+    #[must_use]
+    pub fn text_width(text: &str, scale: u32) -> u32 {
+        text.chars().count() as u32 * CELL.0 * scale.max(1)
+    }
+
+    /// Copies `src` (RGB8, `w` x `h`) with its top-left at `(x, y)`.
+    pub fn blit(&mut self, x: i64, y: i64, w: u32, h: u32, src: &[u8]) {
+        for yy in 0..h {
+            for xx in 0..w {
+                let i = (yy as usize * w as usize + xx as usize) * 3;
+                self.put(
+                    x + i64::from(xx),
+                    y + i64::from(yy),
+                    [src[i], src[i + 1], src[i + 2]],
+                );
+            }
+        }
+    }
+
+    /// Writes the canvas as a PNG, atomically (a temporary file renamed into place).
+    ///
+    /// # Errors
+    /// I/O or encoding errors.
+    pub fn save_png(&self, path: &Path) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut bytes)
+            .write_image(
+                &self.pixels,
+                self.width,
+                self.height,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("png.tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+use image::ImageEncoder;
+
+/// Greedy word wrap of `text` into lines of at most `max_chars` characters (a word
+/// longer than a line is cut).
+#[must_use]
+pub fn wrap(text: &str, max_chars: usize) -> Vec<String> {
+    let max_chars = max_chars.max(1);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        let mut word = word.to_string();
+        while word.chars().count() > max_chars {
+            if !line.is_empty() {
+                lines.push(std::mem::take(&mut line));
+            }
+            let head: String = word.chars().take(max_chars).collect();
+            word = word.chars().skip(max_chars).collect();
+            lines.push(head);
+        }
+        let need = line.chars().count() + usize::from(!line.is_empty()) + word.chars().count();
+        if need > max_chars && !line.is_empty() {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glyphs_draw_where_they_should() {
+        let mut c = Canvas::new(20, 10, [255, 255, 255]);
+        c.text(1, 1, "L", 1, [0, 0, 0]);
+        // L: the left column down, the bottom row across
+        for row in 0..7 {
+            assert_eq!(c.get(1, 1 + row), [0, 0, 0]);
+        }
+        for col in 0..5 {
+            assert_eq!(c.get(1 + col, 7), [0, 0, 0]);
+        }
+        assert_eq!(c.get(3, 3), [255, 255, 255]);
+        // every printable glyph has ink except the space, and they differ
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, g) in GLYPHS.iter().enumerate() {
+            assert_eq!(i == 0, g.iter().all(|&r| r == 0), "glyph {i}");
+            assert!(g.iter().all(|&r| r < 32));
+            seen.insert(*g);
+        }
+        assert_eq!(seen.len(), 95);
+        assert_eq!(Canvas::text_width("abc", 2), 36);
+    }
+
+    #[test]
+    fn lines_wrap_and_pngs_round_trip() {
+        assert_eq!(
+            wrap("a red bicycle leaning on a wall", 10),
+            ["a red", "bicycle", "leaning on", "a wall"]
+        );
+        assert_eq!(wrap("abcdefghijkl", 5), ["abcde", "fghij", "kl"]);
+        let mut c = Canvas::new(8, 8, [10, 20, 30]);
+        c.line((0.0, 0.0), (7.0, 7.0), [200, 0, 0], 1);
+        assert_eq!(c.get(4, 4), [200, 0, 0]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.png");
+        c.save_png(&p).unwrap();
+        let back = image::open(&p).unwrap().to_rgb8();
+        assert_eq!(back.as_raw(), &c.pixels);
+    }
+}
