@@ -139,7 +139,7 @@ def test_single_sample_arrays_are_the_decoded_buffer_and_torch_is_zero_copy(demo
     assert torch.equal(b["sd_vae_mean"][1], torch.from_numpy(s[2]["sd_vae_mean"]))
 
 
-def test_null_embeddings_are_the_recorded_empty_caption(demo_store, zarr_python):
+def test_null_embeddings_equal_zarr_pythons_null_group(demo_store, zarr_python):
     s = tensorbake.open(demo_store)
     nulls = s.null_embeddings()
     assert "t5_hidden" in nulls
