@@ -72,7 +72,7 @@ pub use location::Location;
 pub use reader::{ArrayInfo, Sample, StoreInfo, StoreReader, inspect};
 pub use spec::{DType, FeatureSpec, StoreSpec};
 pub use verify::{DamagedPart, VerifyReport, verify};
-pub use writer::{FeatureValue, PartWriter, Record, Store};
+pub use writer::{FeatureValue, PartMeta, PartWriter, Record, Store};
 
 /// Result alias of this crate.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

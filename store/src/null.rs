@@ -377,6 +377,22 @@ impl StoreReader {
             })
     }
 
+    /// The recorded null embedding (empty caption, black image) of feature array `name`
+    /// as decoded little-endian bytes of the feature's stored dtype (`uint16` stays
+    /// `uint16`), per-sample shape; `None` when it was not recorded. For language
+    /// bindings; see [`StoreReader::null_embedding`] for a tensor.
+    ///
+    /// # Errors
+    /// As [`StoreReader::null_embedding`].
+    pub fn null_embedding_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let backend = self.backend();
+        let kind = null_kind(backend, self.spec(), name)?;
+        if backend.get(&format!("{NULL_DIR}/zarr.json"))?.is_none() {
+            return Ok(None);
+        }
+        read_null_bytes(backend, name, &kind)
+    }
+
     /// Names of the feature arrays whose null embedding is recorded.
     ///
     /// # Errors

@@ -171,6 +171,22 @@ impl StoreReader {
         self.arrays.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// What array `name` holds per sample: a string, or a numeric dtype and per-sample
+    /// shape (as stored: `uint16` stays `uint16`).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownArray`] naming the store and the array.
+    pub fn array_kind(&self, name: &str) -> Result<ArrayKind> {
+        self.kind(name).cloned()
+    }
+
+    /// The commit marker of committed part `name` (source URL, samples, ...); `None`
+    /// for a part that is not committed or does not exist.
+    #[must_use]
+    pub fn committed_part(&self, name: &str) -> Option<&PartMeta> {
+        self.parts.iter().find(|p| p.name == name).map(|p| &p.meta)
+    }
+
     pub(crate) fn kind(&self, name: &str) -> Result<&ArrayKind> {
         self.arrays
             .iter()
@@ -267,6 +283,24 @@ impl StoreReader {
                 array: name.to_string(),
                 source: Box::new(e.into()),
             })
+    }
+
+    /// Sample `index` of numeric array `name` as its decoded little-endian bytes, in C
+    /// order, in the stored dtype (no candle tensor, no widening): what language
+    /// bindings hand to their own array types without another copy.
+    ///
+    /// # Errors
+    /// Out of range index, unknown or string array, decode errors (a damaged shard
+    /// fails its checksum) naming the store, part and array.
+    pub fn read_bytes(&self, index: u64, name: &str) -> Result<Vec<u8>> {
+        if matches!(self.kind(name)?, ArrayKind::Str) {
+            return Err(StoreError::UnknownArray {
+                location: self.backend.location.to_string(),
+                name: format!("{name} (a string array; use read_string)"),
+                available: self.array_names().join(", "),
+            });
+        }
+        self.read_fixed(index, name)
     }
 
     /// The string of a string array (`key`, `caption`, `caption_raw`) for a sample.

@@ -97,6 +97,12 @@ fn check_read_back(reader: &StoreReader, want: &BTreeMap<String, Vec<u8>>) {
             .collect();
         assert_eq!(t.dims(), shape.as_slice(), "{name}: no batch axis");
         assert_eq!(&tensor_bytes(name, &t), bytes, "{name}");
+        // the byte API: the stored dtype, no widening of u16
+        assert_eq!(
+            reader.null_embedding_bytes(name).unwrap().as_ref(),
+            Some(bytes),
+            "{name} bytes"
+        );
     }
 }
 

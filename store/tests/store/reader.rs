@@ -155,3 +155,46 @@ fn loader_epochs_are_seeded_complete_and_match_get() {
     .to_string();
     assert!(err.contains("nope") && err.contains("emb_bf16"), "{err}");
 }
+
+/// The byte-level API language bindings read with: stored dtype (u16 stays u16), no
+/// candle, the same bytes as the writer got; kinds and commit markers by name.
+#[test]
+fn read_bytes_array_kind_and_committed_part_for_bindings() {
+    use tensorbake_store::layout::ArrayKind;
+    use tensorbake_store::{DType, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let loc = store(dir.path());
+    let r = StoreReader::open(&loc).unwrap();
+    for i in [0u64, 10, 11, 24] {
+        let (seed, row) = if i < 11 { (40, i) } else { (42, i - 11) };
+        let e = expected(seed, row);
+        for (name, bytes) in &e.features {
+            assert_eq!(&r.read_bytes(i, name).unwrap(), bytes, "{name} {i}");
+        }
+        let orig = r.read_bytes(i, "orig_size").unwrap();
+        assert_eq!(orig[..4], e.orig_size[0].to_le_bytes());
+    }
+    assert_eq!(
+        r.array_kind("ids_u16").unwrap(),
+        ArrayKind::Fixed {
+            dtype: DType::U16,
+            shape: vec![6]
+        }
+    );
+    assert_eq!(r.array_kind("caption").unwrap(), ArrayKind::Str);
+    assert!(matches!(
+        r.array_kind("nope"),
+        Err(StoreError::UnknownArray { name, .. }) if name == "nope"
+    ));
+    assert!(matches!(
+        r.read_bytes(0, "key"),
+        Err(StoreError::UnknownArray { .. })
+    ));
+    assert!(matches!(
+        r.read_bytes(25, "emb_bf16"),
+        Err(StoreError::IndexOutOfRange { .. })
+    ));
+    let meta = r.committed_part("c").unwrap();
+    assert_eq!((meta.source.as_str(), meta.samples), ("c", 14));
+    assert!(r.committed_part("zz").is_none());
+}
