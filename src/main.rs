@@ -38,6 +38,8 @@ enum Command {
     Encode(cmd::encode::EncodeArgs),
     /// Train PixArt-α (a Redux adapter, a fine-tune, text) from a store.
     Train(cmd::train::Args),
+    /// Image variations (or text-to-image) from a training checkpoint, as a PNG grid.
+    Sample(cmd::sample::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Encode(args) => cmd::encode::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Sample(args) => cmd::sample::run(args),
     };
     match result {
         Ok(code) => code,

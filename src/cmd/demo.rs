@@ -220,14 +220,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     for t in &trained {
         println!(
-            "  train {:<15} loss {:.3} -> {:.3} in {} steps ({:.0} samples/s); checkpoint {}, loss plot {}",
+            "  train {:<15} loss {:.3} -> {:.3} in {} steps ({:.0} samples/s); checkpoint {}, loss plot {}, sample grid {}",
             t.mode,
             t.first,
             t.last,
             t.steps,
             t.samples_per_s,
             t.checkpoint.display(),
-            t.plot.display()
+            t.plot.display(),
+            t.grid.display()
         );
     }
     println!(
@@ -241,7 +242,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let ok = report.complete()
         && report.samples.written as usize == total
         && loaded == total
-        && trained.iter().all(|t| t.last.is_finite());
+        && trained
+            .iter()
+            .all(|t| t.last.is_finite() && t.grid.is_file());
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -252,6 +255,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// What one demo training did.
 struct Trained {
     mode: String,
+    grid: PathBuf,
     first: f64,
     last: f64,
     steps: u64,
@@ -289,7 +293,9 @@ fn train_demo(
     let common = format!(
         "store = \"store\"\npixart = \"models/pixart\"\nsteps = {steps}\nbatch_size = {batch}\n\
          lr = 1e-3\nweight_decay = 0.0\ngrad_clip = 1.0\nredux_tokens = 16\ncheckpoint_every = {steps}\n\
-         seed = 1\ndevice = \"cpu\"\ndtype = \"f32\"\n"
+         seed = 1\ndevice = \"cpu\"\ndtype = \"f32\"\n\
+         # a sample grid at the end: 2 stored samples, 3 variations each\n\
+         validation_every = {steps}\nvalidation_images = {{ from_store = 2 }}\nvalidation_n = 3\nvalidation_steps = 10\n"
     );
     let adapter_ckpt = format!("train/redux-adapter/checkpoint-{steps}/redux.safetensors");
     let configs = [
@@ -330,6 +336,7 @@ fn train_demo(
         let k = losses.len().clamp(1, 5);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         done.push(Trained {
+            grid: out.join(format!("train/{name}/samples/step-{steps}.png")),
             mode,
             first: mean(&losses[..k]),
             last: mean(&losses[losses.len() - k..]),

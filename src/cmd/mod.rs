@@ -8,4 +8,5 @@ pub mod ingest;
 pub mod inspect;
 pub mod progress;
 pub mod run;
+pub mod sample;
 pub mod train;

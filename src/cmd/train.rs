@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use tensorbake_store::{Location, StoreReader};
 use tensorbake_train::config::TrainConfig;
 use tensorbake_train::pixart_task::PixArtTask;
-use tensorbake_train::trainer::{Outcome, Resume, StepLog, Trainer};
+use tensorbake_train::trainer::{Outcome, Resume, StepLog, Trainer, Validator};
 
 /// Train from a store.
 #[derive(Debug, clap::Args)]
@@ -57,7 +57,79 @@ pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<Pi
     );
     let task = PixArtTask::build(&cfg, base, &reader, &device)?;
     let out = relative_to(base, &cfg.out);
-    Ok(Trainer::new(cfg, task, reader, device, out, resume)?)
+    let validation = match cfg.validation_every {
+        Some(every) => Some((every, validator(&cfg, base, &reader, &task, &out)?)),
+        None => None,
+    };
+    let mut trainer = Trainer::new(cfg, task, reader, device, out, resume)?;
+    if let Some((every, v)) = validation {
+        trainer.set_validation(every, v);
+    }
+    Ok(trainer)
+}
+
+/// The validation grids of a run: its prompts (embedded once; the adapter they go
+/// through is the live one), the store's VAE decoder, PixArt's scheduler; each grid
+/// `OUT/samples/step-<step>.png`, seeded the same every time.
+fn validator(
+    cfg: &TrainConfig,
+    base: &Path,
+    reader: &StoreReader,
+    task: &PixArtTask,
+    out: &Path,
+) -> Result<Validator<PixArtTask>> {
+    use tensorbake_train::config::ValidationImages;
+    use tensorbake_train::sample::{SampleSettings, Sampler, SchedulerChoice, prompts_from_store};
+    let device = task.device().clone();
+    let vae = super::sample::store_vae(reader, base, None, task.dtype(), &device)?;
+    let scheduler = SchedulerChoice::pixart_dpm();
+    let settings = SampleSettings {
+        steps: cfg.validation_steps,
+        guidance: cfg.validation_guidance,
+        seed: cfg.seed,
+    };
+    let prompts = {
+        let sampler = Sampler {
+            task,
+            vae: &vae,
+            scheduler: &scheduler,
+            settings,
+        };
+        match &cfg.validation_images {
+            Some(ValidationImages::Paths(paths)) => {
+                let paths: Vec<PathBuf> = paths.iter().map(|p| relative_to(base, p)).collect();
+                super::sample::image_prompts(&paths, reader, base, None, &cfg.device)?
+            }
+            Some(ValidationImages::FromStore { from_store }) => {
+                prompts_from_store(reader, &sampler, *from_store, cfg.seed)?
+            }
+            None => {
+                super::sample::text_prompts(&cfg.validation_prompts, reader, base, &cfg.device)?
+            }
+        }
+    };
+    let n = cfg.validation_n;
+    let cell = reader.spec().resolution.unwrap_or(256).min(256);
+    let dir = out.join("samples");
+    Ok(Box::new(move |task: &PixArtTask, step: u64| {
+        let sampler = Sampler {
+            task,
+            vae: &vae,
+            scheduler: &scheduler,
+            settings,
+        };
+        let grid = sampler
+            .grid(&prompts, n, cell)
+            .map_err(|source| tensorbake_train::TrainError::Step { step, source })?;
+        let io = |source| tensorbake_train::TrainError::Io {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let path = dir.join(format!("step-{step}.png"));
+        grid.save_png(&path).map_err(io)?;
+        Ok(path)
+    }))
 }
 
 /// Runs the command.
@@ -121,10 +193,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut on_step = |l: &StepLog| {
         let s = smoothed.map_or(l.loss, |s| 0.9 * s + 0.1 * l.loss);
         smoothed = Some(s);
-        let msg = format!(
+        let mut msg = format!(
             "loss {:.4} (mse {:.4}, vb {:.4})  lr {:.2e}  |g| {:.3}  {:.1} samples/s",
             s, l.loss_mse, l.loss_vb, l.lr, l.grad_norm, l.samples_per_s
         );
+        if let Some(v) = l.validation_s {
+            msg.push_str(&format!("  (validation grid {v:.1} s)"));
+        }
         if let Some(b) = &bar {
             b.set_position(l.step);
             b.set_message(msg);

@@ -55,10 +55,10 @@ pub enum TrainError {
     },
     /// The store could not be read.
     #[error(transparent)]
-    StoreRead(#[from] tensorbake_store::StoreError),
+    StoreRead(Box<tensorbake_store::StoreError>),
     /// A model could not be found or loaded.
     #[error(transparent)]
-    Model(#[from] tensorbake_nn::Error),
+    Model(Box<tensorbake_nn::Error>),
     /// A checkpoint could not be read or is not of this run's kind.
     #[error("checkpoint {path}: {why}")]
     Checkpoint {
@@ -85,4 +85,16 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<tensorbake_store::StoreError> for TrainError {
+    fn from(e: tensorbake_store::StoreError) -> Self {
+        Self::StoreRead(Box::new(e))
+    }
+}
+
+impl From<tensorbake_nn::Error> for TrainError {
+    fn from(e: tensorbake_nn::Error) -> Self {
+        Self::Model(Box::new(e))
+    }
 }
