@@ -54,6 +54,8 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "train/redux-adapter/checkpoint-30/redux.safetensors",
         "train/finetune/log.jsonl",
         "train/finetune/checkpoint-30/transformer/diffusion_pytorch_model.safetensors",
+        "train/finetune/samples/step-30.png",
+        "train/redux-adapter/samples/step-30.png",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

@@ -7,6 +7,7 @@ mod encode;
 mod ingest;
 mod null_embedding;
 mod run;
+mod sample;
 mod store;
 mod train;
 mod util;

@@ -19,7 +19,7 @@ const RES: u32 = 64;
 
 /// A store of 12 samples (sd_vae, siglip, t5; 64 px) and a tiny PixArt (and one with
 /// the wrong caption width) under `dir`.
-fn setup(dir: &Path, encoders: &[&str]) -> PathBuf {
+pub fn setup(dir: &Path, encoders: &[&str]) -> PathBuf {
     write_webdataset(&dir.join("shards"), "shard", 2, 6, (96, 80), 3).unwrap();
     let mut toml = format!(
         "name = \"t\"\nstore = \"store\"\n[source]\nkind = \"webdataset\"\nurls = [\"shards/shard-{{000000..000001}}.tar\"]\n\
@@ -60,13 +60,13 @@ fn setup(dir: &Path, encoders: &[&str]) -> PathBuf {
     dir.join("store")
 }
 
-fn config(dir: &Path, name: &str, body: &str) -> String {
+pub fn config(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, body).unwrap();
     path.to_string_lossy().into_owned()
 }
 
-fn base(mode: &str, out: &str, steps: u64) -> String {
+pub fn base(mode: &str, out: &str, steps: u64) -> String {
     format!(
         "store = \"store\"\nmode = \"{mode}\"\npixart = \"models/pixart\"\nout = \"{out}\"\nsteps = {steps}\n\
          batch_size = 4\nlr = 1e-3\nredux_tokens = 8\ncheckpoint_every = 4\nkeep_checkpoints = 0\nseed = 3\n"
