@@ -7,8 +7,12 @@
 //! would: shard list from the links file, HTTP streaming, caption index built on first
 //! use, caption cleaning, decoding and resizing, the four encoders, a committed Zarr
 //! store. Then it reads the store back the way the trainer does (shuffled batches of
-//! tensors). It leaves in DIR: `shards/`, `models/`, `store/` and `manifest.toml`,
-//! which `tensorbake run DIR/manifest.toml` runs again offline from DIR/shards.
+//! tensors), and runs the seed's two PixArt runs on it with a tiny random PixArt (a
+//! fresh Redux adapter for the frozen PixArt, then PixArt fine-tuned to that adapter),
+//! each ending with a sample grid. It leaves in DIR: `shards/`, `models/`, `store/`,
+//! `manifest.toml` (which `tensorbake run DIR/manifest.toml` runs again offline from
+//! DIR/shards), `train-*.toml` (for `tensorbake train` / `tensorbake sample`) and
+//! `train/` (logs, loss plots, checkpoints, grids).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

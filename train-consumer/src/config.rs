@@ -465,6 +465,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_training_configs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("train-") && name.ends_with(".toml") {
+                let c = TrainConfig::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(c.steps > 0, "{name}");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 3);
+    }
+
+    #[test]
     fn bad_configs_name_the_key_file_and_line() {
         let e = TrainConfig::parse(&format!("{MIN}learning_rate = 1e-4\n"), "t.toml")
             .unwrap_err()
