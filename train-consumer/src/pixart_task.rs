@@ -500,13 +500,7 @@ impl PixArtTask {
         side: &SideGrads,
     ) -> candle_core::Result<Tensor> {
         let b = x_t.dim(0)?;
-        let added = match self.size_condition {
-            Some((res, ar)) => Some((
-                Tensor::from_vec(vec![res; 2 * b], (b, 2), &self.device)?.to_dtype(self.dtype)?,
-                Tensor::from_vec(vec![ar; b], (b, 1), &self.device)?.to_dtype(self.dtype)?,
-            )),
-            None => None,
-        };
+        let added = self.size_added(b)?;
         let added = added.as_ref().map(|(r, a)| (r, a));
         if !self.checkpointing {
             return self.pixart.forward(x_t, t, y, mask, added);
