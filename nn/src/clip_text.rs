@@ -18,8 +18,8 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::activation::Activation;
-use crate::layers::{LayerNorm, Linear};
-use crate::ops;
+use crate::layers::LayerNorm;
+use crate::vit::{EncoderLayer, LayerConfig, Scaling};
 
 /// The upstream text config: `config.json` of a `CLIPTextModel`, or its `text_config`
 /// in a `CLIPModel`.
@@ -121,88 +121,11 @@ impl ClipTextConfig {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q: Linear::new(d, d, vb.pp("q_proj"))?,
-            k: Linear::new(d, d, vb.pp("k_proj"))?,
-            v: Linear::new(d, d, vb.pp("v_proj"))?,
-            out: Linear::new(d, d, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: d / cfg.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, causal: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split((self.q.forward(x)? * scale)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        let opts = ops::AttentionOpts {
-            scale: None,
-            bias: Some(causal),
-            softmax_f32: true,
-        };
-        let o = ops::attention(&q, &k, &v, &opts)?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
-        self.out.forward(&o)
-    }
-}
-
-struct Layer {
-    norm1: LayerNorm,
-    attn: Attention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl Layer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig, act: Activation) -> candle_core::Result<Self> {
-        let d = cfg.hidden_size;
-        let eps = cfg.layer_norm_eps;
-        Ok(Self {
-            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
-            attn: Attention::new(vb.pp("self_attn"), cfg)?,
-            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, causal: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, causal)?)?;
-        let h = self
-            .act
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
-        &x + self.fc2.forward(&h)?
-    }
-}
-
 /// transformers' `CLIPTextModel` (the `text_model` of a `CLIPModel`).
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
-    layers: Vec<Layer>,
+    layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
     cfg: ClipTextConfig,
     device: Device,
@@ -235,8 +158,17 @@ impl ClipTextModel {
             d,
             vb.pp("embeddings.position_embedding"),
         )?;
+        let layer = LayerConfig {
+            dim: d,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps,
+            act,
+            scaling: Scaling::Query,
+            softmax_f32: true,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
+            .map(|i| EncoderLayer::new(&layer, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_norm = LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(Self {
@@ -275,7 +207,7 @@ impl ClipTextModel {
         let causal = Tensor::from_vec(causal, (1, 1, t, t), &self.device)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, &causal)?;
+            x = layer.forward(&x, Some(&causal))?;
         }
         self.final_norm.forward(&x)
     }

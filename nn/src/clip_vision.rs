@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::activation::Activation;
 use crate::layers::{Conv2d, LayerNorm, Linear};
-use crate::ops;
+use crate::vit::{EncoderLayer, LayerConfig, Scaling};
 
 /// OpenAI CLIP's normalisation (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
 pub const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -180,81 +180,6 @@ impl Config {
     }
 }
 
-/// Self-attention; `q` is scaled before the logits, as transformers' CLIP does.
-#[derive(Debug, Clone)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q: Linear::new(d, d, vb.pp("q_proj"))?,
-            k: Linear::new(d, d, vb.pp("k_proj"))?,
-            v: Linear::new(d, d, vb.pp("v_proj"))?,
-            out: Linear::new(d, d, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: d / cfg.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((x.apply(&self.q)? * (self.head_dim as f64).powf(-0.5))?)?;
-        let k = split(x.apply(&self.k)?)?;
-        let v = split(x.apply(&self.v)?)?;
-        let opts = ops::AttentionOpts {
-            scale: None,
-            bias: None,
-            softmax_f32: true,
-        };
-        ops::attention(&q, &k, &v, &opts)?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?
-            .apply(&self.out)
-    }
-}
-
-/// Pre-norm encoder layer with a QuickGELU MLP.
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: Attention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl EncoderLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        Ok(Self {
-            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
-            attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (self.attn.forward(&x.apply(&self.norm1)?)? + x)?;
-        let h = Activation::QuickGelu.forward(&x.apply(&self.norm2)?.apply(&self.fc1)?)?;
-        h.apply(&self.fc2)? + x
-    }
-}
-
 /// `CLIPVisionModelWithProjection`: pixel values to `image_embeds`.
 #[derive(Debug, Clone)]
 pub struct ClipVisionWithProjection {
@@ -303,8 +228,17 @@ impl ClipVisionWithProjection {
                 stdev: 1.0,
             },
         )?;
+        let layer = LayerConfig {
+            dim: d,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps,
+            act: Activation::QuickGelu,
+            scaling: Scaling::Query,
+            softmax_f32: true,
+        };
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(c, vm.pp("encoder.layers").pp(i)))
+            .map(|i| EncoderLayer::new(&layer, vm.pp("encoder.layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             class_embedding,
@@ -329,7 +263,7 @@ impl ClipVisionWithProjection {
         let x = Tensor::cat(&[class, patches], 1)?.broadcast_add(&self.position_embedding)?;
         let mut x = x.apply(&self.pre_norm)?;
         for layer in &self.layers {
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, None)?;
         }
         x.i((.., 0, ..))?
             .apply(&self.post_norm)?

@@ -54,6 +54,7 @@ pub mod t5;
 pub mod testing;
 pub mod tiny;
 pub mod vae;
+pub mod vit;
 pub mod weights;
 
 pub use device::{compute_dtype, conv_compute_dtype, parse_device};

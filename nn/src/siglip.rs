@@ -18,8 +18,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 use crate::activation::Activation;
-use crate::layers::{Conv2d, LayerNorm, Linear};
-use crate::ops;
+use crate::layers::{Conv2d, LayerNorm};
+use crate::vit::{EncoderLayer, LayerConfig, Scaling};
 
 fn d_hidden() -> usize {
     768
@@ -148,83 +148,6 @@ impl Config {
     }
 }
 
-/// Multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
-#[derive(Debug, Clone)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q: Linear::new(d, d, vb.pp("q_proj"))?,
-            k: Linear::new(d, d, vb.pp("k_proj"))?,
-            v: Linear::new(d, d, vb.pp("v_proj"))?,
-            out: Linear::new(d, d, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: d / cfg.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(x.apply(&self.q)?)?;
-        let k = split(x.apply(&self.k)?)?;
-        let v = split(x.apply(&self.v)?)?;
-        let opts = ops::AttentionOpts {
-            scale: Some((self.head_dim as f64).powf(-0.5)),
-            bias: None,
-            softmax_f32: false,
-        };
-        ops::attention(&q, &k, &v, &opts)?
-            .transpose(1, 2)?
-            .reshape((b, t, ()))?
-            .apply(&self.out)
-    }
-}
-
-/// Pre-norm encoder layer.
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: Attention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        Ok(Self {
-            norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
-            attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            act: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&x.apply(&self.norm1)?)?)?;
-        let h = self.act.forward(&x.apply(&self.norm2)?.apply(&self.fc1)?)?;
-        h.apply(&self.fc2)? + x
-    }
-}
-
 /// SigLIP's vision transformer without the pooling head.
 #[derive(Debug, Clone)]
 pub struct SiglipVision {
@@ -265,8 +188,17 @@ impl SiglipVision {
             )?
             .reshape((1, side, side, cfg.hidden_size))?
             .permute((0, 3, 1, 2))?;
+        let layer = LayerConfig {
+            dim: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps,
+            act: cfg.hidden_act,
+            scaling: Scaling::Logits,
+            softmax_f32: false,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp("encoder.layers").pp(i)))
+            .map(|i| EncoderLayer::new(&layer, vb.pp("encoder.layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let post_layernorm =
             LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
@@ -297,7 +229,7 @@ impl SiglipVision {
             .flatten_from(2)?
             .transpose(1, 2)?;
         for layer in &self.layers {
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, None)?;
         }
         x.apply(&self.post_layernorm)
     }
