@@ -3,8 +3,9 @@
 //! - Model files, each laid out like candle's (`Config` from the upstream
 //!   `config.json`, named presets, `new(vb, &cfg)`, `forward`): [`vae`] (the KL
 //!   autoencoder of SD and Flux), [`t5`], [`clip_text`], [`clip_vision`], [`siglip`],
-//!   [`pixart`] (PixArt-α's transformer, with a per-block API for recomputation) and
-//!   [`redux`] (the Flux Redux image adapter).
+//!   [`pixart`] (PixArt-α's transformer, with a per-block API for recomputation),
+//!   [`flux`] (the Flux transformer: diffusers and BFL names, per-block API, adapters
+//!   for LoRA) and [`redux`] (the Flux Redux image adapter).
 //! - The ops seam ([`ops`]): attention, layer / group / RMS norm, convolution, linear
 //!   layers and adaLN modulation. Model files call only these (through [`layers`]);
 //!   each has a plain candle reference implementation that is also the gradient path,
@@ -43,6 +44,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod device;
 mod error;
+pub mod flux;
 pub mod init;
 pub mod layers;
 pub mod loader;

@@ -7,8 +7,9 @@
 //! transformers models), the real tensor names, a `preprocessor_config.json` for the
 //! image towers and, for T5, a SentencePiece `spiece.model` with `tokenizer_config.json`
 //! as google/t5-v1_1-xxl ships them. Only the sizes are small (a few hundred kB).
-//! [`write_tiny_pixart`] and [`write_tiny_redux`] do the same for the models the trainer
-//! trains (PixArt-α's transformer, the Redux adapter), in the diffusers layout.
+//! [`write_tiny_pixart`], [`write_tiny_flux`] and [`write_tiny_redux`] do the same for
+//! the models the trainer trains (PixArt-α's and Flux's transformers, the Redux
+//! adapter), in the diffusers layout.
 //!
 //! The tensor names are not listed by hand: the model is built once through a
 //! `VarBuilder` whose backend records every tensor the model asks for and makes it up
@@ -105,7 +106,7 @@ fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
     (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
 }
 
-/// Values for the diffusion transformers and adapters ([`write_tiny_pixart`],
+/// Values for the diffusion transformers and adapters ([`write_tiny_pixart`], [`write_tiny_flux`],
 /// [`write_tiny_redux`]): as [`values`], but every weight of rank 2 or more is
 /// `N(0, 1/fan_in)` whatever its name (their `*_embedder` layers are linear layers,
 /// not embedding tables), so the adaLN modulation stays of order one.
@@ -702,6 +703,58 @@ pub fn write_tiny_redux(
         source,
     })?;
     crate::redux::save_diffusers(dir, &cfg, &tensors)?;
+    Ok(cfg)
+}
+
+/// The config of a tiny Flux transformer: hidden 32 = 2 heads x 16, RoPE axes
+/// (4, 6, 6), 2 double + 2 single blocks, 64 channels in and out (a 16-channel Flux VAE's
+/// latents packed 2x2), text tokens `joint_attention_dim` wide, a pooled vector
+/// `pooled_projection_dim` wide, the guidance embedder when `guidance` (FLUX.1-dev
+/// style) or not (schnell / OpenFLUX style).
+#[must_use]
+pub fn tiny_flux_config(
+    guidance: bool,
+    joint_attention_dim: usize,
+    pooled_projection_dim: usize,
+) -> crate::flux::Config {
+    crate::flux::Config {
+        num_layers: 2,
+        num_single_layers: 2,
+        attention_head_dim: 16,
+        num_attention_heads: 2,
+        joint_attention_dim,
+        pooled_projection_dim,
+        guidance_embeds: guidance,
+        axes_dims_rope: vec![4, 6, 6],
+        ..crate::flux::Config::flux1_schnell()
+    }
+}
+
+/// Writes a tiny random-weight Flux transformer ([`tiny_flux_config`]) into `dir` in the
+/// diffusers layout (`config.json`, `diffusion_pytorch_model.safetensors`;
+/// `FluxTransformer2DModel.from_pretrained` loads it), weights drawn from `seed`
+/// (`N(0, 1/fan_in)`, small biases, norm scales near 1). For the demo's `--flux` store,
+/// `joint_attention_dim` is the tiny T5's width (32) and `pooled_projection_dim` the
+/// tiny CLIP image embedding's (16).
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_tiny_flux(
+    dir: &Path,
+    seed: u64,
+    guidance: bool,
+    joint_attention_dim: usize,
+    pooled_projection_dim: usize,
+) -> Result<crate::flux::Config> {
+    let cfg = tiny_flux_config(guidance, joint_attention_dim, pooled_projection_dim);
+    let tensors = record_with(seed, fan_in_values, |vb| {
+        crate::flux::Flux::new(vb, &cfg).map(|_| ())
+    })
+    .map_err(|source| Error::Candle {
+        model: "tiny flux".into(),
+        source,
+    })?;
+    crate::flux::save_diffusers(dir, &cfg, &tensors)?;
     Ok(cfg)
 }
 

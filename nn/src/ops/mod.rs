@@ -7,6 +7,7 @@
 //! | [`conv2d`] | 2-D convolution + bias | candle's |
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
 //! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite |
+//! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
 //! | [`group_norm`] | GroupNorm, optional SiLU after | composite |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
 //! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
@@ -152,6 +153,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed
         .to_dtype(dtype)?
         .broadcast_mul(&cast_like(weight, x)?)
+}
+
+/// `torch.nn.RMSNorm` (`F.rms_norm`, the qk norm of Flux and SD3):
+/// `x / sqrt(mean(x²) + eps) · weight` computed wholly in f32 for half types (the
+/// weight applied before the one cast back), where [`rms_norm`] (T5's) casts back
+/// before the weight. With f32 inputs the two agree.
+pub fn rms_norm_upcast(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(internal_dtype(dtype))?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    xf.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.to_dtype(xf.dtype())?)?
+        .to_dtype(dtype)
 }
 
 /// GroupNorm of `x` `[B, C, ...]` over `groups` groups with per-channel affine

@@ -211,3 +211,23 @@ crate::test_device!(
     inference_is_candle_bit_for_bit_cpu,
     inference_is_candle_bit_for_bit_cuda
 );
+
+#[test]
+fn upcast_rms_norm_is_t5s_in_f32_and_weights_before_the_cast_in_bf16() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded(&[2, 3, 16], 21, DType::F32, &dev)?;
+    let w = seeded(&[16], 22, DType::F32, &dev)?;
+    // f32: the same numbers as T5's
+    let a = rms_norm_upcast(&x, &w, 1e-6)?;
+    let b = rms_norm(&x, &w, 1e-6)?;
+    assert!(rel_err(&a, &b)? < 1e-7);
+    // bf16: one rounding, after the weight (torch.nn.RMSNorm)
+    let xb = x.to_dtype(DType::BF16)?;
+    let y = rms_norm_upcast(&xb, &w, 1e-6)?;
+    assert_eq!(y.dtype(), DType::BF16);
+    let want = rms_norm(&xb.to_dtype(DType::F32)?, &w, 1e-6)?.to_dtype(DType::BF16)?;
+    assert_eq!(rel_err(&y, &want)?, 0.0);
+    let x64 = seeded(&[2, 3, 6], 23, DType::F64, &dev)?;
+    let w64 = seeded(&[6], 24, DType::F64, &dev)?;
+    check_grad(&x64, |t| rms_norm_upcast(t, &w64, 1e-6))
+}
