@@ -1,6 +1,7 @@
 //! End-to-end tests of the `tensorbake` binary. All of them compile into this one
 //! test binary (ripgrep's habit); each test works in a fresh temporary directory.
 
+mod bench;
 mod captions;
 mod demo;
 mod encode;

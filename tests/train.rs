@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use tensorbake_kit::synth::write_webdataset;
 use tensorbake_nn::tiny::{TinyModel, TinyPixart, write_tiny_model, write_tiny_pixart};
 
-use crate::util::{tempdir, tensorbake};
+use crate::util::{diffusers_python, tempdir, tensorbake};
 
 const RES: u32 = 64;
 
@@ -112,21 +112,6 @@ fn same_tensors(a: &Path, b: &Path) {
             b.display()
         );
     }
-}
-
-/// A Python that can import diffusers (the reference environment), if any.
-fn diffusers_python() -> Option<String> {
-    let candidates = [
-        std::env::var("TENSORBAKE_PYTHON").ok(),
-        Some("/opt/refvenv/bin/python".to_string()),
-    ];
-    candidates.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .args(["-c", "import diffusers"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
 }
 
 #[test]

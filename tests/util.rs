@@ -85,3 +85,27 @@ pub fn assert_same_store(a: &std::path::Path, b: &std::path::Path, strip: &[&str
         b.display()
     );
 }
+
+/// A Python that can import diffusers: `$TENSORBAKE_PYTHON` (scripts/test.sh's venv) or
+/// the reference environment, if any. With `TENSORBAKE_REQUIRE_PYTHON=1` (the test
+/// command) a missing one is a failure, not a skip.
+#[allow(dead_code)]
+pub fn diffusers_python() -> Option<String> {
+    let candidates = [
+        std::env::var("TENSORBAKE_PYTHON").ok(),
+        Some("/opt/refvenv/bin/python".to_string()),
+    ];
+    let found = candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import diffusers"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(
+        found.is_some() || std::env::var("TENSORBAKE_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "TENSORBAKE_REQUIRE_PYTHON=1 but no Python with diffusers (TENSORBAKE_PYTHON={:?})",
+        std::env::var("TENSORBAKE_PYTHON").ok()
+    );
+    found
+}

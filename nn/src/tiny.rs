@@ -273,6 +273,19 @@ fn write_vae(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
         "use_post_quant_conv": !flux,
         "use_quant_conv": !flux,
     });
+    write_vae_with(dir, seed, &config).map_err(|e| match e {
+        Error::Candle { source, .. } => candle(model)(source),
+        e => e,
+    })
+}
+
+/// Writes a random-weight `AutoencoderKL` of any diffusers `config` (the real
+/// SD-VAE's included: what the sampling benchmark decodes with) into `dir`, encoder
+/// and decoder, with the tiny VAEs' weights.
+///
+/// # Errors
+/// A config that is not an `AutoencoderKL` config; I/O errors naming the file.
+pub fn write_vae_with(dir: &Path, seed: u64, config: &Value) -> Result<()> {
     let cfg: crate::vae::Config =
         serde_json::from_value(config.clone()).map_err(|e| Error::BadFile {
             path: dir.join("config.json"),
@@ -284,8 +297,12 @@ fn write_vae(model: TinyModel, dir: &Path, seed: u64) -> Result<()> {
         crate::vae::VaeEncoder::new(vb.clone(), &cfg)?;
         crate::vae::VaeDecoder::new(vb, &cfg).map(|_| ())
     })
-    .map_err(candle(model))?;
-    write_json(&dir.join("config.json"), &config)?;
+    .map_err(|source| Error::Candle {
+        model: "random vae".into(),
+        source,
+    })?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    write_json(&dir.join("config.json"), config)?;
     save(&tensors, &dir.join("diffusion_pytorch_model.safetensors"))
 }
 
@@ -666,15 +683,25 @@ pub fn write_tiny_pixart(
     sample_size: usize,
 ) -> Result<crate::pixart::Config> {
     let cfg = tiny_pixart_config(variant, caption_channels, sample_size);
+    write_pixart(dir, seed, &cfg)?;
+    Ok(cfg)
+}
+
+/// Writes a random-weight PixArt-α transformer of any `cfg` (the full PixArt-XL-2
+/// presets included: what the training benchmark runs) into `dir` in the diffusers
+/// layout, with the weights of [`write_tiny_pixart`] (`N(0, 1/fan_in)`, small biases).
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_pixart(dir: &Path, seed: u64, cfg: &crate::pixart::Config) -> Result<()> {
     let tensors = record_with(seed, fan_in_values, |vb| {
-        crate::pixart::PixArt::new(vb, &cfg).map(|_| ())
+        crate::pixart::PixArt::new(vb, cfg).map(|_| ())
     })
     .map_err(|source| Error::Candle {
-        model: "tiny pixart".into(),
+        model: "random pixart".into(),
         source,
     })?;
-    crate::pixart::save_diffusers(dir, &cfg, &tensors)?;
-    Ok(cfg)
+    crate::pixart::save_diffusers(dir, cfg, &tensors)
 }
 
 /// Writes a tiny random-weight Redux adapter (`redux_dim` -> `3 txt_in_features` ->

@@ -23,6 +23,90 @@ enum BenchCommand {
     /// JPEG decode + resize shortest side + centre crop: images/s on one core,
     /// beside Pillow and Pillow with `Image.draft` on the same files.
     Decode(DecodeArgs),
+    /// One PixArt training step (docs/train.md, Speed): samples/s and peak memory,
+    /// beside diffusers' PixArtTransformer2DModel doing the same step in PyTorch.
+    Train(TrainArgs),
+    /// Sampling with guidance and VAE decode (docs/sample.md, Speed): seconds per
+    /// image, beside diffusers' PixArtAlphaPipeline on the same models.
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// Model sizes: tiny (the tests'), small (CPU: a small PixArt at 512 px, SD-VAE's
+    /// decoder), xl-512 (PixArt-XL-2-512x512, for a GPU).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Images per round (one batch).
+    #[arg(long, default_value_t = 1)]
+    images: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Guidance scale.
+    #[arg(long, default_value_t = 4.5)]
+    guidance: f64,
+    /// Timed rounds (after one untimed).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// cpu | cuda | cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype (f32; bf16 or f16 on CUDA).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Python with torch and diffusers (else $TENSORBAKE_PYTHON, else python3).
+    #[arg(long, env = "TENSORBAKE_PYTHON")]
+    python: Option<PathBuf>,
+    /// Skip the diffusers runs.
+    #[arg(long)]
+    no_diffusers: bool,
+    /// Keep the work directory (models, store) here instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Model sizes: tiny (the tests'), small (CPU), xl-512 (PixArt-XL-2-512x512, for a GPU).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Modes to time (repeatable): adapter (PixArt frozen), finetune (PixArt trained).
+    #[arg(long = "mode", value_name = "MODE", default_values_t = ["adapter".to_string(), "finetune".to_string()])]
+    modes: Vec<String>,
+    /// Samples per step (default: 8 for small and tiny, 32 for xl-512).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps before them.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// cpu | cuda | cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32, or bf16 on CUDA (PyTorch: AMP autocast).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Recompute each block in the backward (both sides).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Python with torch and diffusers (else $TENSORBAKE_PYTHON, else python3).
+    #[arg(long, env = "TENSORBAKE_PYTHON")]
+    python: Option<PathBuf>,
+    /// Skip the PyTorch runs.
+    #[arg(long)]
+    no_torch: bool,
+    /// Keep the work directory (models, store) here instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +154,8 @@ struct DecodeArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchCommand::Decode(args) => decode(args),
+        BenchCommand::Train(args) => train(args),
+        BenchCommand::Sample(args) => sample(args),
     }
 }
 
@@ -93,9 +179,91 @@ fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&workdir);
     let report = report.context("bench decode")?;
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+    write_json(args.json.as_ref(), &report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A work directory: the one asked for (kept), or a fresh temporary one (removed).
+fn workdir(asked: Option<PathBuf>, what: &str) -> anyhow::Result<(PathBuf, bool)> {
+    let (dir, keep) = match asked {
+        Some(d) => (d, true),
+        None => (
+            std::env::temp_dir().join(format!("tensorbake-bench-{what}-{}", std::process::id())),
+            false,
+        ),
+    };
+    if keep && dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+        anyhow::bail!("--workdir {} is not empty", dir.display());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok((dir, keep))
+}
+
+fn write_json(path: Option<&PathBuf>, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    use tensorbake_train::bench::{BenchMode, Preset, TrainBenchConfig, run_train_bench};
+    let preset = Preset::parse(&args.preset)?;
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| BenchMode::parse(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let cfg = TrainBenchConfig {
+        preset,
+        modes,
+        batch_size: args
+            .batch_size
+            .unwrap_or(if preset == Preset::Xl512 { 32 } else { 8 }),
+        steps: args.steps,
+        warmup: args.warmup,
+        device: args.device,
+        dtype,
+        gradient_checkpointing: args.gradient_checkpointing,
+        python: (!args.no_torch).then(|| args.python.unwrap_or_else(|| PathBuf::from("python3"))),
+    };
+    let (dir, keep) = workdir(args.workdir, "train")?;
+    let report = run_train_bench(&cfg, &dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report.context("bench train")?;
+    print!("{}", report.table());
+    write_json(args.json.as_ref(), &report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<tensorbake_kit::dtype::DType> {
+    s.parse().map_err(|e| anyhow::anyhow!("--dtype {s}: {e}"))
+}
+
+fn sample(args: SampleArgs) -> anyhow::Result<ExitCode> {
+    use tensorbake_train::bench::{Preset, SampleBenchConfig, run_sample_bench};
+    let cfg = SampleBenchConfig {
+        preset: Preset::parse(&args.preset)?,
+        images: args.images,
+        steps: args.steps,
+        guidance: args.guidance,
+        rounds: args.rounds,
+        device: args.device,
+        dtype: parse_dtype(&args.dtype)?,
+        python: (!args.no_diffusers)
+            .then(|| args.python.unwrap_or_else(|| PathBuf::from("python3"))),
+    };
+    let (dir, keep) = workdir(args.workdir, "sample")?;
+    let report = run_sample_bench(&cfg, &dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report.context("bench sample")?;
+    print!("{}", report.table());
+    write_json(args.json.as_ref(), &report)?;
     Ok(ExitCode::SUCCESS)
 }

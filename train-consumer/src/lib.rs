@@ -23,6 +23,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod diffusion;

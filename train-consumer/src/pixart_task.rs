@@ -364,10 +364,11 @@ impl PixArtTask {
         };
         match &self.condition {
             Condition::Adapter { redux, null } => {
-                let s = pick(Array::SiglipHidden)?.to_dtype(self.dtype)?;
-                let s = replace(&s, null)?;
-                let y = (redux.forward(&s)? * self.redux_scale)?;
-                let y = y.narrow(1, 0, self.redux_tokens)?.contiguous()?;
+                // The adapter works token by token: only the tokens kept go through it.
+                let n = self.redux_tokens;
+                let s = pick(Array::SiglipHidden)?.narrow(1, 0, n)?;
+                let s = replace(&s.to_dtype(self.dtype)?, &null.narrow(0, 0, n)?)?;
+                let y = (redux.forward(&s.contiguous()?)? * self.redux_scale)?;
                 Ok((y, None))
             }
             Condition::Text { null, null_len } => {
@@ -437,15 +438,13 @@ impl PixArtTask {
         match (&self.condition, input) {
             (Condition::Adapter { redux, .. }, PromptInput::Siglip(s)) => {
                 let s = s
+                    .narrow(0, 0, self.redux_tokens)?
                     .to_device(&self.device)?
                     .to_dtype(self.dtype)?
-                    .unsqueeze(0)?;
+                    .contiguous()?;
                 let y = (redux.forward(&s)? * self.redux_scale)?;
                 Ok(Cond {
-                    tokens: y
-                        .narrow(1, 0, self.redux_tokens)?
-                        .squeeze(0)?
-                        .contiguous()?,
+                    tokens: y,
                     mask: None,
                 })
             }

@@ -362,52 +362,8 @@ impl<T: Task> Trainer<T> {
                 };
                 return Ok(Outcome::Stopped(dir));
             }
-            let t0 = Instant::now();
-            let step = self.state.step + 1;
-            let step_err = |source| TrainError::Step { step, source };
-            let vars = self.task.vars();
-            let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-            let mut sums = Losses::default();
-            let scale = 1.0 / self.cfg.grad_accum as f64;
-            for _ in 0..self.cfg.grad_accum {
-                let batch = self.next_batch(&mut loader)?;
-                let (l, grads) = self
-                    .task
-                    .step(&batch, &mut self.noise, scale)
-                    .map_err(step_err)?;
-                sums.loss += l.loss * scale;
-                sums.mse += l.mse * scale;
-                sums.vb += l.vb * scale;
-                for (a, g) in acc.iter_mut().zip(grads) {
-                    *a = match (a.take(), g) {
-                        (Some(a), Some(g)) => Some((a + g).map_err(step_err)?),
-                        (a, g) => a.or(g),
-                    };
-                }
-                self.state.samples_seen += batch.keys.len() as u64;
-            }
-            let grad_norm = clip_grad_norm(&mut acc, self.cfg.grad_clip).map_err(step_err)?;
-            let lr = self.lr.at(step);
-            self.opt.step(&acc, lr).map_err(step_err)?;
-            if let Some(ema) = &mut self.ema {
-                ema.update(self.opt.vars()).map_err(step_err)?;
-            }
-            self.state.step = step;
-            self.state.noise = self.noise.state();
-            let secs = t0.elapsed().as_secs_f64();
-            let entry = StepLog {
-                step,
-                loss: sums.loss,
-                loss_mse: sums.mse,
-                loss_vb: sums.vb,
-                lr,
-                grad_norm,
-                samples_per_s: (self.cfg.batch_size * self.cfg.grad_accum) as f64 / secs.max(1e-9),
-                epoch: self.state.epoch,
-                elapsed_s: started.elapsed().as_secs_f64(),
-                validation_s: None,
-            };
-            let mut entry = entry;
+            let mut entry = self.one_step(&mut loader, started)?;
+            let step = entry.step;
             if let Some((every, validate)) = &mut self.validation
                 && (step.is_multiple_of(*every) || step == self.cfg.steps)
             {
@@ -433,6 +389,80 @@ impl<T: Task> Trainer<T> {
             self.save_checkpoint()?
         };
         Ok(Outcome::Finished(dir))
+    }
+
+    /// One optimizer step (its `grad_accum` micro-batches, clipping, AdamW, EMA): the
+    /// state advances, nothing is written.
+    fn one_step(
+        &mut self,
+        loader: &mut Option<Loader>,
+        started: Instant,
+    ) -> Result<StepLog, TrainError> {
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let step_err = |source| TrainError::Step { step, source };
+        let vars = self.task.vars();
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut sums = Losses::default();
+        let scale = 1.0 / self.cfg.grad_accum as f64;
+        for _ in 0..self.cfg.grad_accum {
+            let batch = self.next_batch(loader)?;
+            let (l, grads) = self
+                .task
+                .step(&batch, &mut self.noise, scale)
+                .map_err(step_err)?;
+            sums.loss += l.loss * scale;
+            sums.mse += l.mse * scale;
+            sums.vb += l.vb * scale;
+            for (a, g) in acc.iter_mut().zip(grads) {
+                *a = match (a.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g).map_err(step_err)?),
+                    (a, g) => a.or(g),
+                };
+            }
+            self.state.samples_seen += batch.keys.len() as u64;
+        }
+        let grad_norm = clip_grad_norm(&mut acc, self.cfg.grad_clip).map_err(step_err)?;
+        let lr = self.lr.at(step);
+        self.opt.step(&acc, lr).map_err(step_err)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(self.opt.vars()).map_err(step_err)?;
+        }
+        self.state.step = step;
+        self.state.noise = self.noise.state();
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepLog {
+            step,
+            loss: sums.loss,
+            loss_mse: sums.mse,
+            loss_vb: sums.vb,
+            lr,
+            grad_norm,
+            samples_per_s: (self.cfg.batch_size * self.cfg.grad_accum) as f64 / secs.max(1e-9),
+            epoch: self.state.epoch,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            validation_s: None,
+        })
+    }
+
+    /// Runs `n` steps as [`Trainer::run`] does, writing nothing (no log, checkpoint or
+    /// validation): what `tensorbake bench train` times. `on_step` sees each step's
+    /// line.
+    ///
+    /// # Errors
+    /// candle errors of a step (naming it); store read errors.
+    pub fn bench_steps(
+        &mut self,
+        n: u64,
+        on_step: &mut dyn FnMut(&StepLog),
+    ) -> Result<(), TrainError> {
+        let started = Instant::now();
+        let mut loader: Option<Loader> = None;
+        for _ in 0..n {
+            let entry = self.one_step(&mut loader, started)?;
+            on_step(&entry);
+        }
+        Ok(())
     }
 
     /// The next micro-batch, opening the next epoch's loader when one ends.

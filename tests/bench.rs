@@ -1,0 +1,209 @@
+//! `tensorbake bench train` / `bench sample` end to end on the tiny preset, beside the
+//! PyTorch / diffusers peers when a Python with diffusers is there (scripts/test.sh's
+//! venv): both sides must have trained the same parameters and sampled images of the
+//! same models.
+
+use serde_json::Value;
+
+use crate::util::{diffusers_python, tempdir, tensorbake};
+
+fn json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn rows<'a>(v: &'a Value, engine: &str) -> Vec<&'a Value> {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["engine"] == engine)
+        .collect()
+}
+
+#[test]
+fn bench_train_times_both_modes_beside_pytorch() {
+    let Some(python) = diffusers_python() else {
+        eprintln!("SKIP bench_train_times_both_modes_beside_pytorch: no Python with diffusers");
+        return;
+    };
+    let dir = tempdir();
+    let out = tensorbake(
+        dir.path(),
+        &[
+            "bench",
+            "train",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--python",
+            &python,
+            "--json",
+            "r.json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("vs torch"), "{stdout}");
+    let v = json(&dir.path().join("r.json"));
+    let (ours, torch) = (rows(&v, "tensorbake"), rows(&v, "pytorch"));
+    assert_eq!((ours.len(), torch.len()), (2, 2), "{v}");
+    for (a, b) in ours.iter().zip(&torch) {
+        assert_eq!(a["mode"], b["mode"]);
+        // the same step trains the same parameters on both sides
+        assert_eq!(
+            a["trainable_params"], b["trainable_params"],
+            "{}",
+            a["mode"]
+        );
+        assert_eq!(
+            a["trainable_tensors"], b["trainable_tensors"],
+            "{}",
+            a["mode"]
+        );
+        for r in [a, b] {
+            assert_eq!(r["samples_per_s_steps"].as_array().unwrap().len(), 2);
+            assert!(r["samples_per_s_median"].as_f64().unwrap() > 0.0);
+        }
+        // the same model and objective on equally drawn data: losses of one size
+        let (la, lb) = (
+            a["last_loss"].as_f64().unwrap(),
+            b["last_loss"].as_f64().unwrap(),
+        );
+        assert!(
+            la.is_finite() && lb.is_finite() && la / lb < 10.0 && lb / la < 10.0,
+            "{la} vs {lb}"
+        );
+    }
+    // the adapter mode trains the adapter's 4 tensors, finetune all of PixArt
+    assert_eq!(ours[0]["mode"], "adapter");
+    assert_eq!(ours[0]["trainable_tensors"], 4);
+    assert!(ours[1]["trainable_params"].as_u64() > ours[0]["trainable_params"].as_u64());
+    // nothing is left behind in a temporary work directory
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn bench_sample_times_ours_beside_the_pipeline() {
+    let Some(python) = diffusers_python() else {
+        eprintln!("SKIP bench_sample_times_ours_beside_the_pipeline: no Python with diffusers");
+        return;
+    };
+    let dir = tempdir();
+    let out = tensorbake(
+        dir.path(),
+        &[
+            "bench",
+            "sample",
+            "--preset",
+            "tiny",
+            "--steps",
+            "4",
+            "--rounds",
+            "1",
+            "--python",
+            &python,
+            "--json",
+            "s.json",
+            "--workdir",
+            "work",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&dir.path().join("s.json"));
+    let (ours, peer) = (rows(&v, "tensorbake"), rows(&v, "diffusers"));
+    assert_eq!((ours.len(), peer.len()), (1, 1), "{v}");
+    for r in [ours[0], peer[0]] {
+        assert!(r["seconds_per_image_median"].as_f64().unwrap() > 0.0);
+    }
+    // same models and condition, other noise: images of the same overall brightness
+    let (a, b) = (
+        ours[0]["mean_pixel"].as_f64().unwrap(),
+        peer[0]["mean_pixel"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 0.1, "mean pixel {a} vs {b}");
+    // --workdir keeps what both sides read
+    for f in [
+        "pixart/config.json",
+        "vae/config.json",
+        "redux/config.json",
+        "scheduler_config.json",
+    ] {
+        assert!(dir.path().join("work").join(f).is_file(), "{f}");
+    }
+}
+
+#[test]
+fn bench_rejects_bad_settings_with_one_error_line() {
+    let dir = tempdir();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["bench", "train", "--preset", "huge", "--no-torch"],
+            "huge",
+        ),
+        (
+            &[
+                "bench",
+                "train",
+                "--preset",
+                "tiny",
+                "--mode",
+                "text",
+                "--no-torch",
+            ],
+            "text",
+        ),
+        (
+            &[
+                "bench",
+                "sample",
+                "--preset",
+                "tiny",
+                "--steps",
+                "0",
+                "--no-diffusers",
+            ],
+            "non-zero",
+        ),
+        (
+            &[
+                "bench",
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--batch-size",
+                "1",
+                "--mode",
+                "adapter",
+                "--python",
+                "/nonexistent/python",
+            ],
+            "/nonexistent/python",
+        ),
+    ];
+    for (args, names) in cases {
+        let out = tensorbake(dir.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert!(errors[0].contains(names), "{args:?}: {stderr}");
+    }
+}
