@@ -5,6 +5,7 @@ mod captions;
 mod demo;
 mod encode;
 mod ingest;
+mod metrics;
 mod null_embedding;
 mod run;
 mod sample;
