@@ -9,6 +9,7 @@ mod metrics;
 mod null_embedding;
 mod run;
 mod sample;
+mod slurm;
 mod store;
 mod train;
 mod util;
