@@ -5,6 +5,7 @@ mod captions;
 mod demo;
 mod encode;
 mod ingest;
+mod k8s;
 mod metrics;
 mod null_embedding;
 mod run;
