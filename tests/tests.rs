@@ -8,6 +8,7 @@ mod ingest;
 mod k8s;
 mod metrics;
 mod null_embedding;
+mod ray;
 mod run;
 mod sample;
 mod slurm;
