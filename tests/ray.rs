@@ -42,6 +42,7 @@ impl RayHead {
             .args(["--include-dashboard=false", "--disable-usage-stats"])
             .arg(format!("--temp-dir={}", temp.display()))
             .env("RAY_USAGE_STATS_ENABLED", "0")
+            .current_dir(temp)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
