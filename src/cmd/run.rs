@@ -205,7 +205,7 @@ pub fn build_and_run(
             done.store(true, Ordering::SeqCst);
             r
         });
-        if let Some(path) = metrics.file.as_deref() {
+        let file_writer = metrics.file.as_deref().map(|path| {
             let (done, write_file) = (&done, &write_file);
             scope.spawn(move || {
                 let mut last = Instant::now();
@@ -216,11 +216,15 @@ pub fn build_and_run(
                         last = Instant::now();
                     }
                 }
-            });
-        }
+            })
+        });
         super::progress::watch("run", run.stats(), &done, progress_interval);
         let report = worker.join().expect("run thread panicked");
-        // the final numbers, once every stage is done
+        // the final numbers, once every stage is done and no periodic write is left
+        // that could land after them
+        if let Some(h) = file_writer {
+            h.join().expect("metrics file thread panicked");
+        }
         if let Some(path) = metrics.file.as_deref() {
             write_file(path);
         }
