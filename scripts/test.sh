@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README): what a new user runs and what CI runs.
 # Installs the Python packages the tests use (interop readers, maturin, pytest, torch,
-# diffusers) into a private virtualenv, runs every test of the workspace, then builds
-# the `tensorbake` Python package into that virtualenv and runs its tests.
+# diffusers, Ray and kubernetes-validate for the scale-out tests) into a private
+# virtualenv, runs every test of the workspace, then builds the `tensorbake` Python
+# package into that virtualenv and runs its tests. The Slurm test installs Debian's
+# slurmctld, slurmd and munge itself (apt, as root) and starts them on loopback
+# (docs/scale-out.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-deps.sh
@@ -12,7 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # pip skips what is already installed: torch (~3 GB) is downloaded once per venv.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  -r scripts/requirements-test.txt -r scripts/requirements-torch.txt
+  -r scripts/requirements-test.txt -r scripts/requirements-torch.txt \
+  -r scripts/requirements-deploy.txt
 export TENSORBAKE_PYTHON="$VENV/bin/python"
 # Tests that need that Python fail instead of skipping when this is set.
 export TENSORBAKE_REQUIRE_PYTHON=1

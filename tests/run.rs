@@ -13,12 +13,12 @@ use tensorbake_kit::synth::{WdsLayout, write_webdataset};
 use tensorbake_nn::tiny::{TinyModel, write_tiny_model};
 use tensorbake_store::{Location, StoreReader};
 
-use crate::util::{assert_same_store, store_files, tempdir, tensorbake};
+use crate::util::{assert_same_store, replace_member, store_files, tempdir, tensorbake};
 
 const RES: u32 = 64;
 
 /// Tiny sd_vae, siglip and t5 under `dir/models`.
-fn models(dir: &Path) {
+pub(crate) fn models(dir: &Path) {
     for (i, m) in [TinyModel::SdVae, TinyModel::Siglip, TinyModel::T5]
         .into_iter()
         .enumerate()
@@ -46,9 +46,20 @@ fn encoders_toml(batch: usize) -> String {
 
 /// `n` WebDataset shards of `per` samples in `dir/shards`, tiny models, and a manifest
 /// reading them through `urls` (a brace pattern), with `extra` TOML appended.
-fn job(dir: &Path, n: usize, per: usize, urls: &str, extra: &str) -> (PathBuf, WdsLayout) {
+pub(crate) fn job(
+    dir: &Path,
+    n: usize,
+    per: usize,
+    urls: &str,
+    extra: &str,
+) -> (PathBuf, WdsLayout) {
     let layout = write_webdataset(&dir.join("shards"), "shard", n, per, (96, 80), 5).unwrap();
     models(dir);
+    (write_manifest(dir, urls, extra), layout)
+}
+
+/// `dir/job.toml`: the shards at `urls` through the tiny models into `dir/store`.
+pub(crate) fn write_manifest(dir: &Path, urls: &str, extra: &str) -> PathBuf {
     let manifest = dir.join("job.toml");
     std::fs::write(
         &manifest,
@@ -59,14 +70,29 @@ fn job(dir: &Path, n: usize, per: usize, urls: &str, extra: &str) -> (PathBuf, W
         ),
     )
     .unwrap();
-    (manifest, layout)
+    manifest
 }
 
-fn brace(n: usize) -> String {
+/// Like [`job`], with the shards served over loopback HTTP by the returned server
+/// (which can inject faults: a stall holds a worker mid-run).
+pub(crate) fn served_job(
+    dir: &Path,
+    n: usize,
+    per: usize,
+    extra: &str,
+) -> (PathBuf, WdsLayout, FileServer) {
+    let (_, layout) = job(dir, n, per, &brace(n), extra);
+    let server = FileServer::start(dir.join("shards")).unwrap();
+    let urls = format!("{}/shard-{{000000..{:06}}}.tar", server.base_url(), n - 1);
+    (write_manifest(dir, &urls, extra), layout, server)
+}
+
+pub(crate) fn brace(n: usize) -> String {
     format!("shards/shard-{{000000..{:06}}}.tar", n - 1)
 }
 
-fn ok(o: &std::process::Output) -> serde_json::Value {
+/// The JSON report of a run that must have succeeded.
+pub(crate) fn ok(o: &std::process::Output) -> serde_json::Value {
     assert!(
         o.status.success(),
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -411,24 +437,11 @@ fn a_truncated_shard_fails_alone_is_not_committed_and_is_redone_next_time() {
     std::fs::write(&layout.shards[1], &good[..good.len() * 2 / 3]).unwrap();
     // and in shard 2, one image that is not a JPEG: a skipped sample, not a failure
     let bad_key = layout.keys[2][1].clone();
-    let members: Vec<(String, Vec<u8>)> = {
-        let tar = std::fs::read(&layout.shards[2]).unwrap();
-        let mut a = tar::Archive::new(tar.as_slice());
-        a.entries()
-            .unwrap()
-            .map(|e| {
-                let mut e = e.unwrap();
-                let name = e.path().unwrap().to_string_lossy().into_owned();
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut e, &mut v).unwrap();
-                if name == format!("{bad_key}.jpg") {
-                    v = b"<html>503 Service Unavailable</html>".to_vec();
-                }
-                (name, v)
-            })
-            .collect()
-    };
-    tensorbake_kit::synth::write_tar(&layout.shards[2], &members, false).unwrap();
+    replace_member(
+        &layout.shards[2],
+        &format!("{bad_key}.jpg"),
+        b"<html>503 Service Unavailable</html>",
+    );
     let m = manifest.to_str().unwrap();
     let o = tensorbake(dir.path(), &["run", m]);
     assert!(!o.status.success());

@@ -109,3 +109,79 @@ pub fn diffusers_python() -> Option<String> {
     );
     found
 }
+
+/// Rewrites the tar at `path` with member `name`'s bytes replaced by `bytes` (a
+/// corrupt image, say); the other members keep their order and bytes.
+#[allow(dead_code)]
+pub fn replace_member(path: &std::path::Path, name: &str, bytes: &[u8]) {
+    let tar = std::fs::read(path).expect("read tar");
+    let mut a = tar::Archive::new(tar.as_slice());
+    let members: Vec<(String, Vec<u8>)> = a
+        .entries()
+        .expect("tar entries")
+        .map(|e| {
+            let mut e = e.expect("tar entry");
+            let member = e
+                .path()
+                .expect("member path")
+                .to_string_lossy()
+                .into_owned();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut v).expect("read member");
+            if member == name {
+                v = bytes.to_vec();
+            }
+            (member, v)
+        })
+        .collect();
+    assert!(
+        members.iter().any(|(m, _)| m == name),
+        "{} has no member {name}",
+        path.display()
+    );
+    tensorbake_kit::synth::write_tar(path, &members, false).expect("write tar");
+}
+
+/// The test Python (`TENSORBAKE_PYTHON`) with the scale-out packages importable:
+/// when one of `modules` is missing, `scripts/requirements-deploy.txt` is installed
+/// into it with pip. `None` (the test skips) only when no Python is configured and
+/// `TENSORBAKE_REQUIRE_PYTHON` is not 1.
+#[allow(dead_code)]
+pub fn deploy_python(test: &str, modules: &[&str]) -> Option<PathBuf> {
+    let Some(python) = std::env::var_os("TENSORBAKE_PYTHON").map(PathBuf::from) else {
+        assert!(
+            std::env::var("TENSORBAKE_REQUIRE_PYTHON").as_deref() != Ok("1"),
+            "TENSORBAKE_PYTHON is not set but TENSORBAKE_REQUIRE_PYTHON=1"
+        );
+        eprintln!("SKIP {test}: TENSORBAKE_PYTHON is not set (scripts/test.sh sets it)");
+        return None;
+    };
+    let import = format!("import {}", modules.join(", "));
+    let have = |py: &std::path::Path| {
+        Command::new(py)
+            .args(["-c", &import])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have(&python) {
+        let o = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(root().join("scripts/requirements-deploy.txt"))
+            .output()
+            .expect("run pip");
+        assert!(
+            o.status.success() && have(&python),
+            "installing scripts/requirements-deploy.txt into {} failed: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Some(python)
+}

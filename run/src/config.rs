@@ -323,14 +323,15 @@ impl RunConfig {
             .max()
             .unwrap_or(1)
             .max(1);
-        let stats = RunStats::new(todo.len() as u64);
+        let encoder_names: Vec<String> = encoders
+            .iter()
+            .map(|l| l.feature.name().to_string())
+            .collect();
+        let stats = RunStats::new(todo.len() as u64, &encoder_names);
         Ok(Run {
             cfg: self.clone(),
             ingest,
-            encoder_names: encoders
-                .iter()
-                .map(|l| l.feature.name().to_string())
-                .collect(),
+            encoder_names,
             encoders: Mutex::new(encoders),
             store,
             listed,

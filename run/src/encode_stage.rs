@@ -19,7 +19,6 @@ use tensorbake_kit::dtype::DType;
 use tensorbake_kit::schema::{Array, Feature};
 use tensorbake_store::writer::SampleMeta;
 
-use crate::report::{EncoderTime, StageTime};
 use crate::stats::RunStats;
 
 /// Why a stage dropped a shard: the typed error travels to the writer, which reports it.
@@ -83,45 +82,35 @@ pub(crate) struct EncodeStage<'a> {
 }
 
 impl EncodeStage<'_> {
-    /// Runs until `rx` closes; shard `s` goes to writer `s % writers.len()`.
-    pub(crate) fn run(
-        &self,
-        rx: Receiver<ToEncode>,
-        writers: Vec<Sender<ToWrite>>,
-    ) -> (StageTime, BTreeMap<String, EncoderTime>) {
+    /// Runs until `rx` closes; shard `s` goes to writer `s % writers.len()`. Its
+    /// times (busy, waiting, per encoder) and queue depths go to the run's stats.
+    pub(crate) fn run(&self, rx: Receiver<ToEncode>, writers: Vec<Sender<ToWrite>>) {
         let mut pending: HashMap<usize, Vec<Sample>> = HashMap::new();
         let mut failed: HashMap<usize, StageError> = HashMap::new();
-        let mut time = StageTime {
-            threads: 1,
-            ..StageTime::default()
+        let stats = self.stats;
+        let send = |shard: usize, msg: ToWrite| {
+            let ok = writers[shard % writers.len()].send(msg).is_ok();
+            if ok {
+                stats.write_queue.sent();
+            }
+            ok
         };
-        let mut per_encoder: BTreeMap<String, EncoderTime> = self
-            .encoders
-            .iter()
-            .map(|l| (l.feature.name().to_string(), EncoderTime::default()))
-            .collect();
-        let route = |shard: usize| &writers[shard % writers.len()];
-        let mut flush = |shard: usize,
-                         batch: Vec<Sample>,
-                         failed: &mut HashMap<usize, StageError>,
-                         time: &mut StageTime| {
+        let flush = |shard: usize, batch: Vec<Sample>, failed: &mut HashMap<usize, StageError>| {
             if batch.is_empty() {
                 return;
             }
             if failed.contains_key(&shard) {
-                self.stats.dropped(batch.len() as u64);
+                stats.dropped(batch.len() as u64);
                 return;
             }
             let n = batch.len();
             let t0 = Instant::now();
-            let result = encode_batch(self.encoders, &batch, &mut per_encoder);
-            time.busy_s += t0.elapsed().as_secs_f64();
+            let result = encode_batch(self.encoders, &batch, stats);
+            stats.encode.busy(t0.elapsed());
             match result {
                 Ok(features) => {
-                    time.samples += n as u64;
-                    self.stats
-                        .samples_encoded
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                    stats.encode.samples(n as u64);
+                    stats.samples_encoded.fetch_add(n as u64, Ordering::Relaxed);
                     let meta = batch
                         .into_iter()
                         .map(|s| SampleMeta {
@@ -136,8 +125,8 @@ impl EncodeStage<'_> {
                         meta,
                         features,
                     };
-                    if route(shard).send(msg).is_err() {
-                        self.stats.dropped(n as u64);
+                    if !send(shard, msg) {
+                        stats.dropped(n as u64);
                     }
                 }
                 Err(why) => {
@@ -145,7 +134,7 @@ impl EncodeStage<'_> {
                         shard,
                         "encoding failed; the shard will not be committed: {why}"
                     );
-                    self.stats.dropped(n as u64);
+                    stats.dropped(n as u64);
                     failed.insert(shard, why);
                 }
             }
@@ -153,7 +142,8 @@ impl EncodeStage<'_> {
         loop {
             let t0 = Instant::now();
             let Ok(msg) = rx.recv() else { break };
-            time.wait_s += t0.elapsed().as_secs_f64();
+            stats.encode.wait(t0.elapsed());
+            stats.encode_queue.received();
             match msg {
                 ToEncode::Sample(s) => {
                     let shard = s.shard;
@@ -161,7 +151,7 @@ impl EncodeStage<'_> {
                     p.push(s);
                     if p.len() >= self.batch {
                         let b = std::mem::take(p);
-                        flush(shard, b, &mut failed, &mut time);
+                        flush(shard, b, &mut failed);
                     }
                 }
                 ToEncode::End(end) => {
@@ -169,24 +159,19 @@ impl EncodeStage<'_> {
                     if let Some(b) = pending.remove(&shard) {
                         if end.error.is_some() {
                             // the shard will not be committed: do not encode its tail
-                            self.stats.dropped(b.len() as u64);
+                            stats.dropped(b.len() as u64);
                         } else {
-                            flush(shard, b, &mut failed, &mut time);
+                            flush(shard, b, &mut failed);
                         }
                     }
                     let msg = ToWrite::End {
                         end,
                         encode_error: failed.remove(&shard),
                     };
-                    let _ = route(shard).send(msg);
+                    send(shard, msg);
                 }
             }
         }
-        time.finish();
-        for t in per_encoder.values_mut() {
-            t.samples_per_s = t.samples as f64 / t.busy_s.max(1e-9);
-        }
-        (time, per_encoder)
     }
 }
 
@@ -195,7 +180,7 @@ impl EncodeStage<'_> {
 fn encode_batch(
     encoders: &[Loaded],
     batch: &[Sample],
-    per_encoder: &mut BTreeMap<String, EncoderTime>,
+    stats: &RunStats,
 ) -> Result<BTreeMap<String, Tensor>, StageError> {
     let images: Vec<Rgb8<'_>> = batch
         .iter()
@@ -210,7 +195,7 @@ fn encode_batch(
         .map(|s| s.caption.as_deref().unwrap_or(""))
         .collect();
     let mut out = BTreeMap::new();
-    for l in encoders {
+    for (i, l) in encoders.iter().enumerate() {
         let feature = l.feature;
         let _span =
             tracing::debug_span!("encode", encoder = %feature, batch = batch.len()).entered();
@@ -240,9 +225,8 @@ fn encode_batch(
             };
             out.insert(array.name().to_string(), t);
         }
-        let e = per_encoder.entry(feature.name().to_string()).or_default();
-        e.busy_s += t0.elapsed().as_secs_f64();
-        e.samples += batch.len() as u64;
+        stats.encoder(i).busy(t0.elapsed());
+        stats.encoder(i).samples(batch.len() as u64);
     }
     Ok(out)
 }

@@ -27,14 +27,16 @@
 //!
 //! The crate follows the stages: `config` (the manifest's job, checks and preflight,
 //! [`RunConfig::build`]), `encode_stage` (per-shard batches through the encoders),
-//! `write_stage` (parts and commits), `report` (outcomes into the [`RunReport`]).
+//! `write_stage` (parts and commits), `report` (outcomes into the [`RunReport`]),
+//! `stats` (the live counters every stage bumps) and [`metrics`] (those counters as
+//! Prometheus text, and the endpoint of `run --metrics`).
 //! Errors cross the stage seams typed ([`StageError`]); `docs/architecture.md` has the
 //! dataflow.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Sender, bounded};
 use tensorbake_ingest::pipeline::{Event, Ingest};
@@ -43,6 +45,7 @@ use tensorbake_store::Store;
 
 mod config;
 mod encode_stage;
+pub mod metrics;
 mod report;
 mod stats;
 #[cfg(test)]
@@ -88,18 +91,23 @@ impl std::fmt::Debug for Run {
     }
 }
 
-/// Blocking send that counts the time spent waiting on a full queue.
-fn send_timed<T>(tx: &Sender<T>, msg: T, waited: &Mutex<Duration>) -> bool {
-    match tx.try_send(msg) {
+/// Blocking send into the encode queue that counts the time spent waiting on a full
+/// queue and the queue's depth.
+fn send_timed(tx: &Sender<ToEncode>, msg: ToEncode, stats: &RunStats) -> bool {
+    let ok = match tx.try_send(msg) {
         Ok(()) => true,
         Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
         Err(crossbeam_channel::TrySendError::Full(msg)) => {
             let t0 = Instant::now();
             let ok = tx.send(msg).is_ok();
-            *waited.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed();
+            stats.ingest_blocked(t0.elapsed());
             ok
         }
+    };
+    if ok {
+        stats.encode_queue.sent();
     }
+    ok
 }
 
 const SKIP_DETAILS: usize = 1000;
@@ -154,7 +162,6 @@ impl Run {
         let per_writer = (o.write_queue / writers).max(1);
         let (write_txs, write_rxs): (Vec<_>, Vec<_>) =
             (0..writers).map(|_| bounded::<ToWrite>(per_writer)).unzip();
-        let ingest_blocked = Mutex::new(Duration::ZERO);
         let skips: Mutex<Vec<SkipReport>> = Mutex::new(Vec::new());
         let names: HashMap<usize, &str> = self
             .todo
@@ -171,16 +178,16 @@ impl Run {
                 .collect(),
             stats: &self.stats,
         };
-        let (summary, encode_time, outcomes) = std::thread::scope(|scope| {
+        let (summary, outcomes) = std::thread::scope(|scope| {
             let ingest = scope.spawn(|| {
                 let tx = enc_tx;
                 let on_event = |e: Event| match e {
                     Event::Sample(s) => {
                         self.stats.sample_read();
-                        send_timed(&tx, ToEncode::Sample(s), &ingest_blocked);
+                        send_timed(&tx, ToEncode::Sample(s), &self.stats);
                     }
                     Event::Skip(s) => {
-                        self.stats.samples_skipped.fetch_add(1, Ordering::Relaxed);
+                        self.stats.sample_skipped(s.reason);
                         tracing::info!(shard = s.shard, key = %s.key, reason = s.reason, "skipped: {}", s.detail);
                         let mut v = skips.lock().unwrap_or_else(|e| e.into_inner());
                         if v.len() < SKIP_DETAILS {
@@ -193,8 +200,8 @@ impl Run {
                         }
                     }
                     Event::ShardEnd(end) => {
-                        self.stats.shard_read(end.bytes);
-                        send_timed(&tx, ToEncode::End(end), &ingest_blocked);
+                        self.stats.shard_read(end.bytes, end.retries);
+                        send_timed(&tx, ToEncode::End(end), &self.stats);
                     }
                 };
                 self.ingest.run(&self.todo, stop, &on_event)
@@ -214,27 +221,20 @@ impl Run {
                 .map(|rx| scope.spawn(move || write.run(rx)))
                 .collect();
             let summary = ingest.join().expect("ingest thread panicked");
-            let encode_time = encode.join().expect("encode thread panicked");
+            encode.join().expect("encode thread panicked");
             let mut outcomes = Vec::new();
-            let mut write_time = StageTime::default();
             for h in writer_handles {
-                let (o, t) = h.join().expect("writer thread panicked");
-                outcomes.extend(o);
-                write_time.busy_s += t.busy_s;
-                write_time.wait_s += t.wait_s;
-                write_time.samples += t.samples;
+                outcomes.extend(h.join().expect("writer thread panicked"));
             }
-            (summary, encode_time, (outcomes, write_time))
+            (summary, outcomes)
         });
-        let (outcomes, write_time) = outcomes;
-        self.report(Finished {
+        let report = self.report(Finished {
             summary,
-            encode: encode_time,
             outcomes,
-            write: write_time,
-            ingest_blocked: ingest_blocked.into_inner().unwrap_or_default(),
             skipped_samples: skips.into_inner().unwrap_or_default(),
             seconds: started.elapsed().as_secs_f64(),
-        })
+        });
+        self.stats.finished.store(true, Ordering::SeqCst);
+        report
     }
 }

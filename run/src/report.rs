@@ -3,7 +3,6 @@
 //! stages' outcomes become it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde::Serialize;
 use tensorbake_ingest::pipeline::Summary;
@@ -14,29 +13,21 @@ use crate::write_stage::PartOutcome;
 /// What the stages of [`Run::run`] hand back when they are done.
 pub(crate) struct Finished {
     pub(crate) summary: Summary,
-    pub(crate) encode: (StageTime, BTreeMap<String, EncoderTime>),
     pub(crate) outcomes: Vec<PartOutcome>,
-    pub(crate) write: StageTime,
-    pub(crate) ingest_blocked: Duration,
     pub(crate) skipped_samples: Vec<SkipReport>,
     pub(crate) seconds: f64,
 }
 
 impl Run {
     /// The report of a finished run: shard outcomes in shard order, counts, per-stage
-    /// times, queue figures.
+    /// times and queue figures (from the run's stats, as the metrics show them).
     pub(crate) fn report(&self, done: Finished) -> RunReport {
         let Finished {
             summary,
-            encode: encode_time,
             outcomes,
-            write: mut write_time,
-            ingest_blocked,
             mut skipped_samples,
             seconds,
         } = done;
-        write_time.threads = self.cfg.options.writers.max(1);
-        write_time.finish();
         let o = &self.cfg.options;
 
         let mut committed = Vec::new();
@@ -50,10 +41,9 @@ impl Run {
         committed.sort_by_key(|p| p.index);
         failed.sort_by_key(|f| f.index);
         let snap = self.stats.snapshot();
-        let (encode, encoders) = encode_time;
         let ingest_time = IngestTime {
             wall_s: summary.seconds,
-            blocked_s: ingest_blocked.as_secs_f64(),
+            blocked_s: snap.ingest_blocked_s,
             samples_per_s: summary.kept as f64 / summary.seconds.max(1e-9),
             mb_per_s: summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9),
         };
@@ -90,9 +80,9 @@ impl Run {
             samples_per_s: snap.samples_written as f64 / seconds.max(1e-9),
             stages: Stages {
                 ingest: ingest_time,
-                encode,
-                encoders,
-                write: write_time,
+                encode: self.stats.encode_time(),
+                encoders: self.stats.encoder_times(),
+                write: self.stats.write_time(self.cfg.options.writers.max(1)),
             },
             queues: QueueReport {
                 encode_queue: o.encode_queue,

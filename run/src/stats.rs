@@ -1,7 +1,75 @@
-//! Live counters of a run, shared by the stages and read by progress displays.
+//! Live counters of a run, shared by the stages and read by progress displays, the
+//! Prometheus endpoint (`metrics`) and the final report: one set of numbers, bumped
+//! where the work happens, read by everyone.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::report::{EncoderTime, StageTime};
+
+/// Busy and waiting time and samples of one stage (all its threads together).
+#[derive(Debug, Default)]
+pub(crate) struct StageClock {
+    busy_ns: AtomicU64,
+    wait_ns: AtomicU64,
+    samples: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn secs(ns: &AtomicU64) -> f64 {
+    ns.load(Ordering::Relaxed) as f64 / 1e9
+}
+
+impl StageClock {
+    pub(crate) fn busy(&self, d: Duration) {
+        self.busy_ns.fetch_add(nanos(d), Ordering::Relaxed);
+    }
+
+    pub(crate) fn wait(&self, d: Duration) {
+        self.wait_ns.fetch_add(nanos(d), Ordering::Relaxed);
+    }
+
+    pub(crate) fn samples(&self, n: u64) {
+        self.samples.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The stage's time so far (`threads` is the caller's to set).
+    pub(crate) fn time(&self) -> StageTime {
+        let mut t = StageTime {
+            threads: 0,
+            busy_s: secs(&self.busy_ns),
+            wait_s: secs(&self.wait_ns),
+            samples: self.samples.load(Ordering::Relaxed),
+            samples_per_s: 0.0,
+        };
+        t.finish();
+        t
+    }
+}
+
+/// A queue's depth: messages sent and not yet received. Raised after a send and
+/// lowered after a receive, so it can dip below zero for an instant (read as 0).
+#[derive(Debug, Default)]
+pub(crate) struct Depth(AtomicI64);
+
+impl Depth {
+    pub(crate) fn sent(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn received(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        u64::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+}
 
 /// Counters every stage bumps as it goes; [`RunStats::snapshot`] reads them all.
 #[derive(Debug)]
@@ -25,10 +93,22 @@ pub struct RunStats {
     pub samples_written: AtomicU64,
     /// Bytes read from the sources (counted when a shard ends).
     pub bytes: AtomicU64,
+    /// Requests after the first (resumes and retries), counted when a shard ends.
+    pub retries: AtomicU64,
     /// Samples decoded but not yet written or dropped.
     pub in_flight: AtomicU64,
     /// The most `in_flight` ever was.
     pub in_flight_high: AtomicU64,
+    /// Whether the run has finished (every stage done).
+    pub finished: AtomicBool,
+    skipped_by_reason: Mutex<BTreeMap<String, u64>>,
+    ingest_blocked_ns: AtomicU64,
+    pub(crate) encode: StageClock,
+    pub(crate) write: StageClock,
+    /// Per encoder, in manifest order: (feature name, its clock).
+    encoders: Vec<(String, StageClock)>,
+    pub(crate) encode_queue: Depth,
+    pub(crate) write_queue: Depth,
 }
 
 /// A copy of the counters at one moment.
@@ -54,14 +134,26 @@ pub struct StatsSnapshot {
     pub samples_written: u64,
     /// See [`RunStats::bytes`].
     pub bytes: u64,
+    /// See [`RunStats::retries`].
+    pub retries: u64,
     /// See [`RunStats::in_flight`].
     pub in_flight: u64,
     /// See [`RunStats::in_flight_high`].
     pub in_flight_high: u64,
+    /// Seconds the decode threads spent blocked on a full encode queue, together.
+    pub ingest_blocked_s: f64,
+    /// Messages (samples and shard ends) waiting for the encoders.
+    pub encode_queue: u64,
+    /// Encoded batches and shard ends waiting for the writers, all writers together.
+    pub write_queue: u64,
+    /// See [`RunStats::finished`].
+    pub finished: bool,
 }
 
 impl RunStats {
-    pub(crate) fn new(shards_todo: u64) -> Self {
+    /// Counters of a run with `shards_todo` shards and these encoders (feature names,
+    /// in manifest order).
+    pub(crate) fn new(shards_todo: u64, encoders: &[String]) -> Self {
         Self {
             started: Instant::now(),
             shards_todo: AtomicU64::new(shards_todo),
@@ -73,8 +165,20 @@ impl RunStats {
             samples_encoded: AtomicU64::new(0),
             samples_written: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_high: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            skipped_by_reason: Mutex::new(BTreeMap::new()),
+            ingest_blocked_ns: AtomicU64::new(0),
+            encode: StageClock::default(),
+            write: StageClock::default(),
+            encoders: encoders
+                .iter()
+                .map(|n| (n.clone(), StageClock::default()))
+                .collect(),
+            encode_queue: Depth::default(),
+            write_queue: Depth::default(),
         }
     }
 
@@ -84,9 +188,24 @@ impl RunStats {
         self.in_flight_high.fetch_max(now, Ordering::SeqCst);
     }
 
-    pub(crate) fn shard_read(&self, bytes: u64) {
+    pub(crate) fn sample_skipped(&self, reason: &str) {
+        self.samples_skipped.fetch_add(1, Ordering::Relaxed);
+        let mut m = self
+            .skipped_by_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *m.entry(reason.to_string()).or_default() += 1;
+    }
+
+    pub(crate) fn shard_read(&self, bytes: u64, retries: u64) {
         self.shards_read.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.retries.fetch_add(retries, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ingest_blocked(&self, d: Duration) {
+        self.ingest_blocked_ns
+            .fetch_add(nanos(d), Ordering::Relaxed);
     }
 
     /// `n` samples left the pipeline without being written (their shard failed).
@@ -107,6 +226,11 @@ impl RunStats {
         self.shards_failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The clock of encoder `i` (manifest order).
+    pub(crate) fn encoder(&self, i: usize) -> &StageClock {
+        &self.encoders[i].1
+    }
+
     /// All counters now.
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -121,8 +245,97 @@ impl RunStats {
             samples_encoded: g(&self.samples_encoded),
             samples_written: g(&self.samples_written),
             bytes: g(&self.bytes),
+            retries: g(&self.retries),
             in_flight: g(&self.in_flight),
             in_flight_high: g(&self.in_flight_high),
+            ingest_blocked_s: secs(&self.ingest_blocked_ns),
+            encode_queue: self.encode_queue.get(),
+            write_queue: self.write_queue.get(),
+            finished: self.finished.load(Ordering::SeqCst),
         }
+    }
+
+    /// Samples skipped so far, by reason.
+    pub fn skipped_by_reason(&self) -> BTreeMap<String, u64> {
+        self.skipped_by_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The encode stage's time so far (one thread).
+    pub fn encode_time(&self) -> StageTime {
+        StageTime {
+            threads: 1,
+            ..self.encode.time()
+        }
+    }
+
+    /// The part writers' time so far, all `threads` together.
+    pub fn write_time(&self, threads: usize) -> StageTime {
+        StageTime {
+            threads,
+            ..self.write.time()
+        }
+    }
+
+    /// Each encoder's time so far, by feature name.
+    pub fn encoder_times(&self) -> BTreeMap<String, EncoderTime> {
+        self.encoders
+            .iter()
+            .map(|(name, c)| {
+                let t = c.time();
+                (
+                    name.clone(),
+                    EncoderTime {
+                        busy_s: t.busy_s,
+                        samples: t.samples,
+                        samples_per_s: t.samples_per_s,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clocks_skips_and_depths_add_up() {
+        let s = RunStats::new(2, &["siglip".into(), "t5".into()]);
+        s.sample_skipped("corrupt_image");
+        s.sample_skipped("corrupt_image");
+        s.sample_skipped("missing_caption");
+        assert_eq!(
+            s.skipped_by_reason(),
+            BTreeMap::from([("corrupt_image".into(), 2), ("missing_caption".into(), 1)])
+        );
+        assert_eq!(s.snapshot().samples_skipped, 3);
+        s.encoder(1).busy(Duration::from_millis(500));
+        s.encoder(1).samples(4);
+        let t = s.encoder_times();
+        assert_eq!(t["siglip"].samples, 0);
+        assert_eq!(t["t5"].samples, 4);
+        assert!((t["t5"].busy_s - 0.5).abs() < 1e-9);
+        assert!((t["t5"].samples_per_s - 8.0).abs() < 1e-6);
+        s.write.busy(Duration::from_secs(2));
+        s.write.wait(Duration::from_secs(1));
+        s.write.samples(6);
+        let w = s.write_time(3);
+        assert_eq!((w.threads, w.samples), (3, 6));
+        assert!((w.busy_s - 2.0).abs() < 1e-9 && (w.wait_s - 1.0).abs() < 1e-9);
+        assert!((w.samples_per_s - 3.0).abs() < 1e-9);
+        // a receive seen before its send reads as an empty queue, not a huge one
+        s.encode_queue.received();
+        assert_eq!(s.snapshot().encode_queue, 0);
+        s.encode_queue.sent();
+        s.encode_queue.sent();
+        assert_eq!(s.snapshot().encode_queue, 1);
+        s.shard_read(100, 2);
+        s.shard_read(50, 0);
+        let snap = s.snapshot();
+        assert_eq!((snap.shards_read, snap.bytes, snap.retries), (2, 150, 2));
     }
 }

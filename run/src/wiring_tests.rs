@@ -123,7 +123,7 @@ fn stages_commit_whole_shards_and_drop_a_shard_the_encoder_fails_on() {
         encoder: Box::new(FakeEncoder),
         arrays: vec![(Array::ClipImageEmbeds, DType::F32)],
     }];
-    let stats = RunStats::new(3);
+    let stats = RunStats::new(3, &["clip_vision".to_string()]);
     let write = WriteStage {
         store: &store,
         shards: shards
@@ -154,7 +154,7 @@ fn stages_commit_whole_shards_and_drop_a_shard_the_encoder_fails_on() {
 
     let (enc_tx, enc_rx) = bounded(2);
     let (w_txs, w_rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| bounded(1)).unzip();
-    let (times, outcomes) = std::thread::scope(|scope| {
+    let outcomes = std::thread::scope(|scope| {
         let stats = &stats;
         // encoders are Send, not Sync: the encode thread owns them, as in Run::run
         let e = scope.spawn(move || {
@@ -171,19 +171,24 @@ fn stages_commit_whole_shards_and_drop_a_shard_the_encoder_fails_on() {
             .collect();
         for m in inputs {
             enc_tx.send(m).unwrap();
+            stats.encode_queue.sent();
         }
         drop(enc_tx);
-        let times = e.join().unwrap();
+        e.join().unwrap();
         let outcomes: Vec<PartOutcome> = writers
             .into_iter()
-            .flat_map(|h| h.join().unwrap().0)
+            .flat_map(|h| h.join().unwrap())
             .collect();
-        (times, outcomes)
+        outcomes
     });
-    let (stage, per_encoder) = times;
+    let (stage, per_encoder) = (stats.encode_time(), stats.encoder_times());
     // the poisoned batch is the only one of shard 2: 8 samples through the encoder
     assert_eq!(stage.samples, 8);
     assert_eq!(per_encoder["clip_vision"].samples, 8);
+    // every message sent to the writers was received: both queues are empty
+    let snap = stats.snapshot();
+    assert_eq!((snap.encode_queue, snap.write_queue), (0, 0));
+    assert_eq!(stats.write_time(2).samples, 8);
     let mut committed: Vec<(usize, u64)> = Vec::new();
     let mut failed = Vec::new();
     for o in outcomes {

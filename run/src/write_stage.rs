@@ -9,7 +9,7 @@ use tensorbake_ingest::shards::Shard;
 use tensorbake_store::{PartWriter, Store, StoreError};
 
 use crate::encode_stage::ToWrite;
-use crate::report::{FailedShard, PartReport, StageTime};
+use crate::report::{FailedShard, PartReport};
 use crate::stats::RunStats;
 
 /// What a writer saw of one shard.
@@ -27,12 +27,11 @@ pub(crate) struct WriteStage<'a> {
 }
 
 impl WriteStage<'_> {
-    /// Runs until `rx` closes.
-    pub(crate) fn run(&self, rx: Receiver<ToWrite>) -> (Vec<PartOutcome>, StageTime) {
+    /// Runs until `rx` closes; its times go to the run's stats.
+    pub(crate) fn run(&self, rx: Receiver<ToWrite>) -> Vec<PartOutcome> {
         let mut parts: HashMap<usize, PartWriter> = HashMap::new();
         let mut broken: HashMap<usize, StoreError> = HashMap::new();
         let mut outcomes = Vec::new();
-        let mut time = StageTime::default();
         let open = |shard: usize| -> Result<PartWriter, StoreError> {
             let (s, part) = self.shards[&shard];
             self.store.part_writer(part, &s.url)
@@ -40,7 +39,8 @@ impl WriteStage<'_> {
         loop {
             let t0 = Instant::now();
             let Ok(msg) = rx.recv() else { break };
-            time.wait_s += t0.elapsed().as_secs_f64();
+            self.stats.write.wait(t0.elapsed());
+            self.stats.write_queue.received();
             let t0 = Instant::now();
             match msg {
                 ToWrite::Batch {
@@ -51,6 +51,7 @@ impl WriteStage<'_> {
                     let n = meta.len() as u64;
                     if broken.contains_key(&shard) {
                         self.stats.dropped(n);
+                        self.stats.write.busy(t0.elapsed());
                         continue;
                     }
                     let w = match parts.entry(shard) {
@@ -62,7 +63,7 @@ impl WriteStage<'_> {
                     match w.and_then(|w| w.push_batch(meta, &features)) {
                         Ok(()) => {
                             self.stats.written(n);
-                            time.samples += n;
+                            self.stats.write.samples(n);
                         }
                         Err(e) => {
                             tracing::warn!(
@@ -116,9 +117,9 @@ impl WriteStage<'_> {
                     outcomes.push(outcome);
                 }
             }
-            time.busy_s += t0.elapsed().as_secs_f64();
+            self.stats.write.busy(t0.elapsed());
         }
-        (outcomes, time)
+        outcomes
     }
 }
 

@@ -151,7 +151,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         out,
         None,
         rank,
-        Duration::from_secs(5),
+        &super::run::Watch::progress(Duration::from_secs(5)),
         |_| {},
     )?;
 

@@ -5,13 +5,21 @@
 //! seconds otherwise); the JSON run report goes to stdout (and `--report FILE`). The
 //! exit code is 0 when every shard this rank had to do was committed, 1 otherwise
 //! (failed shards are listed; the same command again retries only them).
+//!
+//! `--metrics ADDR` serves the run's counters as Prometheus text at
+//! `http://ADDR/metrics` while it runs (and `--metrics-hold` seconds after, so the
+//! last scrape sees the final numbers); `--metrics-file PATH` writes the same text
+//! to a file (atomically: written beside it, then renamed) every progress interval
+//! and once more at the end, for batch systems without a scraper (Slurm) and
+//! node_exporter's textfile collector.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tensorbake_run::metrics::MetricsEndpoint;
 
 use crate::manifest::Manifest;
 
@@ -40,9 +48,104 @@ pub struct Args {
     /// Shards streamed at once (overrides `[ingest] shards_in_flight`).
     #[arg(long)]
     shards_in_flight: Option<usize>,
-    /// Seconds between progress lines when stderr is not a terminal.
+    /// Seconds between progress lines when stderr is not a terminal (and between
+    /// rewrites of `--metrics-file`).
     #[arg(long, default_value_t = 10.0)]
     progress_interval: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics during the run (HOST:PORT, or
+    /// :PORT for every interface; port 0 picks a free one, printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Write the Prometheus metrics to this file every progress interval and at the
+    /// end (replaced atomically).
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+    /// Seconds to keep serving `--metrics` after the run ends, so that the last
+    /// scrape sees the final numbers.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    metrics_hold: f64,
+}
+
+/// How a run is watched: progress lines and metrics.
+#[derive(Debug)]
+pub struct Watch {
+    /// Seconds between progress lines (stderr not a terminal) and metrics file writes.
+    pub progress_interval: Duration,
+    /// Where the Prometheus metrics go.
+    pub metrics: Metrics,
+}
+
+impl Watch {
+    /// Progress lines every `interval`, no metrics.
+    pub fn progress(interval: Duration) -> Self {
+        Self {
+            progress_interval: interval,
+            metrics: Metrics::default(),
+        }
+    }
+}
+
+/// Where a run's Prometheus metrics go (nothing by default).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// The bound endpoint of `--metrics`.
+    endpoint: Option<MetricsEndpoint>,
+    /// `--metrics-file`.
+    file: Option<PathBuf>,
+    /// `--metrics-hold`.
+    hold: Duration,
+}
+
+impl Metrics {
+    /// Binds the endpoint and checks the file can be written, before anything else
+    /// happens, so that a wrong address or path fails the run before the store is
+    /// touched.
+    fn open(addr: Option<&str>, file: Option<&Path>, hold: f64) -> Result<Self> {
+        let endpoint = addr
+            .map(MetricsEndpoint::bind)
+            .transpose()
+            .context("--metrics")?;
+        if let Some(path) = file {
+            let probe = temp_beside(path);
+            std::fs::write(&probe, b"")
+                .and_then(|()| std::fs::remove_file(&probe))
+                .with_context(|| {
+                    format!("--metrics-file {}: cannot write there", path.display())
+                })?;
+        }
+        if !hold.is_finite() || hold < 0.0 {
+            anyhow::bail!("--metrics-hold {hold}: not a number of seconds");
+        }
+        Ok(Self {
+            endpoint,
+            file: file.map(Path::to_path_buf),
+            hold: Duration::from_secs_f64(hold),
+        })
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The file `path` is written through before it is renamed over `path`.
+fn temp_beside(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Replaces `path` with `text` atomically (readers see the old or the new file).
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = temp_beside(path);
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing the metrics to {}", path.display()))
 }
 
 /// Builds the run of a manifest (nothing written on error) and runs it with progress
@@ -53,9 +156,10 @@ pub fn build_and_run(
     base: &std::path::Path,
     output: Option<&str>,
     rank: tensorbake_kit::rank::Rank,
-    progress_interval: Duration,
+    watch: &Watch,
     tune: impl FnOnce(&mut tensorbake_run::RunConfig),
 ) -> Result<tensorbake_run::RunReport> {
+    let (progress_interval, metrics) = (watch.progress_interval, &watch.metrics);
     let mut cfg = manifest.run_config(base, output, rank)?;
     tune(&mut cfg);
     let run = cfg.build().with_context(|| format!("manifest {origin}"))?;
@@ -75,16 +179,63 @@ pub fn build_and_run(
         },
         run.encoder_names().join(", "),
     );
+    if let Some(ep) = &metrics.endpoint {
+        let addr = ep.local_addr().context("--metrics")?;
+        eprintln!("run: metrics on http://{addr}/metrics");
+    }
     let stop = AtomicBool::new(false);
     let done = AtomicBool::new(false);
+    let text = || run.metrics_text();
+    let write_file = |path: &Path| {
+        if let Err(e) = write_atomically(path, &text()) {
+            eprintln!("run: warning: {e:#}");
+        }
+    };
+    let serving = AtomicBool::new(false);
     let report = std::thread::scope(|scope| {
+        // stops the endpoint however this closure ends (a panic of the run included),
+        // before the scope waits for its threads
+        let _stop_serving = StopOnDrop(&serving);
+        if let Some(ep) = &metrics.endpoint {
+            let stop = &serving;
+            scope.spawn(move || ep.serve(&text, stop));
+        }
         let worker = scope.spawn(|| {
             let r = run.run(&stop);
             done.store(true, Ordering::SeqCst);
             r
         });
+        let file_writer = metrics.file.as_deref().map(|path| {
+            let (done, write_file) = (&done, &write_file);
+            scope.spawn(move || {
+                let mut last = Instant::now();
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() >= progress_interval {
+                        write_file(path);
+                        last = Instant::now();
+                    }
+                }
+            })
+        });
         super::progress::watch("run", run.stats(), &done, progress_interval);
-        worker.join().expect("run thread panicked")
+        let report = worker.join().expect("run thread panicked");
+        // the final numbers, once every stage is done and no periodic write is left
+        // that could land after them
+        if let Some(h) = file_writer {
+            h.join().expect("metrics file thread panicked");
+        }
+        if let Some(path) = metrics.file.as_deref() {
+            write_file(path);
+        }
+        if metrics.endpoint.is_some() && !metrics.hold.is_zero() {
+            eprintln!(
+                "run: serving the final metrics for {:.0} s",
+                metrics.hold.as_secs_f64()
+            );
+            std::thread::sleep(metrics.hold);
+        }
+        report
     });
     for f in &report.failed_shards {
         eprintln!(
@@ -108,6 +259,11 @@ pub fn build_and_run(
 pub fn run(args: Args) -> Result<ExitCode> {
     let (manifest, base) = Manifest::load(&args.manifest)?;
     let rank = tensorbake_kit::rank::resolve(args.rank, args.world, |k| std::env::var(k).ok())?;
+    let metrics = Metrics::open(
+        args.metrics.as_deref(),
+        args.metrics_file.as_deref(),
+        args.metrics_hold,
+    )?;
     let origin = args.manifest.display().to_string();
     let report = build_and_run(
         &manifest,
@@ -115,7 +271,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &base,
         args.output.as_deref(),
         rank,
-        Duration::from_secs_f64(args.progress_interval.max(0.1)),
+        &Watch {
+            progress_interval: Duration::from_secs_f64(args.progress_interval.max(0.1)),
+            metrics,
+        },
         |cfg| {
             if let Some(n) = args.limit_shards {
                 cfg.ingest.source.limit_shards = Some(n);
