@@ -421,10 +421,10 @@ fn peak_rss() -> Option<u64> {
 /// Device memory in use on `device` (CUDA), bytes.
 #[cfg(feature = "cuda")]
 fn device_memory_in_use(device: &Device) -> Option<u64> {
-    if !device.is_cuda() {
+    let Device::Cuda(d) = device else {
         return None;
-    }
-    let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+    };
+    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
     Some((total - free) as u64)
 }
 

@@ -119,7 +119,12 @@ pub fn denoise(
         all.extend(std::iter::repeat_n(uncond, b));
     }
     all.extend(cond.iter());
+    // Sampling needs no graph: a condition computed from trainable variables (a live
+    // run's validation, an adapter being trained) or a PixArt with trainable weights
+    // would otherwise chain every step's activations to the next through the latents,
+    // and the memory of a sampling run would grow with its steps.
     let (tokens, mask) = stack(&all)?;
+    let tokens = tokens.detach();
     let added = match added {
         Some((r, a)) if cfg => Some((Tensor::cat(&[r, r], 0)?, Tensor::cat(&[a, a], 0)?)),
         Some((r, a)) => Some((r.clone(), a.clone())),
@@ -161,7 +166,7 @@ pub fn denoise(
         } else {
             guided
         };
-        x = scheduler.step(&eps.contiguous()?, t, &x)?;
+        x = scheduler.step(&eps.contiguous()?.detach(), t, &x)?.detach();
     }
     Ok(x)
 }
@@ -389,4 +394,70 @@ pub fn prompts_from_store(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::*;
+
+    /// Denoising keeps no graph: with the condition computed from a variable (a live
+    /// run's adapter) and a PixArt whose weights are variables (a fine-tune's), the
+    /// sampled latents carry no gradient back to either, so no step's activations are
+    /// held past the step.
+    #[test]
+    fn denoise_keeps_no_graph() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        tensorbake_nn::tiny::write_tiny_pixart(
+            dir.path(),
+            3,
+            tensorbake_nn::tiny::TinyPixart::Xl512,
+            32,
+            8,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let vars = tensorbake_nn::VarSet::new();
+        let trainable = tensorbake_nn::Trainable::all(&vars);
+        let (pixart, _, _) = tensorbake_nn::pixart::load_pixart(
+            &dir.path().to_string_lossy(),
+            DType::F32,
+            &dev,
+            Some(&trainable),
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let w = Var::from_tensor(&Tensor::ones((5, 32), DType::F32, &dev)?)?;
+        let cond = Cond {
+            tokens: (w.as_tensor() * 0.5)?,
+            mask: None,
+        };
+        let uncond = Cond {
+            tokens: Tensor::zeros((5, 32), DType::F32, &dev)?,
+            mask: None,
+        };
+        let mut scheduler = SchedulerChoice::pixart_dpm()
+            .build(3)
+            .map_err(candle_core::Error::wrap)?;
+        let latents = Tensor::randn(0f32, 1f32, (1, 4, 8, 8), &dev)?;
+        let z = denoise(
+            &pixart,
+            &mut scheduler,
+            latents,
+            &[cond],
+            &uncond,
+            4.5,
+            None,
+        )?;
+        let grads = z.sum_all()?.backward()?;
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "the condition's variable"
+        );
+        for (name, v) in vars.vars() {
+            assert!(grads.get(v.as_tensor()).is_none(), "{name}");
+        }
+        assert!(!vars.vars().is_empty());
+        Ok(())
+    }
 }
