@@ -48,6 +48,7 @@ pub mod flux;
 pub mod init;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod ops;
 pub mod pixart;
 pub mod redux;

@@ -774,15 +774,24 @@ pub fn write_tiny_flux(
     pooled_projection_dim: usize,
 ) -> Result<crate::flux::Config> {
     let cfg = tiny_flux_config(guidance, joint_attention_dim, pooled_projection_dim);
+    write_flux(dir, seed, &cfg)?;
+    Ok(cfg)
+}
+
+/// Writes a random-weight Flux transformer of any `cfg` into `dir` in the diffusers
+/// layout, with the weights of [`write_tiny_flux`].
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn write_flux(dir: &Path, seed: u64, cfg: &crate::flux::Config) -> Result<()> {
     let tensors = record_with(seed, fan_in_values, |vb| {
-        crate::flux::Flux::new(vb, &cfg).map(|_| ())
+        crate::flux::Flux::new(vb, cfg).map(|_| ())
     })
     .map_err(|source| Error::Candle {
-        model: "tiny flux".into(),
+        model: "random flux".into(),
         source,
     })?;
-    crate::flux::save_diffusers(dir, &cfg, &tensors)?;
-    Ok(cfg)
+    crate::flux::save_diffusers(dir, cfg, &tensors)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! `tensorbake train CONFIG.toml [--resume [CHECKPOINT]]`: trains a PixArt mode from a
-//! store (docs/train.md).
+//! `tensorbake train CONFIG.toml [--resume [CHECKPOINT]]`: trains a PixArt or Flux mode
+//! from a store (docs/train.md).
 //!
 //! Everything is checked before the first step and before anything is written: the
 //! config (unknown keys with file:line), the store's features, shapes and null
@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tensorbake_store::{Location, StoreReader};
 use tensorbake_train::config::TrainConfig;
+use tensorbake_train::flux_task::FluxTask;
 use tensorbake_train::pixart_task::PixArtTask;
-use tensorbake_train::trainer::{Outcome, Resume, StepLog, Trainer, Validator};
+use tensorbake_train::trainer::{Outcome, Resume, StepLog, Task, Trainer, Validator};
 
 /// Train from a store.
 #[derive(Debug, clap::Args)]
@@ -44,17 +45,31 @@ fn relative_to(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// Builds the run (nothing written on error).
-pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<PixArtTask>> {
-    let device = tensorbake_nn::parse_device(&cfg.device)?;
+/// The store of a config.
+fn open_store(cfg: &TrainConfig, base: &Path) -> Result<Arc<StoreReader>> {
     let location: Location = if cfg.store.contains("://") {
         cfg.store.parse()?
     } else {
         Location::from(relative_to(base, &cfg.store))
     };
-    let reader = Arc::new(
-        StoreReader::open(&location).with_context(|| format!("opening the store {location}"))?,
-    );
+    Ok(Arc::new(StoreReader::open(&location).with_context(
+        || format!("opening the store {location}"),
+    )?))
+}
+
+/// Builds a Flux run (nothing written on error).
+pub fn build_flux(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<FluxTask>> {
+    let device = tensorbake_nn::parse_device(&cfg.device)?;
+    let reader = open_store(&cfg, base)?;
+    let task = FluxTask::build(&cfg, base, &reader, &device)?;
+    let out = relative_to(base, &cfg.out);
+    Ok(Trainer::new(cfg, task, reader, device, out, resume)?)
+}
+
+/// Builds a PixArt run (nothing written on error).
+pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<PixArtTask>> {
+    let device = tensorbake_nn::parse_device(&cfg.device)?;
+    let reader = open_store(&cfg, base)?;
     let task = PixArtTask::build(&cfg, base, &reader, &device)?;
     let out = relative_to(base, &cfg.out);
     let validation = match cfg.validation_every {
@@ -146,14 +161,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some("latest") => Resume::Latest,
         Some(p) => Resume::From(PathBuf::from(p)),
     };
+    if cfg.mode.is_flux() {
+        let trainer = build_flux(cfg.clone(), &base, resume)?;
+        drive(trainer, &cfg, &base, args.progress_interval)
+    } else {
+        let trainer = build(cfg.clone(), &base, resume)?;
+        drive(trainer, &cfg, &base, args.progress_interval)
+    }
+}
+
+/// Runs a built trainer with progress and signal handling.
+fn drive<T: Task>(
+    mut trainer: Trainer<T>,
+    cfg: &TrainConfig,
+    base: &Path,
+    progress_interval: f64,
+) -> Result<ExitCode> {
     let steps = cfg.steps;
-    let out = relative_to(&base, &cfg.out);
+    let out = relative_to(base, &cfg.out);
     let (mode, batch) = (cfg.mode, cfg.batch_size * cfg.grad_accum);
-    let mut trainer = build(cfg, &base, resume)?;
     let start = trainer.start_step();
     eprintln!(
         "train: {mode}, {} trainable tensors, batch {batch}, steps {}..{steps}{}",
-        tensorbake_train::trainer::Task::vars(trainer.task()).len(),
+        trainer.task().vars().len(),
         start + 1,
         trainer
             .resumed_from()
@@ -176,7 +206,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let interval = Duration::from_secs_f64(args.progress_interval.max(0.1));
+    let interval = Duration::from_secs_f64(progress_interval.max(0.1));
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(steps);
         b.set_style(

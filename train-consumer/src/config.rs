@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tensorbake_kit::dtype::DType;
 
 use crate::TrainError;
+pub use crate::flow::WeightingScheme;
 
 /// What is trained, on which condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -23,14 +24,23 @@ pub enum Mode {
     PixartFinetune,
     /// Plain text-to-image fine-tuning on the stored T5 embeddings with their mask.
     PixartText,
+    /// Flux reconditioned on the projected CLIP image embedding in its pooled slot, T5
+    /// fixed to the recorded empty-caption embedding, flow matching (the seed's
+    /// Flux-1..5 runs); `lora`, `train_blocks` or all of Flux trains.
+    FluxClipImage,
+    /// Flux frozen; a fresh Redux adapter on the stored SigLIP hidden states is trained,
+    /// its tokens appended to the T5 tokens as `FluxPriorReduxPipeline` does.
+    FluxReduxAdapter,
 }
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Self; 3] = [
+    pub const ALL: [Self; 5] = [
         Self::PixartReduxAdapter,
         Self::PixartFinetune,
         Self::PixartText,
+        Self::FluxClipImage,
+        Self::FluxReduxAdapter,
     ];
 
     /// The name in configs.
@@ -40,13 +50,30 @@ impl Mode {
             Self::PixartReduxAdapter => "pixart_redux_adapter",
             Self::PixartFinetune => "pixart_finetune",
             Self::PixartText => "pixart_text",
+            Self::FluxClipImage => "flux_clip_image",
+            Self::FluxReduxAdapter => "flux_redux_adapter",
         }
+    }
+
+    /// Whether the model is Flux (`flux = ...`) rather than PixArt (`pixart = ...`).
+    #[must_use]
+    pub const fn is_flux(self) -> bool {
+        matches!(self, Self::FluxClipImage | Self::FluxReduxAdapter)
     }
 
     /// Whether the condition is SigLIP through a Redux adapter.
     #[must_use]
     pub const fn uses_adapter(self) -> bool {
-        matches!(self, Self::PixartReduxAdapter | Self::PixartFinetune)
+        matches!(
+            self,
+            Self::PixartReduxAdapter | Self::PixartFinetune | Self::FluxReduxAdapter
+        )
+    }
+
+    /// Whether the condition is an image (validation prompts are images).
+    #[must_use]
+    pub const fn conditions_on_images(self) -> bool {
+        !matches!(self, Self::PixartText)
     }
 
     /// Whether (some of) PixArt's weights train.
@@ -58,7 +85,7 @@ impl Mode {
     /// Whether the adapter's weights train.
     #[must_use]
     pub const fn trains_adapter(self) -> bool {
-        matches!(self, Self::PixartReduxAdapter)
+        matches!(self, Self::PixartReduxAdapter | Self::FluxReduxAdapter)
     }
 }
 
@@ -99,11 +126,59 @@ pub enum Objective {
 pub struct TrainConfig {
     /// The store to read (a directory, relative to the config file, or s3://...).
     pub store: String,
-    /// `pixart_redux_adapter`, `pixart_finetune` or `pixart_text`.
+    /// `pixart_redux_adapter`, `pixart_finetune`, `pixart_text`, `flux_clip_image` or
+    /// `flux_redux_adapter`.
     pub mode: Mode,
-    /// PixArt: a diffusers model directory, a pipeline root (its `transformer/` is
-    /// used), or a hub id in the Hugging Face cache.
-    pub pixart: String,
+    /// PixArt (the `pixart_*` modes): a diffusers model directory, a pipeline root (its
+    /// `transformer/` is used), or a hub id in the Hugging Face cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixart: Option<String>,
+    /// Flux (the `flux_*` modes): a diffusers `FluxTransformer2DModel` directory, a
+    /// pipeline root (OpenFLUX.1, FLUX.1-dev: its `transformer/`), a hub id in the
+    /// Hugging Face cache, or a BFL single file (`flux1-dev.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flux: Option<String>,
+    /// `flux_clip_image`: train a LoRA instead of Flux's weights (`{ rank = 16 }`; see
+    /// [`LoraSettings`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+    /// Flux with the guidance embedder (FLUX.1-dev): the guidance value it is given in
+    /// training (default 3.5, diffusers' Flux training scripts'); an error for models
+    /// without the embedder (OpenFLUX.1, schnell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    /// Flux: how the flow-matching sigmas are drawn (`logit_normal`, `uniform`, `mode`;
+    /// diffusers' `weighting_scheme`).
+    #[serde(default)]
+    pub weighting_scheme: WeightingScheme,
+    /// Flux `logit_normal`: the mean.
+    #[serde(default)]
+    pub logit_mean: f64,
+    /// Flux `logit_normal`: the standard deviation.
+    #[serde(default = "d_logit_std")]
+    pub logit_std: f64,
+    /// Flux `mode`: the scale.
+    #[serde(default = "d_mode_scale")]
+    pub mode_scale: f64,
+    /// Flux: a fixed sigma shift `s` (`s t / (1 + (s - 1) t)`); absent, the shift follows
+    /// the image size as Flux's sampler does (`mu` 0.5 at 256 tokens to 1.15 at 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f64>,
+    /// `flux_clip_image` warm-up: over this many steps the pooled input moves from a
+    /// blend of the caption's `clip_text_pooled` and the image embedding to the image
+    /// embedding alone (0: no blend).
+    #[serde(default)]
+    pub pooled_blend_steps: u64,
+    /// The image embedding's weight in that blend at step 0 (the seed's Flux-1: 0.5).
+    #[serde(default = "d_half")]
+    pub pooled_blend_start: f64,
+    /// Conditioning-dropout warm-up: the probability starts here and moves linearly to
+    /// `cond_dropout` over `cond_dropout_ramp_steps` (the seed: 0.2 to 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cond_dropout_start: Option<f64>,
+    /// The steps of that ramp.
+    #[serde(default)]
+    pub cond_dropout_ramp_steps: u64,
     /// The Redux adapter (a diffusers `image_embedder/` directory, a pipeline root, or a
     /// bare safetensors file). Required in `pixart_finetune` (frozen there); not
     /// allowed in `pixart_redux_adapter` (which trains a fresh one from `seed`) nor in
@@ -213,6 +288,23 @@ pub struct TrainConfig {
     pub validation_guidance: f64,
 }
 
+/// The LoRA of `flux_clip_image` (`lora = { rank = 16, alpha = 16, targets = [...] }`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    /// The rank.
+    pub rank: usize,
+    /// Alpha (the update is scaled by `alpha / rank`); default the rank (scale 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// The linear layers adapted: diffusers module paths
+    /// (`transformer_blocks.0.attn.to_q`) or their endings (`attn.to_q`, `proj_mlp`),
+    /// matched as peft matches `target_modules`. Default: every attention and MLP linear
+    /// of the blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<String>>,
+}
+
 /// The validation prompts of the image modes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged, deny_unknown_fields)]
@@ -226,6 +318,15 @@ pub enum ValidationImages {
     },
 }
 
+const fn d_logit_std() -> f64 {
+    1.0
+}
+const fn d_mode_scale() -> f64 {
+    1.29
+}
+const fn d_half() -> f64 {
+    0.5
+}
 const fn d_batch() -> usize {
     32
 }
@@ -370,12 +471,12 @@ impl TrainConfig {
             }
             _ => {}
         }
+        self.validate_models()?;
         match (self.mode, &self.redux) {
-            (Mode::PixartReduxAdapter, Some(_)) => {
+            (Mode::PixartReduxAdapter | Mode::FluxReduxAdapter, Some(_)) => {
                 return Err(format!(
                     "`redux` is given, but mode `{}` trains a fresh adapter from `seed`; remove \
-                     `redux` (mode `pixart_finetune` trains PixArt to a given adapter; \
-                     `--resume` continues a run)",
+                     `redux` (`--resume` continues a run)",
                     self.mode
                 ));
             }
@@ -386,9 +487,9 @@ impl TrainConfig {
                     self.mode
                 ));
             }
-            (Mode::PixartText, Some(_)) => {
+            (Mode::PixartText | Mode::FluxClipImage, Some(_)) => {
                 return Err(format!(
-                    "`redux` is given, but mode `{}` conditions on T5 and uses no adapter",
+                    "`redux` is given, but mode `{}` uses no adapter",
                     self.mode
                 ));
             }
@@ -399,6 +500,12 @@ impl TrainConfig {
             self.validation_prompts.is_empty(),
             self.mode,
         ) {
+            (Some(_), _, m) | (_, false, m) if m.is_flux() && self.validation_every.is_some() => {
+                return Err(format!(
+                    "`validation_every`: validation grids of the Flux modes are not built yet; \
+                     remove it for mode `{m}` (the PixArt modes have them)"
+                ));
+            }
             (Some(ValidationImages::Paths(_)), _, Mode::PixartText) => {
                 return Err(
                     "`validation_images` paths are for the image modes; `pixart_text` takes \
@@ -406,7 +513,7 @@ impl TrainConfig {
                         .into(),
                 );
             }
-            (_, false, m) if m.uses_adapter() => {
+            (_, false, m) if m.conditions_on_images() => {
                 return Err(format!(
                     "`validation_prompts` are captions, for `pixart_text`; mode `{m}` takes \
                      `validation_images`"
@@ -431,13 +538,134 @@ impl TrainConfig {
                     .into(),
             );
         }
-        if self.train_blocks.is_some() && !self.mode.trains_pixart() {
+        if self.train_blocks.is_some()
+            && !matches!(
+                self.mode,
+                Mode::PixartFinetune | Mode::PixartText | Mode::FluxClipImage
+            )
+        {
             return Err(format!(
-                "`train_blocks` is for the modes that train PixArt; mode `{}` keeps it frozen",
+                "`train_blocks` is for the modes that train the transformer; mode `{}` keeps it \
+                 frozen",
                 self.mode
             ));
         }
         Ok(())
+    }
+
+    /// The model keys against the mode: `pixart` or `flux`, and the Flux-only keys.
+    fn validate_models(&self) -> Result<(), String> {
+        let m = self.mode;
+        match (m.is_flux(), &self.pixart, &self.flux) {
+            (false, None, _) => {
+                return Err(format!(
+                    "mode `{m}` trains with PixArt: set `pixart = \"...\"` (a diffusers directory, \
+                     a pipeline root or a hub id)"
+                ));
+            }
+            (true, _, None) => {
+                return Err(format!(
+                    "mode `{m}` trains with Flux: set `flux = \"...\"` (a diffusers directory, a \
+                     pipeline root, a hub id or a BFL .safetensors file)"
+                ));
+            }
+            (false, Some(_), Some(_)) | (true, Some(_), Some(_)) => {
+                return Err(format!(
+                    "both `pixart` and `flux` are given; mode `{m}` uses {}",
+                    if m.is_flux() { "`flux`" } else { "`pixart`" }
+                ));
+            }
+            _ => {}
+        }
+        let flux_only = [
+            ("lora", self.lora.is_some()),
+            ("guidance", self.guidance.is_some()),
+            ("shift", self.shift.is_some()),
+            ("pooled_blend_steps", self.pooled_blend_steps > 0),
+            (
+                "weighting_scheme",
+                self.weighting_scheme != WeightingScheme::default(),
+            ),
+        ];
+        if !m.is_flux()
+            && let Some((key, _)) = flux_only.iter().find(|(_, set)| *set)
+        {
+            return Err(format!(
+                "`{key}` is a Flux setting; mode `{m}` trains PixArt"
+            ));
+        }
+        if let Some(lora) = &self.lora {
+            if m != Mode::FluxClipImage {
+                return Err(format!(
+                    "`lora` trains Flux in `flux_clip_image`; mode `{m}` keeps Flux frozen"
+                ));
+            }
+            if lora.rank == 0 {
+                return Err("`lora.rank` must be at least 1".into());
+            }
+            if lora.alpha.is_some_and(|a| !(a > 0.0 && a.is_finite())) {
+                return Err("`lora.alpha` must be a positive number".into());
+            }
+            if self.train_blocks.is_some() {
+                return Err(
+                    "give `lora` (a LoRA trains) or `train_blocks` (those blocks train), not both"
+                        .into(),
+                );
+            }
+        }
+        if self.pooled_blend_steps > 0 && m != Mode::FluxClipImage {
+            return Err(format!(
+                "`pooled_blend_steps` blends into the CLIP image embedding of `flux_clip_image`; \
+                 mode `{m}` has no such input"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.pooled_blend_start) {
+            return Err(format!(
+                "`pooled_blend_start` {} must be a weight in [0, 1]",
+                self.pooled_blend_start
+            ));
+        }
+        if let Some(s) = self.shift
+            && !(s > 0.0 && s.is_finite())
+        {
+            return Err(format!("`shift` {s} must be a positive number"));
+        }
+        if !(self.logit_std > 0.0 && self.logit_std.is_finite()) {
+            return Err(format!("`logit_std` {} must be positive", self.logit_std));
+        }
+        match (self.cond_dropout_start, self.cond_dropout_ramp_steps) {
+            (Some(p), _) if !(0.0..1.0).contains(&p) => {
+                return Err(format!(
+                    "`cond_dropout_start` {p} must be a probability in [0, 1)"
+                ));
+            }
+            (Some(_), 0) => {
+                return Err(
+                    "`cond_dropout_start` needs `cond_dropout_ramp_steps` (the steps to reach \
+                     `cond_dropout`)"
+                        .into(),
+                );
+            }
+            (None, n) if n > 0 => {
+                return Err(
+                    "`cond_dropout_ramp_steps` needs `cond_dropout_start` (where the ramp starts)"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The weight of the CLIP image embedding in the pooled input at step `step`
+    /// (1-based): from `pooled_blend_start` to 1 over `pooled_blend_steps`.
+    #[must_use]
+    pub fn pooled_image_weight_at(&self, step: u64) -> f64 {
+        if self.pooled_blend_steps == 0 {
+            return 1.0;
+        }
+        let f = ((step.saturating_sub(1)) as f64 / self.pooled_blend_steps as f64).min(1.0);
+        self.pooled_blend_start + (1.0 - self.pooled_blend_start) * f
     }
 }
 
@@ -477,7 +705,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 3);
+        assert_eq!(n, 4);
     }
 
     #[test]

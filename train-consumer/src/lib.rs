@@ -28,6 +28,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod diffusion;
 pub mod draw;
+pub mod flow;
+pub mod flux_task;
 pub mod grid;
 pub mod latents;
 pub mod lr;

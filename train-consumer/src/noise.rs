@@ -55,6 +55,16 @@ impl Noise {
             .collect()
     }
 
+    /// `n` values uniform in `(0, 1]`.
+    pub fn uniform(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| 1.0 - self.rng.unit()).collect()
+    }
+
+    /// `n` standard normal values (f64).
+    pub fn normals(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| self.rng.normal()).collect()
+    }
+
     /// `n` coin flips that come up `true` with probability `p`.
     pub fn bernoulli(&mut self, n: usize, p: f64) -> Vec<bool> {
         (0..n).map(|_| 1.0 - self.rng.unit() < p).collect()

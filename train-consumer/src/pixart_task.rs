@@ -36,7 +36,7 @@ use crate::diffusion::{NoiseSchedule, Objective};
 use crate::latents::LatentScaling;
 use crate::noise::Noise;
 use crate::sample::Cond;
-use crate::trainer::{Losses, Task};
+use crate::trainer::{DropoutSchedule, Losses, Task};
 
 /// One prompt's raw input, before the (possibly training) adapter.
 #[derive(Debug, Clone)]
@@ -80,7 +80,8 @@ pub struct PixArtTask {
     objective: Objective,
     device: Device,
     dtype: DType,
-    cond_dropout: f64,
+    /// The run's config (the conditioning-dropout schedule).
+    dropout: DropoutSchedule,
     redux_scale: f64,
     redux_tokens: usize,
     checkpointing: bool,
@@ -94,7 +95,7 @@ pub struct PixArtTask {
     describe: serde_json::Value,
 }
 
-fn store_err(reader: &StoreReader, why: String) -> TrainError {
+pub(crate) fn store_err(reader: &StoreReader, why: String) -> TrainError {
     TrainError::Store {
         store: reader.location().to_string(),
         why,
@@ -102,7 +103,7 @@ fn store_err(reader: &StoreReader, why: String) -> TrainError {
 }
 
 /// The per-sample shape of `array` in the store, or an error saying what is missing.
-fn shape_of(
+pub(crate) fn shape_of(
     reader: &StoreReader,
     array: Array,
     mode: Mode,
@@ -121,7 +122,11 @@ fn shape_of(
 }
 
 /// A null embedding the mode needs, or an error saying how to record it.
-fn null_of(reader: &StoreReader, array: Array, device: &Device) -> Result<Tensor, TrainError> {
+pub(crate) fn null_of(
+    reader: &StoreReader,
+    array: Array,
+    device: &Device,
+) -> Result<Tensor, TrainError> {
     let input = array
         .feature()
         .null_input()
@@ -152,6 +157,11 @@ impl PixArtTask {
         device: &Device,
     ) -> Result<Self, TrainError> {
         let mode = cfg.mode;
+        let Some(pixart_spec) = cfg.pixart.as_deref().filter(|_| !mode.is_flux()) else {
+            return Err(TrainError::Config(format!(
+                "mode `{mode}` is not a PixArt mode with a `pixart` model"
+            )));
+        };
         let dtype = tensorbake_nn::compute_dtype(cfg.dtype, device)?;
         let resolve = |p: &str| {
             let rel = base.join(p);
@@ -171,14 +181,14 @@ impl PixArtTask {
             shape_of(reader, Array::T5Len, mode, how)?;
             shape_of(reader, Array::T5Hidden, mode, how)?
         };
-        let pixart_cfg_dir = pixart::io::transformer_dir(&resolve(&cfg.pixart))?;
+        let pixart_cfg_dir = pixart::io::transformer_dir(&resolve(pixart_spec))?;
         let pixart_cfg = pixart::io::read_config(&pixart_cfg_dir)?;
         if latent[0] != pixart_cfg.in_channels {
             return Err(store_err(
                 reader,
                 format!(
                     "latents have {} channels (sd_vae_mean {:?}), PixArt ({}) takes {}",
-                    latent[0], latent, cfg.pixart, pixart_cfg.in_channels
+                    latent[0], latent, pixart_spec, pixart_cfg.in_channels
                 ),
             ));
         }
@@ -186,7 +196,7 @@ impl PixArtTask {
             TrainError::Config(format!(
                 "PixArt ({}) takes no caption tokens (no caption_channels / cross_attention_dim): \
                  nothing to condition on",
-                cfg.pixart
+                pixart_spec
             ))
         })?;
         let vars = VarSet::new();
@@ -198,7 +208,7 @@ impl PixArtTask {
                 if let Some(b) = blocks.iter().find(|&&b| b >= depth) {
                     return Err(TrainError::Config(format!(
                         "`train_blocks` names block {b}, PixArt ({}) has blocks 0..{depth}",
-                        cfg.pixart
+                        pixart_spec
                     )));
                 }
                 let prefixes: Vec<String> = blocks
@@ -243,7 +253,7 @@ impl PixArtTask {
                     reader,
                     format!(
                         "t5_hidden has width {} ({:?}), PixArt ({}) takes caption_channels {caption_width}",
-                        cond_shape[1], cond_shape, cfg.pixart
+                        cond_shape[1], cond_shape, pixart_spec
                     ),
                 ));
             }
@@ -258,7 +268,7 @@ impl PixArtTask {
             Condition::Text { null, null_len }
         };
         let (pixart, pixart_cfg, pixart_files) =
-            pixart::load_pixart(&resolve(&cfg.pixart), dtype, device, trainable.as_ref())?;
+            pixart::load_pixart(&resolve(pixart_spec), dtype, device, trainable.as_ref())?;
         let mut objective = Objective::pixart();
         if cfg.objective == ObjectiveKind::Eps {
             objective = Objective::epsilon_only(NoiseSchedule::pixart());
@@ -276,7 +286,7 @@ impl PixArtTask {
                  channels (`eps_vb` needs {}: epsilon and the learned variance; `objective = \"eps\"` \
                  trains epsilon alone)",
                 cfg.objective,
-                cfg.pixart,
+                pixart_spec,
                 2 * c
             )));
         }
@@ -293,7 +303,7 @@ impl PixArtTask {
         });
         let describe = serde_json::json!({
             "pixart": {
-                "spec": cfg.pixart,
+                "spec": pixart_spec,
                 "weights_sha256": fingerprint(&pixart_files)?,
                 "config": pixart_cfg.to_diffusers_json(),
             },
@@ -317,7 +327,7 @@ impl PixArtTask {
             objective,
             device: device.clone(),
             dtype,
-            cond_dropout: cfg.cond_dropout,
+            dropout: DropoutSchedule::of(cfg),
             redux_scale: cfg.redux_scale,
             redux_tokens: cfg.redux_tokens,
             checkpointing: cfg.gradient_checkpointing,
@@ -692,6 +702,7 @@ impl Task for PixArtTask {
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
+        step: u64,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
         let mean = batch.tensors[Array::SdVaeMean.name()].to_dtype(DType::F32)?;
         let std = batch.tensors[Array::SdVaeStd.name()].to_dtype(DType::F32)?;
@@ -703,7 +714,7 @@ impl Task for PixArtTask {
         let t = Tensor::from_vec(t, b, &self.device)?;
         let n = noise.randn(z.dims(), &self.device)?;
         let x_t = self.objective.schedule.q_sample(&z, &t, &n)?;
-        let dropped = noise.bernoulli(b, self.cond_dropout);
+        let dropped = noise.bernoulli(b, self.dropout.at(step));
         let (y, mask) = self.condition(batch, &dropped)?;
         let side = SideGrads::default();
         let out = self.forward(

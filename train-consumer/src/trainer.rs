@@ -43,8 +43,9 @@ pub trait Task {
     fn arrays(&self) -> Vec<String>;
     /// The trainable variables (f32), by the name they are saved under.
     fn vars(&self) -> Vec<(String, Var)>;
-    /// Forward and backward of one micro-batch: its losses, and the gradients of
-    /// `loss * scale` for each of [`Task::vars`], in that order (`None`: no gradient).
+    /// Forward and backward of one micro-batch of optimizer step `step` (1-based; the
+    /// warm-up schedules read it): its losses, and the gradients of `loss * scale` for
+    /// each of [`Task::vars`], in that order (`None`: no gradient).
     ///
     /// # Errors
     /// candle errors.
@@ -53,6 +54,7 @@ pub trait Task {
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
+        step: u64,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)>;
     /// Writes the model files of `weights` (variable name -> tensor, the trained ones)
     /// into `dir`, in the layout users load (diffusers, BFL).
@@ -66,6 +68,41 @@ pub trait Task {
     /// Facts recorded in `OUT/config.json` beside the config (models, fingerprints).
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+}
+
+/// The conditioning-dropout probability by step: `cond_dropout`, or a linear ramp to it
+/// from `cond_dropout_start` over `cond_dropout_ramp_steps`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutSchedule {
+    /// The probability from the end of the ramp on.
+    pub end: f64,
+    /// Where the ramp starts, and its steps.
+    pub ramp: Option<(f64, u64)>,
+}
+
+impl DropoutSchedule {
+    /// The schedule of a config.
+    #[must_use]
+    pub fn of(cfg: &TrainConfig) -> Self {
+        Self {
+            end: cfg.cond_dropout,
+            ramp: cfg
+                .cond_dropout_start
+                .map(|p| (p, cfg.cond_dropout_ramp_steps)),
+        }
+    }
+
+    /// The probability at optimizer step `step` (1-based).
+    #[must_use]
+    pub fn at(&self, step: u64) -> f64 {
+        match self.ramp {
+            Some((p0, n)) if n > 0 => {
+                let f = (step.saturating_sub(1) as f64 / n as f64).min(1.0);
+                p0 + (self.end - p0) * f
+            }
+            _ => self.end,
+        }
     }
 }
 
@@ -409,7 +446,7 @@ impl<T: Task> Trainer<T> {
             let batch = self.next_batch(loader)?;
             let (l, grads) = self
                 .task
-                .step(&batch, &mut self.noise, scale)
+                .step(&batch, &mut self.noise, scale, step)
                 .map_err(step_err)?;
             sums.loss += l.loss * scale;
             sums.mse += l.mse * scale;

@@ -39,6 +39,7 @@ impl Task for Linear {
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
+        _step: u64,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
         let x = &batch.tensors["x"];
         let y = &batch.tensors["y"];

@@ -204,7 +204,7 @@ fn gradients_reach_exactly_the_tensors_each_mode_trains() {
         };
         assert_eq!(names, want, "{mode} {extra}");
         let batch = first_batch(&reader, &t);
-        let (losses, grads) = t.step(&batch, &mut Noise::new(1), 1.0).unwrap();
+        let (losses, grads) = t.step(&batch, &mut Noise::new(1), 1.0, 1).unwrap();
         assert!(
             losses.loss.is_finite() && losses.vb > 0.0,
             "{mode}: {losses:?}"
@@ -245,8 +245,8 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
             &format!("{extra}gradient_checkpointing = true\n"),
         );
         let batch = first_batch(&reader, &plain);
-        let (la, ga) = plain.step(&batch, &mut Noise::new(3), 1.0).unwrap();
-        let (lb, gb) = ckpt.step(&batch, &mut Noise::new(3), 1.0).unwrap();
+        let (la, ga) = plain.step(&batch, &mut Noise::new(3), 1.0, 1).unwrap();
+        let (lb, gb) = ckpt.step(&batch, &mut Noise::new(3), 1.0, 1).unwrap();
         assert!(
             (la.loss - lb.loss).abs() <= 1e-6 * la.loss.abs(),
             "{mode}: {la:?} {lb:?}"
@@ -270,7 +270,7 @@ fn eps_only_trains_the_epsilon_half_of_a_learned_sigma_model() {
     models(dir.path());
     let t = task(dir.path(), &reader, "pixart_text", "objective = \"eps\"\n");
     let batch = first_batch(&reader, &t);
-    let (losses, grads) = t.step(&batch, &mut Noise::new(2), 1.0).unwrap();
+    let (losses, grads) = t.step(&batch, &mut Noise::new(2), 1.0, 1).unwrap();
     assert_eq!(losses.vb, 0.0);
     assert_eq!(losses.loss, losses.mse);
     // proj_out's rows for the variance channels (channel is the fastest axis of its

@@ -122,6 +122,21 @@ fn locate(spec: &str) -> Result<Source> {
     })
 }
 
+/// The config of the Flux transformer at `spec` (as [`load_flux`] finds it) without
+/// loading its weights: a diffusers `config.json`, or a BFL file's shapes.
+///
+/// # Errors
+/// As [`load_flux`].
+pub fn config_of(spec: &str) -> Result<Config> {
+    match locate(spec)? {
+        Source::Diffusers(dir) => read_config(&dir),
+        Source::Bfl(path) => {
+            let weights = WeightFiles::open(std::slice::from_ref(&path))?;
+            bfl::config_from_bfl(&weights, &path)
+        }
+    }
+}
+
 /// Loads a Flux transformer (module docs for the locations). `dtype` is the compute
 /// dtype of frozen weights; `trainable` selects the tensors, by diffusers name, that
 /// become f32 variables (e.g. [`Trainable::all`], or `transformer_blocks.{i}.`
