@@ -2,7 +2,7 @@
 //! models: the outputs of a run (log, plot, config, checkpoints in the diffusers / BFL
 //! layouts), SIGINT and SIGKILL followed by `--resume` ending bit-identical to an
 //! uninterrupted run, and every bad configuration failing with one line before
-//! anything is written.
+//! anything is written; a Flux LoRA trained from a Flux store.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,11 @@ pub fn setup(dir: &Path, encoders: &[&str]) -> PathBuf {
         let m = TinyModel::for_feature(tensorbake_kit::schema::Feature::from_name(name).unwrap())
             .unwrap();
         write_tiny_model(m, &dir.join("models").join(name), 60 + i as u64).unwrap();
-        let extra = if *name == "t5" {
+        // a Flux store takes T5 at the length of the Flux it trains (256 without the
+        // guidance embedder)
+        let extra = if *name == "t5" && encoders.contains(&"flux_vae") {
+            "max_length = 256\n"
+        } else if *name == "t5" {
             "max_length = 16\n"
         } else {
             ""
@@ -417,4 +421,47 @@ fn bad_configs_fail_with_one_clear_line_and_write_nothing() {
         !o.status.success() && stderr.contains("no complete checkpoint"),
         "{stderr}"
     );
+}
+
+#[test]
+fn train_runs_a_flux_lora_from_a_flux_store() {
+    let dir = tempdir();
+    let d = dir.path();
+    setup(d, &["flux_vae", "clip_vision", "t5"]);
+    // the tiny T5 is 32 wide, the tiny CLIP image embedding 16
+    tensorbake_nn::tiny::write_tiny_flux(&d.join("models/flux"), 9, false, 32, 16).unwrap();
+    let body = "store = \"store\"\nmode = \"flux_clip_image\"\nflux = \"models/flux\"\n\
+                out = \"out-flux\"\nsteps = 4\nbatch_size = 4\nlr = 1e-3\ncheckpoint_every = 2\n\
+                keep_checkpoints = 0\nlora = { rank = 2, alpha = 4 }\n\
+                cond_dropout = 0.5\ncond_dropout_start = 0.1\n\
+                cond_dropout_ramp_steps = 2\n";
+    let cfg = config(d, "flux", body);
+    let o = tensorbake(d, &["train", &cfg]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = d.join("out-flux");
+    let log = lines(&out.join("log.jsonl"));
+    assert_eq!(log.len(), 4);
+    assert!(
+        log.iter()
+            .all(|l| l["loss"].as_f64().is_some_and(f64::is_finite))
+    );
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(recorded["config"]["mode"], "flux_clip_image");
+    assert_eq!(recorded["models"]["training"]["lora"]["rank"], 2);
+    assert_eq!(recorded["models"]["t5_tokens"], 256);
+    for step in [2, 4] {
+        let lora = tensors(&out.join(format!(
+            "checkpoint-{step}/pytorch_lora_weights.safetensors"
+        )));
+        assert!(
+            lora.keys()
+                .all(|k| k.starts_with("transformer.") && k.contains(".lora_"))
+        );
+        assert!(
+            lora.keys()
+                .any(|k| k == "transformer.transformer_blocks.0.attn.to_q.lora_B.weight")
+        );
+    }
+    assert!(out.join("loss.png").is_file());
 }

@@ -223,9 +223,14 @@ fn drive<T: Task>(
     let mut on_step = |l: &StepLog| {
         let s = smoothed.map_or(l.loss, |s| 0.9 * s + 0.1 * l.loss);
         smoothed = Some(s);
+        let parts = if mode.is_flux() {
+            String::new() // flow matching: one term
+        } else {
+            format!(" (mse {:.4}, vb {:.4})", l.loss_mse, l.loss_vb)
+        };
         let mut msg = format!(
-            "loss {:.4} (mse {:.4}, vb {:.4})  lr {:.2e}  |g| {:.3}  {:.1} samples/s",
-            s, l.loss_mse, l.loss_vb, l.lr, l.grad_norm, l.samples_per_s
+            "loss {s:.4}{parts}  lr {:.2e}  |g| {:.3}  {:.1} samples/s",
+            l.lr, l.grad_norm, l.samples_per_s
         );
         if let Some(v) = l.validation_s {
             msg.push_str(&format!("  (validation grid {v:.1} s)"));
