@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
 use serde::{Deserialize, Serialize};
 use tensorbake_kit::rng::SplitMix64;
 
@@ -144,19 +144,6 @@ pub fn attach(
             .map_err(candle)?;
     }
     Ok(())
-}
-
-/// The LoRA variables of `cfg` in `vars`, by file key.
-#[must_use]
-pub fn lora_vars(cfg: &LoraConfig, vars: &VarSet) -> Vec<(String, Var)> {
-    cfg.targets
-        .iter()
-        .flat_map(|p| {
-            let (a, b) = LoraConfig::names(p);
-            [a, b]
-        })
-        .filter_map(|n| vars.get(&n).map(|v| (n, v)))
-        .collect()
 }
 
 /// Writes `dir/pytorch_lora_weights.safetensors` (f32) with the diffusers metadata:

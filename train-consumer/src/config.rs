@@ -656,17 +656,6 @@ impl TrainConfig {
         }
         Ok(())
     }
-
-    /// The weight of the CLIP image embedding in the pooled input at step `step`
-    /// (1-based): from `pooled_blend_start` to 1 over `pooled_blend_steps`.
-    #[must_use]
-    pub fn pooled_image_weight_at(&self, step: u64) -> f64 {
-        if self.pooled_blend_steps == 0 {
-            return 1.0;
-        }
-        let f = ((step.saturating_sub(1)) as f64 / self.pooled_blend_steps as f64).min(1.0);
-        self.pooled_blend_start + (1.0 - self.pooled_blend_start) * f
-    }
 }
 
 #[cfg(test)]

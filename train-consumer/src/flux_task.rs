@@ -34,10 +34,10 @@ use tensorbake_store::{Batch, StoreReader};
 use crate::TrainError;
 use crate::config::{Mode, TrainConfig};
 use crate::flow::{self, Shift, SigmaSampler};
-use crate::latents::LatentScaling;
+use crate::latents::{LatentScaling, draw_latents};
 use crate::noise::Noise;
 use crate::pixart_task::{null_of, shape_of, store_err};
-use crate::trainer::{DropoutSchedule, Losses, Task};
+use crate::trainer::{Losses, Ramp, Task, replace_dropped, resolve_spec};
 
 /// Flux's latent channels (the 16-channel autoencoder).
 pub const LATENT_CHANNELS: usize = 16;
@@ -62,8 +62,8 @@ enum Condition {
     ClipImage {
         /// The black image's `clip_image_embeds` `[W]` (compute dtype).
         null_pooled: Tensor,
-        /// The blend warm-up: the image weight at step 1, and its steps.
-        blend: Option<(f64, u64)>,
+        /// The blend warm-up: the image embedding's weight by step.
+        blend: Option<Ramp>,
     },
     /// Redux tokens after the T5 tokens.
     Redux {
@@ -87,7 +87,7 @@ pub struct FluxTask {
     t5_null: Tensor,
     sigmas: SigmaSampler,
     guidance: Option<f64>,
-    dropout: DropoutSchedule,
+    dropout: Ramp,
     /// `[N, 3]` image and `[T, 3]` text position ids.
     img_ids: Tensor,
     txt_ids: Tensor,
@@ -183,15 +183,7 @@ impl FluxTask {
             )));
         }
         let dtype = tensorbake_nn::compute_dtype(cfg.dtype, device)?;
-        let resolve = |p: &str| {
-            let rel = base.join(p);
-            if Path::new(p).is_relative() && rel.exists() {
-                rel.to_string_lossy().into_owned()
-            } else {
-                p.to_string()
-            }
-        };
-        let spec_path = resolve(spec);
+        let spec_path = resolve_spec(base, spec);
         // The store first: what is missing is found before multi-GB weights load.
         let how = "add the encoder to the store's manifest and `tensorbake run` it";
         let latent = shape_of(reader, Array::FluxVaeMean, mode, how)?;
@@ -260,26 +252,15 @@ impl FluxTask {
             (None, Some((null_siglip, pooled)))
         };
         let vars = VarSet::new();
-        let (training, trainable) = match (mode, &cfg.lora, &cfg.train_blocks) {
-            (Mode::FluxReduxAdapter, _, _) => (Training::Adapter, None),
-            (_, Some(_), _) => (
-                Training::Lora(LoraConfig {
-                    rank: 0,
-                    alpha: 0.0,
-                    targets: Vec::new(),
-                }),
-                None,
-            ),
-            (_, None, None) => (Training::Weights, Some(Trainable::all(&vars))),
+        // The trainable tensors of Flux itself (none for a LoRA or the adapter).
+        let trainable = match (mode, &cfg.lora, &cfg.train_blocks) {
+            (Mode::FluxReduxAdapter, _, _) | (_, Some(_), _) => None,
+            (_, None, None) => Some(Trainable::all(&vars)),
             (_, None, Some(blocks)) => {
-                let cfg_only = flux::io::config_of(&spec_path)?;
-                let prefixes = block_prefixes(&cfg_only, blocks, spec)?;
-                (
-                    Training::Weights,
-                    Some(Trainable::when(&vars, move |n| {
-                        prefixes.iter().any(|p| n.starts_with(p))
-                    })),
-                )
+                let prefixes = block_prefixes(&flux::io::config_of(&spec_path)?, blocks, spec)?;
+                Some(Trainable::when(&vars, move |n| {
+                    prefixes.iter().any(|p| n.starts_with(p))
+                }))
             }
         };
         let (mut model, flux_cfg, files) =
@@ -347,8 +328,9 @@ impl FluxTask {
                 )));
             }
         };
-        let training = match (training, &cfg.lora) {
-            (Training::Lora(_), Some(l)) => {
+        let training = match (mode, &cfg.lora) {
+            (Mode::FluxReduxAdapter, _) => Training::Adapter,
+            (_, Some(l)) => {
                 let lc = LoraConfig {
                     rank: l.rank,
                     alpha: l.alpha.unwrap_or(l.rank as f64),
@@ -357,13 +339,16 @@ impl FluxTask {
                 lora::attach(&mut model, &lc, &vars, cfg.seed, device)?;
                 Training::Lora(lc)
             }
-            (t, _) => t,
+            (_, None) => Training::Weights,
         };
         let condition = match condition_store {
             (Some(null_pooled), _) => Condition::ClipImage {
                 null_pooled,
-                blend: (cfg.pooled_blend_steps > 0)
-                    .then_some((cfg.pooled_blend_start, cfg.pooled_blend_steps)),
+                blend: (cfg.pooled_blend_steps > 0).then_some(Ramp {
+                    start: cfg.pooled_blend_start,
+                    end: 1.0,
+                    steps: cfg.pooled_blend_steps,
+                }),
             },
             (None, Some((null_siglip, pooled))) => {
                 let rcfg = redux::Config {
@@ -432,7 +417,7 @@ impl FluxTask {
             t5_null,
             sigmas,
             guidance,
-            dropout: DropoutSchedule::of(cfg),
+            dropout: Ramp::dropout(cfg),
             img_ids,
             txt_ids,
             latent_shape: (latent[0], h, w),
@@ -494,27 +479,13 @@ impl FluxTask {
                 .ok_or_else(|| candle_core::Error::Msg(format!("batch has no `{name}`")))
         };
         let b = dropped.len();
-        let keep_mask = |rank: usize, dtype: DType| -> candle_core::Result<Tensor> {
-            let keep: Vec<f32> = dropped.iter().map(|&d| if d { 0.0 } else { 1.0 }).collect();
-            let mut shape = vec![b];
-            shape.extend(std::iter::repeat_n(1, rank - 1));
-            Tensor::from_vec(keep, shape, &self.device)?.to_dtype(dtype)
-        };
-        let replace = |x: &Tensor, null: &Tensor| -> candle_core::Result<Tensor> {
-            if !dropped.iter().any(|&d| d) {
-                return Ok(x.clone());
-            }
-            let keep = keep_mask(x.rank(), x.dtype())?;
-            let drop = (1.0 - &keep)?;
-            x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&drop)?
-        };
+        let replace = |x: &Tensor, null: &Tensor| replace_dropped(x, null, dropped);
         let t5 = self.t5_null.unsqueeze(0)?.repeat((b, 1, 1))?;
         match &self.condition {
             Condition::ClipImage { null_pooled, blend } => {
                 let mut pooled = pick(Array::ClipImageEmbeds)?.to_dtype(self.dtype)?;
-                if let Some((start, steps)) = blend {
-                    let f = (step.saturating_sub(1) as f64 / *steps as f64).min(1.0);
-                    let w = start + (1.0 - start) * f;
+                if let Some(ramp) = blend {
+                    let w = ramp.at(step);
                     if w < 1.0 {
                         let text = pick(Array::ClipTextPooled)?.to_dtype(self.dtype)?;
                         pooled = ((pooled * w)? + (text * (1.0 - w))?)?;
@@ -579,18 +550,13 @@ impl FluxTask {
             .guidance
             .map(|g| Tensor::from_vec(vec![g as f32; b], b, &self.device))
             .transpose()?;
-        let txt_ids = if txt.dim(1)? == self.txt_ids.dim(0)? {
-            self.txt_ids.clone()
-        } else {
-            flux::text_ids(txt.dim(1)?, &self.device)?
-        };
         self.flux.forward(&Inputs {
             hidden_states: &x_t.to_dtype(self.dtype)?,
             encoder_hidden_states: txt,
             pooled_projections: pooled,
             timestep: t,
             img_ids: &self.img_ids,
-            txt_ids: &txt_ids,
+            txt_ids: &self.txt_ids,
             guidance: g.as_ref(),
         })
     }
@@ -612,10 +578,8 @@ impl Task for FluxTask {
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        match &self.training {
-            Training::Lora(l) => lora::lora_vars(l, &self.vars),
-            _ => self.vars.vars(),
-        }
+        // Flux's own tensors, the LoRA's or the adapter's: whatever was made trainable
+        self.vars.vars()
     }
 
     fn step(
@@ -625,11 +589,13 @@ impl Task for FluxTask {
         scale: f64,
         step: u64,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
-        let mean = batch.tensors[Array::FluxVaeMean.name()].to_dtype(DType::F32)?;
-        let std = batch.tensors[Array::FluxVaeStd.name()].to_dtype(DType::F32)?;
-        let b = mean.dim(0)?;
-        let eps = noise.randn(mean.dims(), &self.device)?;
-        let x0 = LatentScaling::FLUX.apply(&(&mean + (&std * eps)?)?)?;
+        let x0 = draw_latents(
+            &batch.tensors[Array::FluxVaeMean.name()],
+            &batch.tensors[Array::FluxVaeStd.name()],
+            LatentScaling::FLUX,
+            noise,
+        )?;
+        let b = x0.dim(0)?;
         let sigmas: Vec<f32> = self
             .sigmas
             .sample(noise, b)

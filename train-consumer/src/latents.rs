@@ -48,6 +48,23 @@ pub fn sample_latents(mean: &Tensor, std: &Tensor, scaling: LatentScaling) -> Re
     scaling.apply(&z)
 }
 
+/// Draws `mean + std * eps` with `eps` from the run's resumable [`Noise`] stream, in
+/// f32, and applies `scaling`: the latents of one training step.
+///
+/// # Errors
+/// candle errors (shapes).
+pub fn draw_latents(
+    mean: &Tensor,
+    std: &Tensor,
+    scaling: LatentScaling,
+    noise: &mut crate::noise::Noise,
+) -> Result<Tensor> {
+    let mean = mean.to_dtype(candle_core::DType::F32)?;
+    let std = std.to_dtype(candle_core::DType::F32)?;
+    let eps = noise.randn(mean.dims(), mean.device())?;
+    scaling.apply(&(&mean + (&std * eps)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,10 +33,10 @@ use tensorbake_store::{Batch, StoreReader};
 use crate::TrainError;
 use crate::config::{Mode, Objective as ObjectiveKind, TrainConfig};
 use crate::diffusion::{NoiseSchedule, Objective};
-use crate::latents::LatentScaling;
+use crate::latents::{LatentScaling, draw_latents};
 use crate::noise::Noise;
 use crate::sample::Cond;
-use crate::trainer::{DropoutSchedule, Losses, Task};
+use crate::trainer::{Losses, Ramp, Task, replace_dropped, resolve_spec};
 
 /// One prompt's raw input, before the (possibly training) adapter.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ pub struct PixArtTask {
     device: Device,
     dtype: DType,
     /// The run's config (the conditioning-dropout schedule).
-    dropout: DropoutSchedule,
+    dropout: Ramp,
     redux_scale: f64,
     redux_tokens: usize,
     checkpointing: bool,
@@ -163,14 +163,7 @@ impl PixArtTask {
             )));
         };
         let dtype = tensorbake_nn::compute_dtype(cfg.dtype, device)?;
-        let resolve = |p: &str| {
-            let rel = base.join(p);
-            if Path::new(p).is_relative() && rel.exists() {
-                rel.to_string_lossy().into_owned()
-            } else {
-                p.to_string()
-            }
-        };
+        let resolve = |p: &str| resolve_spec(base, p);
         // The store first: a missing array is found before multi-GB weights load.
         let how = "add the encoder to the store's manifest and `tensorbake run` it";
         let latent = shape_of(reader, Array::SdVaeMean, mode, how)?;
@@ -327,7 +320,7 @@ impl PixArtTask {
             objective,
             device: device.clone(),
             dtype,
-            dropout: DropoutSchedule::of(cfg),
+            dropout: Ramp::dropout(cfg),
             redux_scale: cfg.redux_scale,
             redux_tokens: cfg.redux_tokens,
             checkpointing: cfg.gradient_checkpointing,
@@ -361,17 +354,7 @@ impl PixArtTask {
                 .ok_or_else(|| candle_core::Error::Msg(format!("batch has no `{name}`")))
         };
         let b = dropped.len();
-        let replace = |x: &Tensor, null: &Tensor| -> candle_core::Result<Tensor> {
-            if !dropped.iter().any(|&d| d) {
-                return Ok(x.clone());
-            }
-            let keep: Vec<f32> = dropped.iter().map(|&d| if d { 0.0 } else { 1.0 }).collect();
-            let mut shape = vec![b];
-            shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-            let keep = Tensor::from_vec(keep, shape, x.device())?.to_dtype(x.dtype())?;
-            let drop = (1.0 - &keep)?;
-            x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&drop)?
-        };
+        let replace = |x: &Tensor, null: &Tensor| replace_dropped(x, null, dropped);
         match &self.condition {
             Condition::Adapter { redux, null } => {
                 // The adapter works token by token: only the tokens kept go through it.
@@ -704,11 +687,13 @@ impl Task for PixArtTask {
         scale: f64,
         step: u64,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
-        let mean = batch.tensors[Array::SdVaeMean.name()].to_dtype(DType::F32)?;
-        let std = batch.tensors[Array::SdVaeStd.name()].to_dtype(DType::F32)?;
-        let b = mean.dim(0)?;
-        let eps = noise.randn(mean.dims(), &self.device)?;
-        let z = LatentScaling::SD.apply(&(&mean + (&std * eps)?)?)?;
+        let z = draw_latents(
+            &batch.tensors[Array::SdVaeMean.name()],
+            &batch.tensors[Array::SdVaeStd.name()],
+            LatentScaling::SD,
+            noise,
+        )?;
+        let b = z.dim(0)?;
         let steps = self.objective.schedule.num_timesteps() as u64;
         let t: Vec<u32> = noise.timesteps(b, steps);
         let t = Tensor::from_vec(t, b, &self.device)?;

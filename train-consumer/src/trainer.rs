@@ -71,38 +71,68 @@ pub trait Task {
     }
 }
 
-/// The conditioning-dropout probability by step: `cond_dropout`, or a linear ramp to it
-/// from `cond_dropout_start` over `cond_dropout_ramp_steps`.
+/// A value that moves linearly from `start` to `end` over the first `steps` optimizer
+/// steps and stays at `end` (`steps = 0`: `end` throughout): the warm-ups of the
+/// conditioning dropout and of Flux's pooled blend.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DropoutSchedule {
-    /// The probability from the end of the ramp on.
+pub struct Ramp {
+    /// The value at step 1.
+    pub start: f64,
+    /// The value from step `steps + 1` on.
     pub end: f64,
-    /// Where the ramp starts, and its steps.
-    pub ramp: Option<(f64, u64)>,
+    /// The steps of the ramp.
+    pub steps: u64,
 }
 
-impl DropoutSchedule {
-    /// The schedule of a config.
+impl Ramp {
+    /// The conditioning-dropout probability of a config: `cond_dropout`, or the ramp to
+    /// it from `cond_dropout_start` over `cond_dropout_ramp_steps`.
     #[must_use]
-    pub fn of(cfg: &TrainConfig) -> Self {
+    pub fn dropout(cfg: &TrainConfig) -> Self {
         Self {
+            start: cfg.cond_dropout_start.unwrap_or(cfg.cond_dropout),
             end: cfg.cond_dropout,
-            ramp: cfg
-                .cond_dropout_start
-                .map(|p| (p, cfg.cond_dropout_ramp_steps)),
+            steps: cfg.cond_dropout_ramp_steps,
         }
     }
 
-    /// The probability at optimizer step `step` (1-based).
+    /// The value at optimizer step `step` (1-based).
     #[must_use]
     pub fn at(&self, step: u64) -> f64 {
-        match self.ramp {
-            Some((p0, n)) if n > 0 => {
-                let f = (step.saturating_sub(1) as f64 / n as f64).min(1.0);
-                p0 + (self.end - p0) * f
-            }
-            _ => self.end,
+        if self.steps == 0 {
+            return self.end;
         }
+        let f = (step.saturating_sub(1) as f64 / self.steps as f64).min(1.0);
+        self.start + (self.end - self.start) * f
+    }
+}
+
+/// `x` `[B, ...]` with the samples in `dropped` replaced by `null` (the condition of
+/// nothing, `x`'s per-sample shape): conditioning dropout, differentiable in both.
+///
+/// # Errors
+/// candle errors (shapes).
+pub fn replace_dropped(x: &Tensor, null: &Tensor, dropped: &[bool]) -> candle_core::Result<Tensor> {
+    if !dropped.iter().any(|&d| d) {
+        return Ok(x.clone());
+    }
+    let keep: Vec<f32> = dropped.iter().map(|&d| if d { 0.0 } else { 1.0 }).collect();
+    let mut shape = vec![dropped.len()];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    let keep = Tensor::from_vec(keep, shape, x.device())?.to_dtype(x.dtype())?;
+    let drop = (1.0 - &keep)?;
+    x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&drop)?
+}
+
+/// A model path of a config: relative to the config's directory `base` when it exists
+/// there, else as given (an absolute path, a hub id).
+#[must_use]
+pub fn resolve_spec(base: &Path, spec: &str) -> String {
+    let rel = base.join(spec);
+    if Path::new(spec).is_relative() && rel.exists() {
+        rel.to_string_lossy().into_owned()
+    } else {
+        spec.to_string()
     }
 }
 

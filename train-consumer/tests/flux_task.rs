@@ -349,7 +349,7 @@ fn dropout_and_the_blend_warm_up_build_the_pooled_input() {
         "flux_clip_image",
         "cond_dropout = 0.5\ncond_dropout_start = 0.2\ncond_dropout_ramp_steps = 10\n",
     );
-    let d = tensorbake_train::trainer::DropoutSchedule::of(&c);
+    let d = tensorbake_train::trainer::Ramp::dropout(&c);
     assert!((d.at(1) - 0.2).abs() < 1e-12);
     assert!((d.at(6) - 0.35).abs() < 1e-12);
     assert!((d.at(11) - 0.5).abs() < 1e-12 && (d.at(1000) - 0.5).abs() < 1e-12);
