@@ -264,3 +264,84 @@ fn validation_grids_are_written_on_schedule_and_line_up_between_runs() {
     let four = std::fs::read(d.join("runs/v1/samples/step-4.png")).unwrap();
     assert_ne!(two, four);
 }
+
+/// Flux: a LoRA run with validation grids (the Flux VAE decoder, the flow-match
+/// scheduler, true CFG on a de-distilled model), then `tensorbake sample` from its
+/// checkpoint with a stored prompt and an image prompt embedded by the store's CLIP:
+/// grid sizes, same seed same bytes, the guidance scale and the trained LoRA change
+/// the images, Flux-only and PixArt-only flags refused with one line.
+#[test]
+fn flux_grids_from_a_lora_run_and_its_checkpoints() {
+    let dir = tempdir();
+    let d = dir.path();
+    setup(d, &["flux_vae", "clip_vision", "t5"]);
+    tensorbake_nn::tiny::write_tiny_flux(&d.join("models/flux"), 9, false, 32, 16).unwrap();
+    let body = "store = \"store\"\nmode = \"flux_clip_image\"\nflux = \"models/flux\"\n\
+                out = \"runs/flux\"\nsteps = 4\nbatch_size = 4\nlr = 1e-2\ncheckpoint_every = 2\n\
+                keep_checkpoints = 0\nlora = { rank = 2 }\nvalidation_every = 2\n\
+                validation_images = { from_store = 2 }\nvalidation_n = 2\nvalidation_steps = 3\n";
+    let c = config(d, "flux", body);
+    ok(&tensorbake(d, &["train", &c]));
+    for step in [2, 4] {
+        let grid = d.join(format!("runs/flux/samples/step-{step}.png"));
+        assert_eq!(png_size(&grid), (3 * 64 + 5 * 2, 2 * 64 + 3 * 2), "{step}");
+    }
+    let two = std::fs::read(d.join("runs/flux/samples/step-2.png")).unwrap();
+    let four = std::fs::read(d.join("runs/flux/samples/step-4.png")).unwrap();
+    assert_ne!(two, four, "the LoRA trained between the grids");
+
+    let photo = tensorbake_kit::synth_image::photo_rgb(120, 90, 4);
+    image::RgbImage::from_raw(120, 90, photo)
+        .unwrap()
+        .save(d.join("prompt.png"))
+        .unwrap();
+    let sample = |ckpt: &str, extra: &[&str], out: &str| {
+        let mut a = vec![
+            "sample",
+            "--config",
+            &c,
+            "--checkpoint",
+            ckpt,
+            "--from-store",
+            "1",
+            "--image",
+            "prompt.png",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        tensorbake(d, &a)
+    };
+    let stderr = ok(&sample("latest", &[], "a.png"));
+    assert!(
+        stderr.contains("2 prompts x 2 variations")
+            && stderr.contains("FLUX.1-dev's FlowMatchEulerDiscreteScheduler")
+            && stderr.contains("true CFG 2.5"),
+        "{stderr}"
+    );
+    assert_eq!(png_size(&d.join("a.png")), (3 * 64 + 5 * 2, 2 * 64 + 3 * 2));
+    ok(&sample("latest", &[], "b.png"));
+    ok(&sample("latest", &["--guidance", "1"], "c.png"));
+    ok(&sample("runs/flux/checkpoint-2", &[], "d.png"));
+    let bytes = |f: &str| std::fs::read(d.join(f)).unwrap();
+    assert_eq!(bytes("a.png"), bytes("b.png"));
+    assert_ne!(bytes("a.png"), bytes("c.png"), "true CFG off");
+    assert_ne!(bytes("a.png"), bytes("d.png"), "another checkpoint's LoRA");
+    for (extra, needle) in [
+        (&["--guidance-embed", "3"][..], "no guidance embedder"),
+        (&["--siglip", "models/siglip"][..], "give --clip-vision"),
+        (&["--scheduler", "ddim"][..], "ddim"),
+    ] {
+        let o = sample("latest", extra, "bad.png");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains(needle),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!d.join("bad.png").exists());
+    }
+}

@@ -264,15 +264,35 @@ impl WeightFiles {
 }
 
 /// The trainable variables of a model, by the name the model asks for them (the
-/// diffusers / BFL name it is saved under), in f32. Cloning shares the set.
-#[derive(Debug, Clone, Default)]
-pub struct VarSet(Arc<Mutex<BTreeMap<String, Var>>>);
+/// diffusers / BFL name it is saved under), in the master dtype (f32 unless
+/// [`VarSet::with_dtype`] says bf16). Cloning shares the set.
+#[derive(Debug, Clone)]
+pub struct VarSet(Arc<Mutex<BTreeMap<String, Var>>>, DType);
+
+impl Default for VarSet {
+    fn default() -> Self {
+        Self(Arc::default(), DType::F32)
+    }
+}
 
 impl VarSet {
-    /// An empty set.
+    /// An empty set of f32 master weights.
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty set whose variables are made in `dtype` (bf16 master weights, which an
+    /// optimizer rounds stochastically).
+    #[must_use]
+    pub fn with_dtype(dtype: DType) -> Self {
+        Self(Arc::default(), dtype)
+    }
+
+    /// The dtype variables are made in.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.1
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Var>> {
@@ -295,7 +315,7 @@ impl VarSet {
         if let Some(v) = vars.get(name) {
             return Ok(v.clone());
         }
-        let v = Var::from_tensor(&make()?.to_dtype(DType::F32)?)?;
+        let v = Var::from_tensor(&make()?.to_dtype(self.1)?)?;
         vars.insert(name.to_string(), v.clone());
         Ok(v)
     }

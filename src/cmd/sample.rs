@@ -3,11 +3,11 @@
 //! --out GRID.png`: image variations (or text-to-image) from a checkpoint, as a grid
 //! (docs/sample.md).
 //!
-//! The models are the training run's: PixArt and the adapter of the config, with the
-//! checkpoint's trained weights (`--ema` for its averaged ones). The VAE decoder and
-//! the SigLIP / T5 encoders are the ones the store records (path or hub id and
-//! sha256), so a prompt image is embedded exactly as `run` embedded the training
-//! samples. Inputs are checked before any model loads; the grid is written whole
+//! The models are the training run's: PixArt and the adapter, or Flux (with its LoRA,
+//! trained blocks or adapter), of the config, with the checkpoint's trained weights
+//! (`--ema` for its averaged ones). The VAE decoder (SD's or Flux's) and the SigLIP /
+//! CLIP / T5 encoders are the ones the store records (path or hub id and sha256), so a
+//! prompt image is embedded exactly as `run` embedded the training samples. Inputs are checked before any model loads; the grid is written whole
 //! (a temporary file renamed into place).
 
 use std::path::{Path, PathBuf};
@@ -21,9 +21,16 @@ use tensorbake_kit::schema::Array;
 use tensorbake_store::{FeatureSpec, Location, StoreReader};
 use tensorbake_train::checkpoint;
 use tensorbake_train::config::{Mode, TrainConfig};
+use tensorbake_train::flux_sample::{
+    FluxSampleSettings, FluxSampler, FluxSchedulerChoice, default_true_cfg,
+};
+use tensorbake_train::flux_task::FluxTask;
 use tensorbake_train::grid::{Image, Prompt};
 use tensorbake_train::pixart_task::{PixArtTask, PromptInput};
-use tensorbake_train::sample::{SampleSettings, Sampler, SchedulerChoice, prompts_from_store};
+use tensorbake_train::sample::{
+    GridSampler, SampleSettings, Sampler, SchedulerChoice, prompts_from_store,
+};
+use tensorbake_train::trainer::resolve_spec;
 
 /// Sample image variations from a checkpoint into a grid.
 #[derive(Debug, clap::Args)]
@@ -46,18 +53,25 @@ pub struct Args {
     /// Variations per prompt.
     #[arg(long, default_value_t = 4)]
     n: usize,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 disables it).
-    #[arg(long, default_value_t = 4.5)]
-    guidance: f64,
+    /// Denoising steps (default: PixArt 20, Flux 28).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale, 1 disables it (default: PixArt 4.5; Flux's true
+    /// CFG 2.5 without a guidance embedder, 1 with one).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// The embedded guidance of a guidance-distilled Flux (default: the training
+    /// config's `guidance`, 3.5).
+    #[arg(long, value_name = "G")]
+    guidance_embed: Option<f64>,
     /// Seeds the initial noise (the same seed gives the same images).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// `dpm` (PixArt's DPM-Solver++ 2M), `ddim`, or a diffusers scheduler_config.json.
-    #[arg(long, default_value = "dpm")]
-    scheduler: String,
+    /// PixArt: `dpm` (DPM-Solver++ 2M, the default), `ddim`, or a diffusers
+    /// scheduler_config.json. Flux: a FlowMatchEulerDiscreteScheduler config (default:
+    /// the one beside the transformer, else FLUX.1-dev's).
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Use the checkpoint's EMA weights.
     #[arg(long)]
     ema: bool,
@@ -67,6 +81,10 @@ pub struct Args {
     /// The SigLIP to embed `--image`s with, instead of the one the store records.
     #[arg(long)]
     siglip: Option<String>,
+    /// The CLIP vision model to embed `--image`s with (`flux_clip_image`), instead of
+    /// the one the store records.
+    #[arg(long)]
+    clip_vision: Option<String>,
     /// Grid cell side in pixels (default: the store's resolution).
     #[arg(long)]
     cell: Option<u32>,
@@ -114,19 +132,21 @@ fn record<'a>(reader: &'a StoreReader, array: Array, what: &str) -> Result<&'a F
     })
 }
 
-/// The decoder of the VAE that encoded the store (or `given`, with a warning when its
-/// weights are not the recorded ones).
+/// The decoder of the VAE whose latents `latent` (`sd_vae_mean` or `flux_vae_mean`)
+/// the store holds (or `given`, with a warning when its weights are not the recorded
+/// ones).
 pub fn store_vae(
     reader: &StoreReader,
     base: &Path,
     given: Option<&str>,
+    latent: Array,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<tensorbake_nn::vae::VaeDecoder> {
     let rec = record(
         reader,
-        Array::SdVaeMean,
-        "the decoder must be the VAE whose encoder made the latents (sd_vae)",
+        latent,
+        &format!("the decoder must be the VAE whose encoder made the latents ({latent})"),
     )?;
     let spec = match given {
         Some(g) => g.to_string(),
@@ -175,30 +195,37 @@ fn read_images(paths: &[PathBuf], resolution: u32) -> Result<Vec<Image>> {
         .collect()
 }
 
-/// The image prompts: each image embedded with the store's SigLIP.
+/// The image prompts: each image embedded as the mode conditions, with the store's
+/// SigLIP (`siglip_hidden`) or CLIP vision model (`clip_image_embeds`, flux_clip_image).
 pub fn image_prompts(
     paths: &[PathBuf],
     reader: &StoreReader,
     base: &Path,
-    siglip: Option<&str>,
+    encoder: Option<&str>,
     device: &str,
+    mode: Mode,
 ) -> Result<Vec<(Prompt, PromptInput)>> {
     let resolution = reader
         .spec()
         .resolution
         .context("the store records no resolution")?;
     let images = read_images(paths, resolution)?;
+    let (array, name, what) = if mode == Mode::FluxClipImage {
+        (Array::ClipImageEmbeds, "clip_vision", "CLIP vision")
+    } else {
+        (Array::SiglipHidden, "siglip", "SigLIP")
+    };
     let rec = record(
         reader,
-        Array::SiglipHidden,
-        "the image modes embed prompts with SigLIP",
+        array,
+        &format!("mode `{mode}` embeds prompt images with {what}"),
     )?;
-    let weights = siglip.map_or_else(
+    let weights = encoder.map_or_else(
         || recorded_weights(rec, reader.location(), base),
         String::from,
     );
     let cfg = EncoderConfig {
-        name: "siglip".into(),
+        name: name.into(),
         weights: weights.clone(),
         dtype: if device == "cpu" {
             tensorbake_kit::dtype::DType::F32
@@ -211,11 +238,11 @@ pub fn image_prompts(
         store_dtype: None,
     };
     let enc = build_encoder(&cfg, resolution)
-        .with_context(|| format!("the store's SigLIP ({weights})"))?;
+        .with_context(|| format!("the store's {what} ({weights})"))?;
     let info = enc.info();
     if info.weights_sha256 != rec.weights_sha256 {
         eprintln!(
-            "warning: SigLIP {weights} (sha256 {}) is not the one that made the store ({}): the prompts are embedded differently from the training samples",
+            "warning: {what} {weights} (sha256 {}) is not the one that made the store ({}): the prompts are embedded differently from the training samples",
             info.weights_sha256, rec.weights_sha256
         );
     }
@@ -227,11 +254,23 @@ pub fn image_prompts(
             pixels: &i.pixels,
         })
         .collect();
-    let (_, hidden) = enc.encode(Input::Images(&views))?.remove(0);
+    let out = enc.encode(Input::Images(&views))?;
+    let (_, embedded) = out
+        .into_iter()
+        .find(|(a, _)| *a == array)
+        .with_context(|| format!("the {what} encoder gave no `{array}`"))?;
     images
         .into_iter()
         .enumerate()
-        .map(|(i, img)| Ok((Prompt::Image(img), PromptInput::Siglip(hidden.get(i)?))))
+        .map(|(i, img)| {
+            let e = embedded.get(i)?;
+            let input = if array == Array::ClipImageEmbeds {
+                PromptInput::ClipImage(e)
+            } else {
+                PromptInput::Siglip(e)
+            };
+            Ok((Prompt::Image(img), input))
+        })
         .collect()
 }
 
@@ -360,10 +399,40 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.images.is_empty() && args.prompt_file.is_none() && args.from_store.is_none() {
         bail!("nothing to sample: give --image, --prompt-file or --from-store N");
     }
-    if args.n == 0 || args.steps == 0 {
+    if args.n == 0 || args.steps == Some(0) {
         bail!("--n and --steps must be at least 1");
     }
-    let scheduler = scheduler_choice(&args.scheduler)?;
+    let flux = cfg.mode.is_flux();
+    if !flux && args.guidance_embed.is_some() {
+        bail!(
+            "--guidance-embed is for guidance-distilled Flux models; mode `{}` is PixArt's",
+            cfg.mode
+        );
+    }
+    if flux && args.siglip.is_some() && cfg.mode == Mode::FluxClipImage {
+        bail!(
+            "mode `flux_clip_image` embeds prompt images with CLIP: give --clip-vision, not --siglip"
+        );
+    }
+    if args.clip_vision.is_some() && cfg.mode != Mode::FluxClipImage {
+        bail!(
+            "--clip-vision is for mode `flux_clip_image`; mode `{}` embeds images with SigLIP",
+            cfg.mode
+        );
+    }
+    let pixart_scheduler = if flux {
+        None
+    } else {
+        Some(scheduler_choice(
+            args.scheduler.as_deref().unwrap_or("dpm"),
+        )?)
+    };
+    let flux_scheduler = match (flux, &args.scheduler) {
+        (true, Some(path)) => {
+            Some(FluxSchedulerChoice::from_file(Path::new(path)).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let captions = match &args.prompt_file {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -395,61 +464,130 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let device = tensorbake_nn::parse_device(&cfg.device)?;
     let dtype = tensorbake_nn::conv_compute_dtype(cfg.dtype, &device)?;
-    let vae = store_vae(&reader, &base, args.vae.as_deref(), dtype, &device)?;
-    // the run's models with the checkpoint's trained weights
-    let task = PixArtTask::build(&cfg, &base, &reader, &device)?;
-    tensorbake_train::trainer::load_trained(&task, &weights_dir, &device)?;
-    let settings = SampleSettings {
-        steps: args.steps,
-        guidance: args.guidance,
-        seed: args.seed,
+    let image_encoder = args.clip_vision.as_deref().or(args.siglip.as_deref());
+    let prompts_of = |sampler: &dyn GridSampler| -> Result<Vec<(Prompt, PromptInput)>> {
+        let mut prompts = Vec::new();
+        if !args.images.is_empty() {
+            prompts.extend(image_prompts(
+                &args.images,
+                &reader,
+                &base,
+                image_encoder,
+                &cfg.device,
+                cfg.mode,
+            )?);
+        }
+        if !captions.is_empty() {
+            prompts.extend(text_prompts(&captions, &reader, &base, &cfg.device)?);
+        }
+        if let Some(n) = args.from_store {
+            // the training run's order (its seed), whatever the noise seed
+            prompts.extend(prompts_from_store(&reader, sampler, n, cfg.seed)?);
+        }
+        Ok(prompts)
     };
-    let sampler = Sampler {
-        task: &task,
-        vae: &vae,
-        scheduler: &scheduler,
-        settings,
-    };
-    let mut prompts = Vec::new();
-    if !args.images.is_empty() {
-        prompts.extend(image_prompts(
-            &args.images,
+    let cell = args.cell.or(reader.spec().resolution).unwrap_or(256);
+    let (grid, images, secs) = if let Some(scheduler) = &pixart_scheduler {
+        let vae = store_vae(
             &reader,
             &base,
-            args.siglip.as_deref(),
-            &cfg.device,
-        )?);
-    }
-    if !captions.is_empty() {
-        prompts.extend(text_prompts(&captions, &reader, &base, &cfg.device)?);
-    }
-    if let Some(n) = args.from_store {
-        // the training run's order (its seed), whatever the noise seed
-        prompts.extend(prompts_from_store(&reader, &sampler, n, cfg.seed)?);
-    }
-    let cell = args.cell.or(reader.spec().resolution).unwrap_or(256);
-    eprintln!(
-        "sample: {} prompts x {} variations, {} steps of {}, guidance {}, from {}",
-        prompts.len(),
-        args.n,
-        args.steps,
-        scheduler.class,
-        args.guidance,
-        weights_dir.display()
-    );
-    let ts = Instant::now();
-    let grid = sampler.grid(&prompts, args.n, cell)?;
-    let secs = ts.elapsed().as_secs_f64();
+            args.vae.as_deref(),
+            Array::SdVaeMean,
+            dtype,
+            &device,
+        )?;
+        // the run's models with the checkpoint's trained weights
+        let task = PixArtTask::build(&cfg, &base, &reader, &device)?;
+        tensorbake_train::trainer::load_trained(&task, &weights_dir, &device)?;
+        let settings = SampleSettings {
+            steps: args.steps.unwrap_or(20),
+            guidance: args.guidance.unwrap_or(4.5),
+            seed: args.seed,
+        };
+        let sampler = Sampler {
+            task: &task,
+            vae: &vae,
+            scheduler,
+            settings,
+        };
+        let prompts = prompts_of(&sampler)?;
+        eprintln!(
+            "sample: {} prompts x {} variations, {} steps of {}, guidance {}, from {}",
+            prompts.len(),
+            args.n,
+            settings.steps,
+            scheduler.class,
+            settings.guidance,
+            weights_dir.display()
+        );
+        let ts = Instant::now();
+        let grid = sampler.grid(&prompts, args.n, cell)?;
+        (grid, prompts.len() * args.n, ts.elapsed().as_secs_f64())
+    } else {
+        let vae = store_vae(
+            &reader,
+            &base,
+            args.vae.as_deref(),
+            Array::FluxVaeMean,
+            dtype,
+            &device,
+        )?;
+        let task = FluxTask::build(&cfg, &base, &reader, &device)?;
+        tensorbake_train::trainer::load_trained(&task, &weights_dir, &device)?;
+        let scheduler = match flux_scheduler {
+            Some(s) => s,
+            None => FluxSchedulerChoice::for_model(Path::new(&resolve_spec(
+                &base,
+                cfg.flux.as_deref().unwrap_or_default(),
+            )))
+            .map_err(anyhow::Error::msg)?,
+        };
+        let guidance = match (task.guidance(), args.guidance_embed) {
+            (Some(g), given) => Some(given.unwrap_or(g)),
+            (None, None) => None,
+            (None, Some(_)) => bail!(
+                "--guidance-embed: this Flux has no guidance embedder (guidance_embeds false); \
+                 use --guidance for true CFG"
+            ),
+        };
+        let settings = FluxSampleSettings {
+            steps: args.steps.unwrap_or(28),
+            true_cfg: args
+                .guidance
+                .unwrap_or_else(|| default_true_cfg(guidance.is_some())),
+            guidance,
+            seed: args.seed,
+        };
+        let sampler = FluxSampler {
+            task: &task,
+            vae: &vae,
+            scheduler: &scheduler,
+            settings,
+        };
+        let prompts = prompts_of(&sampler)?;
+        eprintln!(
+            "sample: {} prompts x {} variations, {} steps of {}, true CFG {}{}, from {}",
+            prompts.len(),
+            args.n,
+            settings.steps,
+            scheduler.source,
+            settings.true_cfg,
+            guidance.map_or_else(String::new, |g| format!(", embedded guidance {g}")),
+            weights_dir.display()
+        );
+        let ts = Instant::now();
+        let grid = sampler.grid(&prompts, args.n, cell)?;
+        (grid, prompts.len() * args.n, ts.elapsed().as_secs_f64())
+    };
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
     }
     grid.save_png(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    let images = prompts.len() * args.n;
     eprintln!(
         "sample: wrote {} ({} x {} cells of {cell} px): {images} images in {secs:.1} s ({:.2} s per image), {:.1} s in all",
         args.out.display(),
-        prompts.len(),
+        images / args.n,
         args.n + 1,
         secs / images.max(1) as f64,
         t0.elapsed().as_secs_f64()

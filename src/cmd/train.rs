@@ -16,10 +16,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tensorbake_kit::schema::Array;
 use tensorbake_store::{Location, StoreReader};
 use tensorbake_train::config::TrainConfig;
 use tensorbake_train::flux_task::FluxTask;
+use tensorbake_train::grid::Prompt;
 use tensorbake_train::pixart_task::PixArtTask;
+use tensorbake_train::pixart_task::PromptInput;
+use tensorbake_train::sample::{
+    GridSampler, SampleSettings, Sampler, SchedulerChoice, prompts_from_store,
+};
 use tensorbake_train::trainer::{Outcome, Resume, StepLog, Task, Trainer, Validator};
 
 /// Train from a store.
@@ -63,7 +69,15 @@ pub fn build_flux(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Train
     let reader = open_store(&cfg, base)?;
     let task = FluxTask::build(&cfg, base, &reader, &device)?;
     let out = relative_to(base, &cfg.out);
-    Ok(Trainer::new(cfg, task, reader, device, out, resume)?)
+    let validation = match cfg.validation_every {
+        Some(every) => Some((every, flux_validator(&cfg, base, &reader, &task, &out)?)),
+        None => None,
+    };
+    let mut trainer = Trainer::new(cfg, task, reader, device, out, resume)?;
+    if let Some((every, v)) = validation {
+        trainer.set_validation(every, v);
+    }
+    Ok(trainer)
 }
 
 /// Builds a PixArt run (nothing written on error).
@@ -83,9 +97,52 @@ pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<Pi
     Ok(trainer)
 }
 
-/// The validation grids of a run: its prompts (embedded once; the adapter they go
-/// through is the live one), the store's VAE decoder, PixArt's scheduler; each grid
-/// `OUT/samples/step-<step>.png`, seeded the same every time.
+/// The validation prompts of a run, embedded once (the adapter they go through is the
+/// live one, applied when a grid is made).
+fn validation_prompts(
+    cfg: &TrainConfig,
+    base: &Path,
+    reader: &StoreReader,
+    sampler: &dyn GridSampler,
+) -> Result<Vec<(Prompt, PromptInput)>> {
+    use tensorbake_train::config::ValidationImages;
+    Ok(match &cfg.validation_images {
+        Some(ValidationImages::Paths(paths)) => {
+            let paths: Vec<PathBuf> = paths.iter().map(|p| relative_to(base, p)).collect();
+            super::sample::image_prompts(&paths, reader, base, None, &cfg.device, cfg.mode)?
+        }
+        Some(ValidationImages::FromStore { from_store }) => {
+            prompts_from_store(reader, sampler, *from_store, cfg.seed)?
+        }
+        None => super::sample::text_prompts(&cfg.validation_prompts, reader, base, &cfg.device)?,
+    })
+}
+
+/// Writes a validation grid as `DIR/step-<step>.png`.
+fn write_grid(
+    sampler: &dyn GridSampler,
+    prompts: &[(Prompt, PromptInput)],
+    n: usize,
+    cell: u32,
+    dir: &Path,
+    step: u64,
+) -> std::result::Result<PathBuf, tensorbake_train::TrainError> {
+    let grid = sampler
+        .grid(prompts, n, cell)
+        .map_err(|source| tensorbake_train::TrainError::Step { step, source })?;
+    let io = |source| tensorbake_train::TrainError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(format!("step-{step}.png"));
+    grid.save_png(&path).map_err(io)?;
+    Ok(path)
+}
+
+/// The validation grids of a PixArt run: its prompts, the store's VAE decoder,
+/// PixArt's scheduler; each grid `OUT/samples/step-<step>.png`, seeded the same every
+/// time.
 fn validator(
     cfg: &TrainConfig,
     base: &Path,
@@ -93,14 +150,13 @@ fn validator(
     task: &PixArtTask,
     out: &Path,
 ) -> Result<Validator<PixArtTask>> {
-    use tensorbake_train::config::ValidationImages;
-    use tensorbake_train::sample::{SampleSettings, Sampler, SchedulerChoice, prompts_from_store};
     let device = task.device().clone();
-    let vae = super::sample::store_vae(reader, base, None, task.dtype(), &device)?;
+    let vae =
+        super::sample::store_vae(reader, base, None, Array::SdVaeMean, task.dtype(), &device)?;
     let scheduler = SchedulerChoice::pixart_dpm();
     let settings = SampleSettings {
-        steps: cfg.validation_steps,
-        guidance: cfg.validation_guidance,
+        steps: cfg.validation_steps.unwrap_or(20),
+        guidance: cfg.validation_guidance.unwrap_or(4.5),
         seed: cfg.seed,
     };
     let prompts = {
@@ -110,18 +166,7 @@ fn validator(
             scheduler: &scheduler,
             settings,
         };
-        match &cfg.validation_images {
-            Some(ValidationImages::Paths(paths)) => {
-                let paths: Vec<PathBuf> = paths.iter().map(|p| relative_to(base, p)).collect();
-                super::sample::image_prompts(&paths, reader, base, None, &cfg.device)?
-            }
-            Some(ValidationImages::FromStore { from_store }) => {
-                prompts_from_store(reader, &sampler, *from_store, cfg.seed)?
-            }
-            None => {
-                super::sample::text_prompts(&cfg.validation_prompts, reader, base, &cfg.device)?
-            }
-        }
+        validation_prompts(cfg, base, reader, &sampler)?
     };
     let n = cfg.validation_n;
     let cell = reader.spec().resolution.unwrap_or(256).min(256);
@@ -133,17 +178,63 @@ fn validator(
             scheduler: &scheduler,
             settings,
         };
-        let grid = sampler
-            .grid(&prompts, n, cell)
-            .map_err(|source| tensorbake_train::TrainError::Step { step, source })?;
-        let io = |source| tensorbake_train::TrainError::Io {
-            path: dir.clone(),
-            source,
+        write_grid(&sampler, &prompts, n, cell, &dir, step)
+    }))
+}
+
+/// The validation grids of a Flux run: as PixArt's, with the store's Flux VAE decoder,
+/// the flow-match scheduler beside the transformer (else FLUX.1-dev's), true CFG or the
+/// embedded guidance.
+fn flux_validator(
+    cfg: &TrainConfig,
+    base: &Path,
+    reader: &StoreReader,
+    task: &FluxTask,
+    out: &Path,
+) -> Result<Validator<FluxTask>> {
+    use tensorbake_train::flux_sample::{
+        FluxSampleSettings, FluxSampler, FluxSchedulerChoice, default_true_cfg,
+    };
+    let device = task.device().clone();
+    let vae = super::sample::store_vae(
+        reader,
+        base,
+        None,
+        Array::FluxVaeMean,
+        task.dtype(),
+        &device,
+    )?;
+    let spec =
+        tensorbake_train::trainer::resolve_spec(base, cfg.flux.as_deref().unwrap_or_default());
+    let scheduler = FluxSchedulerChoice::for_model(Path::new(&spec)).map_err(anyhow::Error::msg)?;
+    let settings = FluxSampleSettings {
+        steps: cfg.validation_steps.unwrap_or(28),
+        true_cfg: cfg
+            .validation_guidance
+            .unwrap_or_else(|| default_true_cfg(task.guidance().is_some())),
+        guidance: task.guidance(),
+        seed: cfg.seed,
+    };
+    let prompts = {
+        let sampler = FluxSampler {
+            task,
+            vae: &vae,
+            scheduler: &scheduler,
+            settings,
         };
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let path = dir.join(format!("step-{step}.png"));
-        grid.save_png(&path).map_err(io)?;
-        Ok(path)
+        validation_prompts(cfg, base, reader, &sampler)?
+    };
+    let n = cfg.validation_n;
+    let cell = reader.spec().resolution.unwrap_or(256).min(256);
+    let dir = out.join("samples");
+    Ok(Box::new(move |task: &FluxTask, step: u64| {
+        let sampler = FluxSampler {
+            task,
+            vae: &vae,
+            scheduler: &scheduler,
+            settings,
+        };
+        write_grid(&sampler, &prompts, n, cell, &dir, step)
     }))
 }
 

@@ -790,7 +790,7 @@ pub fn run_sample_bench(
     workdir: &Path,
 ) -> Result<SampleBenchReport, TrainError> {
     use crate::pixart_task::PromptInput;
-    use crate::sample::{SampleSettings, Sampler, SchedulerChoice};
+    use crate::sample::{GridSampler, SampleSettings, Sampler, SchedulerChoice};
     if cfg.steps == 0 || cfg.images == 0 || cfg.rounds == 0 {
         return Err(TrainError::Config(
             "bench sample: steps, images and rounds must be non-zero".into(),

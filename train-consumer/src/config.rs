@@ -108,6 +108,30 @@ pub enum LrSchedule {
     Steps,
 }
 
+/// The optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW, f32 masters and moments (12 bytes of state per trained parameter beside
+    /// the gradient).
+    #[default]
+    Adamw,
+    /// Adafactor without a first moment (transformers' `Adafactor(relative_step=False,
+    /// scale_parameter=False)`): factored f32 second moments, `R + C` numbers per
+    /// `R x C` matrix; f32 or bf16 masters.
+    Adafactor,
+}
+
+impl OptimizerKind {
+    fn is_default(&self) -> bool {
+        *self == Self::Adamw
+    }
+}
+
+fn is_f32(d: &DType) -> bool {
+    *d == DType::F32
+}
+
 /// The training objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -262,6 +286,18 @@ pub struct TrainConfig {
     /// keeping them (memory for compute).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `adamw` (default) or `adafactor` (docs/train.md, "Memory").
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_default")]
+    pub optimizer: OptimizerKind,
+    /// The dtype the trained tensors are kept in: `f32` (default) or `bf16` (Adafactor
+    /// only; each update is rounded stochastically).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub master_weights: DType,
+    /// Update each recomputed block's tensors inside the backward, as soon as their
+    /// gradients exist, so that no whole-model gradient is ever held (Adafactor with
+    /// `gradient_checkpointing`, `grad_accum = 1`, `grad_clip = 0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub update_in_backward: bool,
     /// Loader threads reading batches ahead.
     #[serde(default = "d_prefetch")]
     pub prefetch: usize,
@@ -280,12 +316,14 @@ pub struct TrainConfig {
     /// Variations per prompt in a validation grid.
     #[serde(default = "d_val_n")]
     pub validation_n: usize,
-    /// Sampling steps of the validation grids.
-    #[serde(default = "d_val_steps")]
-    pub validation_steps: usize,
-    /// Guidance scale of the validation grids.
-    #[serde(default = "d_val_guidance")]
-    pub validation_guidance: f64,
+    /// Sampling steps of the validation grids (default: PixArt 20, Flux 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_steps: Option<usize>,
+    /// Guidance scale of the validation grids (default: PixArt 4.5; Flux's true CFG
+    /// 2.5 without a guidance embedder, 1 with one, whose embedded guidance is
+    /// `guidance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_guidance: Option<f64>,
 }
 
 /// The LoRA of `flux_clip_image` (`lora = { rank = 16, alpha = 16, targets = [...] }`).
@@ -372,12 +410,6 @@ const fn d_prefetch() -> usize {
 const fn d_val_n() -> usize {
     4
 }
-const fn d_val_steps() -> usize {
-    20
-}
-const fn d_val_guidance() -> f64 {
-    4.5
-}
 
 impl TrainConfig {
     /// Parses config text; `origin` names the file in errors (`file:line:col: ...`).
@@ -446,6 +478,7 @@ impl TrainConfig {
         if self.grad_clip < 0.0 || self.weight_decay < 0.0 || self.adam_eps <= 0.0 {
             return Err("`grad_clip` and `weight_decay` must be >= 0, `adam_eps` > 0".into());
         }
+        self.validate_optimizer()?;
         let (b1, b2) = self.adam_betas;
         if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
             return Err(format!("`adam_betas` ({b1}, {b2}) must be in [0, 1)"));
@@ -500,12 +533,6 @@ impl TrainConfig {
             self.validation_prompts.is_empty(),
             self.mode,
         ) {
-            (Some(_), _, m) | (_, false, m) if m.is_flux() && self.validation_every.is_some() => {
-                return Err(format!(
-                    "`validation_every`: validation grids of the Flux modes are not built yet; \
-                     remove it for mode `{m}` (the PixArt modes have them)"
-                ));
-            }
             (Some(ValidationImages::Paths(_)), _, Mode::PixartText) => {
                 return Err(
                     "`validation_images` paths are for the image modes; `pixart_text` takes \
@@ -531,7 +558,9 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if self.validation_every == Some(0) || self.validation_n == 0 || self.validation_steps == 0
+        if self.validation_every == Some(0)
+            || self.validation_n == 0
+            || self.validation_steps == Some(0)
         {
             return Err(
                 "`validation_every`, `validation_n` and `validation_steps` must be at least 1"
@@ -549,6 +578,56 @@ impl TrainConfig {
                  frozen",
                 self.mode
             ));
+        }
+        Ok(())
+    }
+
+    /// The candle dtype of the trained tensors (`master_weights`).
+    #[must_use]
+    pub fn master_dtype(&self) -> candle_core::DType {
+        match self.master_weights {
+            DType::Bf16 => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        }
+    }
+
+    /// The optimizer keys together.
+    fn validate_optimizer(&self) -> Result<(), String> {
+        match (self.master_weights, self.optimizer) {
+            (DType::F32, _) | (DType::Bf16, OptimizerKind::Adafactor) => {}
+            (DType::Bf16, OptimizerKind::Adamw) => {
+                return Err(
+                    "`master_weights = \"bf16\"` needs `optimizer = \"adafactor\"` (its update \
+                     rounds stochastically; AdamW keeps f32 masters)"
+                        .into(),
+                );
+            }
+            (d, _) => {
+                return Err(format!(
+                    "`master_weights` {d:?}: the trained tensors are kept in f32 or bf16"
+                ));
+            }
+        }
+        if self.update_in_backward {
+            let why = if self.optimizer != OptimizerKind::Adafactor {
+                Some("`optimizer = \"adafactor\"` (AdamW's state is as large as the weights)")
+            } else if !self.gradient_checkpointing {
+                Some(
+                    "`gradient_checkpointing = true` (each block's update runs in its recomputed backward)",
+                )
+            } else if self.grad_accum != 1 {
+                Some("`grad_accum = 1` (an update cannot wait for more micro-batches)")
+            } else if self.grad_clip != 0.0 {
+                Some(
+                    "`grad_clip = 0` (a global norm needs every gradient first; Adafactor clips \
+                     each update's RMS at 1 instead)",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(format!("`update_in_backward` needs {why}"));
+            }
         }
         Ok(())
     }
@@ -719,6 +798,30 @@ mod tests {
             ("lr_schedule = \"steps\"\n", "lr_milestones"),
             ("train_blocks = [1]\n", "train_blocks"),
             ("dtype = \"u32\"\n", "dtype"),
+            (
+                "master_weights = \"bf16\"\n",
+                "needs `optimizer = \"adafactor\"`",
+            ),
+            ("master_weights = \"f16\"\n", "f32 or bf16"),
+            (
+                "update_in_backward = true\n",
+                "`update_in_backward` needs `optimizer",
+            ),
+            (
+                "optimizer = \"adafactor\"\nupdate_in_backward = true\n",
+                "needs `gradient_checkpointing = true`",
+            ),
+            (
+                "optimizer = \"adafactor\"\nupdate_in_backward = true\n\
+                 gradient_checkpointing = true\ngrad_accum = 2\n",
+                "needs `grad_accum = 1`",
+            ),
+            (
+                "optimizer = \"adafactor\"\nupdate_in_backward = true\n\
+                 gradient_checkpointing = true\n",
+                "needs `grad_clip = 0`",
+            ),
+            ("optimizer = \"lion\"\n", "expected `adamw` or `adafactor`"),
         ];
         for (extra, needle) in cases {
             let e = TrainConfig::parse(&format!("{MIN}{extra}"), "t.toml")
@@ -760,5 +863,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("uses no adapter"), "{e}");
+        let lean = TrainConfig::parse(
+            &format!(
+                "{MIN}optimizer = \"adafactor\"\nmaster_weights = \"bf16\"\n\
+                 update_in_backward = true\ngradient_checkpointing = true\ngrad_clip = 0\n"
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(lean.master_dtype(), candle_core::DType::BF16);
+        assert_eq!(lean.optimizer, OptimizerKind::Adafactor);
     }
 }

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use tensorbake_kit::schema::Array;
@@ -34,9 +35,11 @@ use tensorbake_store::{Batch, StoreReader};
 use crate::TrainError;
 use crate::config::{Mode, TrainConfig};
 use crate::flow::{self, Shift, SigmaSampler};
+use crate::flux_sample::FluxCond;
 use crate::latents::{LatentScaling, draw_latents};
 use crate::noise::Noise;
-use crate::pixart_task::{null_of, shape_of, store_err};
+use crate::pixart_task::{PromptInput, null_of, shape_of, store_err};
+use crate::recompute::{BlockFn, SideGrads, gather, recompute};
 use crate::trainer::{Losses, Ramp, Task, replace_dropped, resolve_spec};
 
 /// Flux's latent channels (the 16-channel autoencoder).
@@ -88,6 +91,10 @@ pub struct FluxTask {
     sigmas: SigmaSampler,
     guidance: Option<f64>,
     dropout: Ramp,
+    /// Recompute each block in the backward ([`crate::recompute`]).
+    checkpointing: bool,
+    /// Whether each double / single block holds trained tensors.
+    block_trains: (Vec<bool>, Vec<bool>),
     /// `[N, 3]` image and `[T, 3]` text position ids.
     img_ids: Tensor,
     txt_ids: Tensor,
@@ -176,12 +183,6 @@ impl FluxTask {
                 "mode `{mode}` is not a Flux mode with a `flux` model"
             )));
         };
-        if cfg.gradient_checkpointing {
-            return Err(TrainError::Config(format!(
-                "`gradient_checkpointing` is not built for the Flux modes yet; remove it for mode \
-                 `{mode}`"
-            )));
-        }
         let dtype = tensorbake_nn::compute_dtype(cfg.dtype, device)?;
         let spec_path = resolve_spec(base, spec);
         // The store first: what is missing is found before multi-GB weights load.
@@ -251,7 +252,7 @@ impl FluxTask {
                 .map_err(c("clip text null embedding"))?;
             (None, Some((null_siglip, pooled)))
         };
-        let vars = VarSet::new();
+        let vars = VarSet::with_dtype(cfg.master_dtype());
         // The trainable tensors of Flux itself (none for a LoRA or the adapter).
         let trainable = match (mode, &cfg.lora, &cfg.train_blocks) {
             (Mode::FluxReduxAdapter, _, _) | (_, Some(_), _) => None,
@@ -384,6 +385,22 @@ impl FluxTask {
                 }
                 Condition::ClipImage { .. } => 0,
             };
+        // Which blocks hold trained tensors (their own, or a LoRA's: `transformer.` names).
+        let names: Vec<String> = vars.vars().into_iter().map(|(n, _)| n).collect();
+        let trains_under = |prefix: String| {
+            let lora = format!("{}.{prefix}", lora::PREFIX);
+            names
+                .iter()
+                .any(|n| n.starts_with(&prefix) || n.starts_with(&lora))
+        };
+        let block_trains = (
+            (0..flux_cfg.num_layers)
+                .map(|i| trains_under(format!("transformer_blocks.{i}.")))
+                .collect(),
+            (0..flux_cfg.num_single_layers)
+                .map(|i| trains_under(format!("single_transformer_blocks.{i}.")))
+                .collect(),
+        );
         let ids = c("flux position ids");
         let img_ids = flux::latent_image_ids(h / 2, w / 2, device).map_err(&ids)?;
         let txt_ids = flux::text_ids(txt_len, device).map_err(&ids)?;
@@ -418,6 +435,8 @@ impl FluxTask {
             sigmas,
             guidance,
             dropout: Ramp::dropout(cfg),
+            checkpointing: cfg.gradient_checkpointing,
+            block_trains,
             img_ids,
             txt_ids,
             latent_shape: (latent[0], h, w),
@@ -478,10 +497,7 @@ impl FluxTask {
                 .get(name.name())
                 .ok_or_else(|| candle_core::Error::Msg(format!("batch has no `{name}`")))
         };
-        let b = dropped.len();
-        let replace = |x: &Tensor, null: &Tensor| replace_dropped(x, null, dropped);
-        let t5 = self.t5_null.unsqueeze(0)?.repeat((b, 1, 1))?;
-        match &self.condition {
+        let image = match &self.condition {
             Condition::ClipImage { null_pooled, blend } => {
                 let mut pooled = pick(Array::ClipImageEmbeds)?.to_dtype(self.dtype)?;
                 if let Some(ramp) = blend {
@@ -491,26 +507,95 @@ impl FluxTask {
                         pooled = ((pooled * w)? + (text * (1.0 - w))?)?;
                     }
                 }
-                Ok((t5, replace(&pooled, null_pooled)?))
+                replace_dropped(&pooled, null_pooled, dropped)?
             }
-            Condition::Redux {
-                redux,
-                null_siglip,
-                pooled,
-            } => {
+            Condition::Redux { null_siglip, .. } => {
                 let s = pick(Array::SiglipHidden)?.to_dtype(self.dtype)?;
-                let s = replace(&s, null_siglip)?;
-                let image_tokens = redux.forward(&s.contiguous()?)?;
+                replace_dropped(&s, null_siglip, dropped)?
+            }
+        };
+        self.assemble(&image)
+    }
+
+    /// The Flux inputs `(T5 tokens [B, T, 4096], pooled [B, 768])` of image conditions
+    /// `[B, ...]` (compute dtype): CLIP image embeddings `[B, 768]` in the pooled slot
+    /// beside the null T5, or SigLIP tokens `[B, 729, W]` through the adapter after it.
+    fn assemble(&self, image: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let b = image.dim(0)?;
+        let t5 = self.t5_null.unsqueeze(0)?.repeat((b, 1, 1))?;
+        match &self.condition {
+            Condition::ClipImage { .. } => Ok((t5, image.clone())),
+            Condition::Redux { redux, pooled, .. } => {
+                let image_tokens = redux.forward(&image.contiguous()?)?;
                 let txt = Tensor::cat(&[&t5, &image_tokens], 1)?;
-                let pooled = pooled.unsqueeze(0)?.repeat((b, 1))?;
-                Ok((txt, pooled))
+                Ok((txt, pooled.unsqueeze(0)?.repeat((b, 1))?))
             }
         }
     }
 
+    /// The condition of one prompt: a CLIP image embedding `[768]` (`flux_clip_image`)
+    /// or SigLIP hidden states `[729, W]` (`flux_redux_adapter`), as Flux's inputs
+    /// `(txt [T, 4096], pooled [768])`.
+    ///
+    /// # Errors
+    /// candle errors; an input of the other mode.
+    pub fn cond_of(&self, input: &PromptInput) -> candle_core::Result<FluxCond> {
+        let image = match (&self.condition, input) {
+            (Condition::ClipImage { .. }, PromptInput::ClipImage(e))
+            | (Condition::Redux { .. }, PromptInput::Siglip(e)) => e,
+            (Condition::ClipImage { .. }, _) => candle_core::bail!(
+                "mode `{}` conditions on a CLIP image embedding (clip_image_embeds)",
+                self.mode
+            ),
+            (Condition::Redux { .. }, _) => candle_core::bail!(
+                "mode `{}` conditions on SigLIP hidden states (siglip_hidden)",
+                self.mode
+            ),
+        };
+        let image = image
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?;
+        let (txt, pooled) = self.assemble(&image)?;
+        Ok(FluxCond {
+            txt: txt.squeeze(0)?,
+            pooled: pooled.squeeze(0)?,
+        })
+    }
+
+    /// The condition of nothing (true CFG's negative): the black image's CLIP embedding
+    /// or SigLIP tokens, as the dropout of training puts it.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn null_cond(&self) -> candle_core::Result<FluxCond> {
+        match &self.condition {
+            Condition::ClipImage { null_pooled, .. } => {
+                self.cond_of(&PromptInput::ClipImage(null_pooled.clone()))
+            }
+            Condition::Redux { null_siglip, .. } => {
+                self.cond_of(&PromptInput::Siglip(null_siglip.clone()))
+            }
+        }
+    }
+
+    /// The compute dtype.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The flow-matching loss (the batch mean, f32 scalar) and the packed velocity for
     /// latents `x0` `[B, 16, h, w]`, noise `n` and sigmas `t` `[B]` under the condition
-    /// `(txt, pooled)`: what a step computes after its draws.
+    /// `(txt, pooled)`: what a step computes after its draws. With
+    /// `gradient_checkpointing` the blocks' parameter gradients of the backward land in
+    /// `side` ([`crate::recompute::gather`]).
     ///
     /// # Errors
     /// candle errors.
@@ -521,9 +606,15 @@ impl FluxTask {
         t: &Tensor,
         txt: &Tensor,
         pooled: &Tensor,
+        side: &SideGrads,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let x_t = flow::interpolate(x0, n, t)?;
-        let v = self.velocity(&flux::pack_latents(&x_t)?, t, txt, pooled)?;
+        let inputs = self.inputs(&flux::pack_latents(&x_t)?, t, txt, pooled)?;
+        let v = if self.checkpointing {
+            self.forward_recomputed(&inputs.as_inputs(), side)?
+        } else {
+            self.flux.forward(&inputs.as_inputs())?
+        };
         let per = flow::loss_per_sample(&v, &flux::pack_latents(x0)?, &flux::pack_latents(n)?)?;
         Ok((per.mean_all()?, v))
     }
@@ -532,6 +623,31 @@ impl FluxTask {
     #[must_use]
     pub fn position_ids(&self) -> (&Tensor, &Tensor) {
         (&self.img_ids, &self.txt_ids)
+    }
+
+    /// The inputs of a forward on packed `x_t` at sigmas `t` (the guidance input
+    /// filled in).
+    fn inputs(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        txt: &Tensor,
+        pooled: &Tensor,
+    ) -> candle_core::Result<OwnedInputs> {
+        let b = x_t.dim(0)?;
+        let guidance = self
+            .guidance
+            .map(|g| Tensor::from_vec(vec![g as f32; b], b, &self.device))
+            .transpose()?;
+        Ok(OwnedInputs {
+            hidden: x_t.to_dtype(self.dtype)?,
+            txt: txt.clone(),
+            pooled: pooled.clone(),
+            t: t.clone(),
+            img_ids: self.img_ids.clone(),
+            txt_ids: self.txt_ids.clone(),
+            guidance,
+        })
     }
 
     /// Flux's velocity for packed `x_t` `[B, N, 64]` at sigmas `t` `[B]`.
@@ -545,20 +661,76 @@ impl FluxTask {
         txt: &Tensor,
         pooled: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let b = x_t.dim(0)?;
-        let g = self
-            .guidance
-            .map(|g| Tensor::from_vec(vec![g as f32; b], b, &self.device))
-            .transpose()?;
-        self.flux.forward(&Inputs {
-            hidden_states: &x_t.to_dtype(self.dtype)?,
-            encoder_hidden_states: txt,
-            pooled_projections: pooled,
-            timestep: t,
+        self.flux
+            .forward(&self.inputs(x_t, t, txt, pooled)?.as_inputs())
+    }
+
+    /// [`Flux::forward`] with every block recomputed in the backward: only the blocks'
+    /// inputs and outputs are held between forward and backward.
+    fn forward_recomputed(
+        &self,
+        inp: &Inputs<'_>,
+        side: &SideGrads,
+    ) -> candle_core::Result<Tensor> {
+        let s = self.flux.prepare(inp)?;
+        let grads = (self.vars.clone(), side.clone());
+        let t_len = s.txt_len()?;
+        let n_len = s.img_len()?;
+        let (mut img, mut txt) = (s.img.clone(), s.txt.clone());
+        for (block, &trains) in self.flux.double_blocks().iter().zip(&self.block_trains.0) {
+            let (block, rope) = (block.clone(), s.rope.clone());
+            let f: BlockFn = Arc::new(move |xs: &[Tensor]| {
+                let (img, txt) = block.forward(&xs[0], &xs[1], &xs[2], &rope)?;
+                flux::join(&img, &txt)
+            });
+            let joint = recompute(
+                "checkpointed-flux-double-block",
+                f,
+                &[&img, &txt, &s.temb],
+                trains,
+                &grads,
+            )?;
+            txt = joint.narrow(1, 0, t_len)?;
+            img = joint.narrow(1, t_len, n_len)?;
+        }
+        let mut x = flux::join(&img, &txt)?;
+        for (block, &trains) in self.flux.single_blocks().iter().zip(&self.block_trains.1) {
+            let (block, rope) = (block.clone(), s.rope.clone());
+            let f: BlockFn = Arc::new(move |xs: &[Tensor]| block.forward(&xs[0], &xs[1], &rope));
+            x = recompute(
+                "checkpointed-flux-single-block",
+                f,
+                &[&x, &s.temb],
+                trains,
+                &grads,
+            )?;
+        }
+        self.flux.finish(&x, &s)
+    }
+}
+
+/// [`Inputs`] with owned tensors.
+struct OwnedInputs {
+    hidden: Tensor,
+    txt: Tensor,
+    pooled: Tensor,
+    t: Tensor,
+    img_ids: Tensor,
+    txt_ids: Tensor,
+    guidance: Option<Tensor>,
+}
+
+impl OwnedInputs {
+    fn as_inputs(&self) -> Inputs<'_> {
+        Inputs {
+            hidden_states: &self.hidden,
+            encoder_hidden_states: &self.txt,
+            pooled_projections: &self.pooled,
+            timestep: &self.t,
             img_ids: &self.img_ids,
             txt_ids: &self.txt_ids,
-            guidance: g.as_ref(),
-        })
+            guidance: self.guidance.as_ref(),
+        }
     }
 }
 
@@ -582,12 +754,13 @@ impl Task for FluxTask {
         self.vars.vars()
     }
 
-    fn step(
+    fn step_with(
         &self,
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
         step: u64,
+        side: &SideGrads,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
         let x0 = draw_latents(
             &batch.tensors[Array::FluxVaeMean.name()],
@@ -606,13 +779,9 @@ impl Task for FluxTask {
         let n = noise.randn(x0.dims(), &self.device)?;
         let dropped = noise.bernoulli(b, self.dropout.at(step));
         let (txt, pooled) = self.condition(batch, &dropped, step)?;
-        let (loss, _) = self.loss_of(&x0, &n, &t, &txt, &pooled)?;
+        let (loss, _) = self.loss_of(&x0, &n, &t, &txt, &pooled, side)?;
         let grads = (&loss * scale)?.backward()?;
-        let out_grads = self
-            .vars()
-            .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
-            .collect();
+        let out_grads = gather(&self.vars(), &grads, side)?;
         let l = f64::from(loss.to_scalar::<f32>()?);
         Ok((
             Losses {

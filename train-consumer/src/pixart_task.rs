@@ -14,15 +14,13 @@
 //! With `gradient_checkpointing`, each transformer block runs as one custom op: its
 //! forward keeps only the block's inputs and output, its backward recomputes the block
 //! with the graph on and returns the inputs' gradients, the block parameters' going to
-//! a side store merged after the backward ([`checkpoint_block`]).
+//! a side store merged after the backward ([`checkpoint_block`], [`crate::recompute`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, TensorId, Var,
-};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use tensorbake_kit::schema::Array;
 use tensorbake_nn::loader::{Trainable, VarSet};
 use tensorbake_nn::pixart::{self, Block, PixArt, Prepared};
@@ -35,6 +33,7 @@ use crate::config::{Mode, Objective as ObjectiveKind, TrainConfig};
 use crate::diffusion::{NoiseSchedule, Objective};
 use crate::latents::{LatentScaling, draw_latents};
 use crate::noise::Noise;
+use crate::recompute::{BlockFn, SideGrads, gather, recompute};
 use crate::sample::Cond;
 use crate::trainer::{Losses, Ramp, Task, replace_dropped, resolve_spec};
 
@@ -50,6 +49,8 @@ pub enum PromptInput {
         /// `t5_len`.
         len: u32,
     },
+    /// A CLIP image embedding `[W]` (`clip_image_embeds`; `flux_clip_image`).
+    ClipImage(Tensor),
 }
 
 /// What the condition is made of.
@@ -192,7 +193,7 @@ impl PixArtTask {
                 pixart_spec
             ))
         })?;
-        let vars = VarSet::new();
+        let vars = VarSet::with_dtype(cfg.master_dtype());
         let trainable = match (mode, &cfg.train_blocks) {
             (Mode::PixartReduxAdapter, _) => None,
             (_, None) => Some(Trainable::all(&vars)),
@@ -453,7 +454,7 @@ impl PixArtTask {
             }
             (Condition::Adapter { .. }, _) => {
                 candle_core::bail!(
-                    "mode `{}` conditions on images (SigLIP), not on text",
+                    "mode `{}` conditions on images through SigLIP, not on text or CLIP",
                     self.mode
                 )
             }
@@ -507,129 +508,10 @@ impl PixArtTask {
     }
 }
 
-/// Gradients of block parameters computed inside checkpointed backwards, by variable.
-#[derive(Debug, Default, Clone)]
-pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
-
-impl SideGrads {
-    fn add(&self, id: TensorId, g: Tensor) -> candle_core::Result<()> {
-        let mut m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let sum = match m.remove(&id) {
-            Some(prev) => (prev + g)?,
-            None => g,
-        };
-        m.insert(id, sum);
-        Ok(())
-    }
-
-    fn take(&self, id: TensorId) -> Option<Tensor> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id)
-    }
-}
-
-/// One block as a recomputed custom op (gradient checkpointing).
-struct CheckpointedBlock {
-    block: Block,
-    mask_bias: Option<Tensor>,
-    /// The output computed in the forward, handed out once.
-    out: Tensor,
-    vars: VarSet,
-    side: SideGrads,
-}
-
-impl CheckpointedBlock {
-    fn copy_out(&self) -> candle_core::Result<(candle_core::Storage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.out.storage_and_layout();
-        let copied = match &*storage {
-            candle_core::Storage::Cpu(s) => candle_core::Storage::Cpu(s.try_clone(layout)?),
-            #[cfg(feature = "cuda")]
-            candle_core::Storage::Cuda(s) => candle_core::Storage::Cuda(s.try_clone(layout)?),
-            #[allow(unreachable_patterns)]
-            _ => candle_core::bail!("gradient checkpointing: unsupported device"),
-        };
-        Ok((copied, self.out.shape().clone()))
-    }
-}
-
-impl CustomOp3 for CheckpointedBlock {
-    fn name(&self) -> &'static str {
-        "checkpointed-pixart-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.copy_out()? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("gradient checkpointing: output not on the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match self.copy_out()? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("gradient checkpointing: output not on the GPU"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        y: &Tensor,
-        temb: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Recompute with the graph on: fresh leaves for the inputs that need gradients.
-        let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
-            if t.track_op() {
-                let v = Var::from_tensor(&t.detach())?;
-                Ok((v.as_tensor().clone(), Some(v)))
-            } else {
-                Ok((t.detach(), None))
-            }
-        };
-        let (xl, xv) = leaf(x)?;
-        let (yl, yv) = leaf(y)?;
-        let (tl, tv) = leaf(temb)?;
-        let out = self.block.forward(&xl, &yl, &tl, self.mask_bias.as_ref())?;
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
-        for (_, var) in self.vars.vars() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                self.side.add(var.as_tensor().id(), g.clone())?;
-            }
-        }
-        let g = |v: Option<Var>| v.and_then(|v| grads.get(v.as_tensor()).cloned());
-        Ok((g(xv), g(yv), g(tv)))
-    }
-}
-
 /// Runs `block` so that only its inputs and output stay alive until the backward,
-/// which recomputes it; the gradients of the block's trainable parameters (`trains`:
-/// it has some) land in `side`. Gives the same output and gradients as
-/// `block.forward`.
+/// which recomputes it ([`recompute`]); the gradients of the block's trainable
+/// parameters (`trains`: it has some) land in `grads.1`. Gives the same output and
+/// gradients as `block.forward`.
 ///
 /// # Errors
 /// candle errors.
@@ -640,29 +522,16 @@ pub fn checkpoint_block(
     s: &Prepared,
     grads: &(VarSet, SideGrads),
 ) -> candle_core::Result<Tensor> {
-    let (y, temb6, mask_bias) = (&s.caption, &s.temb6, s.mask_bias.as_ref());
-    let (vars, side) = grads;
-    let out = block
-        .forward(&x.detach(), &y.detach(), &temb6.detach(), mask_bias)?
-        .detach()
-        .contiguous()?;
-    // A block whose parameters train must be in the graph even when no input needs a
-    // gradient (the blocks before it frozen): a leaf input makes the op recorded.
-    let x = if trains && !(x.track_op() || y.track_op() || temb6.track_op()) {
-        Var::from_tensor(x)?.as_tensor().clone()
-    } else {
-        x.clone()
-    };
-    x.apply_op3(
-        y,
-        temb6,
-        CheckpointedBlock {
-            block: block.clone(),
-            mask_bias: mask_bias.cloned(),
-            out,
-            vars: vars.clone(),
-            side: side.clone(),
-        },
+    let block = block.clone();
+    let mask_bias = s.mask_bias.clone();
+    let f: BlockFn =
+        Arc::new(move |xs: &[Tensor]| block.forward(&xs[0], &xs[1], &xs[2], mask_bias.as_ref()));
+    recompute(
+        "checkpointed-pixart-block",
+        f,
+        &[x, &s.caption, &s.temb6],
+        trains,
+        grads,
     )
 }
 
@@ -680,12 +549,13 @@ impl Task for PixArtTask {
         self.vars.vars()
     }
 
-    fn step(
+    fn step_with(
         &self,
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
         step: u64,
+        side: &SideGrads,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
         let z = draw_latents(
             &batch.tensors[Array::SdVaeMean.name()],
@@ -701,13 +571,12 @@ impl Task for PixArtTask {
         let x_t = self.objective.schedule.q_sample(&z, &t, &n)?;
         let dropped = noise.bernoulli(b, self.dropout.at(step));
         let (y, mask) = self.condition(batch, &dropped)?;
-        let side = SideGrads::default();
         let out = self.forward(
             &x_t.to_dtype(self.dtype)?,
             &t.to_dtype(DType::F32)?,
             &y,
             mask.as_ref(),
-            &side,
+            side,
         )?;
         let mut out = out.to_dtype(DType::F32)?;
         let want = self.objective.output_channels(z.dim(1)?);
@@ -718,16 +587,7 @@ impl Task for PixArtTask {
         let l = self.objective.training_losses(&out, &z, &x_t, &t, &n)?;
         let loss = l.loss.mean_all()?;
         let grads = (&loss * scale)?.backward()?;
-        let vars = self.vars.vars();
-        let mut out_grads = Vec::with_capacity(vars.len());
-        for (_, v) in &vars {
-            let main = grads.get(v.as_tensor()).cloned();
-            let extra = side.take(v.as_tensor().id());
-            out_grads.push(match (main, extra) {
-                (Some(a), Some(b)) => Some((a + b)?),
-                (a, b) => a.or(b),
-            });
-        }
+        let out_grads = gather(&self.vars.vars(), &grads, side)?;
         let scalar = |t: &Tensor| -> candle_core::Result<f64> {
             Ok(f64::from(t.mean_all()?.to_scalar::<f32>()?))
         };

@@ -270,12 +270,54 @@ fn sched_err(e: crate::schedulers::SchedulerError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl Sampler<'_> {
+/// What a sample grid needs of a mode's sampler (PixArt's [`Sampler`], Flux's
+/// [`crate::flux_sample::FluxSampler`]).
+pub trait GridSampler {
+    /// The training mode sampled (which stored arrays make a prompt).
+    fn mode(&self) -> crate::config::Mode;
+
     /// `n` images of prompt number `p` (its noise seeds are `(seed, p, 0..n)`).
     ///
     /// # Errors
     /// candle errors; an input of the wrong mode.
-    pub fn images(
+    fn images(
+        &self,
+        p: usize,
+        input: &crate::pixart_task::PromptInput,
+        n: usize,
+    ) -> Result<Vec<crate::grid::Image>>;
+
+    /// The image a stored latent mean `[C, h, w]` (raw, unscaled) decodes to (the
+    /// prompt cell of a stored sample: the store keeps no pixels).
+    ///
+    /// # Errors
+    /// candle errors.
+    fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image>;
+
+    /// The grid of `prompts`: one row each, `n` variations, `cell`-pixel cells.
+    ///
+    /// # Errors
+    /// As [`GridSampler::images`].
+    fn grid(
+        &self,
+        prompts: &[(crate::grid::Prompt, crate::pixart_task::PromptInput)],
+        n: usize,
+        cell: u32,
+    ) -> Result<crate::draw::Canvas> {
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (p, (shown, input)) in prompts.iter().enumerate() {
+            rows.push((shown.clone(), self.images(p, input, n)?));
+        }
+        Ok(crate::grid::grid(&rows, cell, 2))
+    }
+}
+
+impl GridSampler for Sampler<'_> {
+    fn mode(&self) -> crate::config::Mode {
+        self.task.mode()
+    }
+
+    fn images(
         &self,
         p: usize,
         input: &crate::pixart_task::PromptInput,
@@ -310,12 +352,7 @@ impl Sampler<'_> {
             .collect()
     }
 
-    /// The image a stored latent mean `[C, h, w]` decodes to (the prompt cell of a
-    /// stored sample: the store keeps no pixels).
-    ///
-    /// # Errors
-    /// candle errors.
-    pub fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image> {
+    fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image> {
         let raw = mean
             .to_device(self.task.device())?
             .to_dtype(self.task.dtype())?
@@ -323,34 +360,18 @@ impl Sampler<'_> {
         let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
         crate::grid::to_image(&img.get(0)?)
     }
-
-    /// The grid of `prompts`: one row each, `n` variations, `cell`-pixel cells.
-    ///
-    /// # Errors
-    /// As [`Sampler::images`].
-    pub fn grid(
-        &self,
-        prompts: &[(crate::grid::Prompt, crate::pixart_task::PromptInput)],
-        n: usize,
-        cell: u32,
-    ) -> Result<crate::draw::Canvas> {
-        let mut rows = Vec::with_capacity(prompts.len());
-        for (p, (shown, input)) in prompts.iter().enumerate() {
-            rows.push((shown.clone(), self.images(p, input, n)?));
-        }
-        Ok(crate::grid::grid(&rows, cell, 2))
-    }
 }
 
 /// The first `n` samples of the store's shuffled order (epoch 0 of `seed`) as prompts:
-/// their stored condition, shown as the decoded stored latent (image modes) or their
-/// caption (text mode).
+/// their stored condition (SigLIP tokens, a CLIP image embedding, or T5 tokens, as the
+/// mode conditions), shown as the decoded stored latent (image modes) or their caption
+/// (text mode).
 ///
 /// # Errors
 /// Store read errors; candle errors decoding the latents.
 pub fn prompts_from_store(
     reader: &tensorbake_store::StoreReader,
-    sampler: &Sampler<'_>,
+    sampler: &dyn GridSampler,
     n: usize,
     seed: u64,
 ) -> std::result::Result<
@@ -359,7 +380,8 @@ pub fn prompts_from_store(
 > {
     use tensorbake_kit::schema::Array;
     let order = tensorbake_store::epoch_order(reader.len(), seed, 0);
-    let text = sampler.task.mode() == crate::config::Mode::PixartText;
+    use crate::config::Mode;
+    let mode = sampler.mode();
     let c = tensorbake_nn::Error::candle("sampling from the store");
     let mut out = Vec::new();
     for &i in order.iter().take(n) {
@@ -373,7 +395,7 @@ pub fn prompts_from_store(
                     why: format!("sample {} has no `{a}`", s.key),
                 })
         };
-        if text {
+        if mode == Mode::PixartText {
             let len = f(Array::T5Len)?
                 .to_dtype(DType::U32)
                 .and_then(|t| t.to_scalar::<u32>())
@@ -386,11 +408,18 @@ pub fn prompts_from_store(
                 },
             ));
         } else {
-            let shown = sampler.reconstruct(&f(Array::SdVaeMean)?).map_err(&c)?;
-            out.push((
-                crate::grid::Prompt::Image(shown),
-                crate::pixart_task::PromptInput::Siglip(f(Array::SiglipHidden)?),
-            ));
+            let latent = if mode.is_flux() {
+                Array::FluxVaeMean
+            } else {
+                Array::SdVaeMean
+            };
+            let shown = sampler.reconstruct(&f(latent)?).map_err(&c)?;
+            let input = if mode == Mode::FluxClipImage {
+                crate::pixart_task::PromptInput::ClipImage(f(Array::ClipImageEmbeds)?)
+            } else {
+                crate::pixart_task::PromptInput::Siglip(f(Array::SiglipHidden)?)
+            };
+            out.push((crate::grid::Prompt::Image(shown), input));
         }
     }
     Ok(out)

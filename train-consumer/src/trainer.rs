@@ -23,7 +23,10 @@ use crate::checkpoint::{self, EMA_DIR, OPTIMIZER_FILE, TrainerState};
 use crate::config::TrainConfig;
 use crate::lr::Lr;
 use crate::noise::Noise;
-use crate::optim::{AdamW, AdamWConfig, Ema, clip_grad_norm};
+use crate::optim::{
+    Adafactor, AdafactorConfig, AdamW, AdamWConfig, Ema, Optimizer, clip_grad_norm,
+};
+use crate::recompute::SideGrads;
 use crate::{TrainError, plot};
 
 /// Losses of one micro-batch (means over its samples).
@@ -41,7 +44,7 @@ pub struct Losses {
 pub trait Task {
     /// The store arrays a batch must hold.
     fn arrays(&self) -> Vec<String>;
-    /// The trainable variables (f32), by the name they are saved under.
+    /// The trainable variables (f32 or bf16 masters), by the name they are saved under.
     fn vars(&self) -> Vec<(String, Var)>;
     /// Forward and backward of one micro-batch of optimizer step `step` (1-based; the
     /// warm-up schedules read it): its losses, and the gradients of `loss * scale` for
@@ -55,6 +58,23 @@ pub trait Task {
         noise: &mut Noise,
         scale: f64,
         step: u64,
+    ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
+        self.step_with(batch, noise, scale, step, &SideGrads::default())
+    }
+    /// [`Task::step`] with the recomputed blocks' parameter gradients going through
+    /// `side` (gradient checkpointing): kept for the returned list, or applied by an
+    /// optimizer during the backward ([`SideGrads::applying`]; `None` returned for
+    /// those).
+    ///
+    /// # Errors
+    /// candle errors.
+    fn step_with(
+        &self,
+        batch: &Batch,
+        noise: &mut Noise,
+        scale: f64,
+        step: u64,
+        side: &SideGrads,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)>;
     /// Writes the model files of `weights` (variable name -> tensor, the trained ones)
     /// into `dir`, in the layout users load (diffusers, BFL).
@@ -182,7 +202,7 @@ pub struct Trainer<T: Task> {
     reader: Arc<StoreReader>,
     device: Device,
     out: PathBuf,
-    opt: AdamW,
+    opt: Optimizer,
     ema: Option<Ema>,
     lr: Lr,
     noise: Noise,
@@ -267,13 +287,27 @@ impl<T: Task> Trainer<T> {
                 cfg.mode
             )));
         }
-        let opt_cfg = AdamWConfig {
-            betas: cfg.adam_betas,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
-        };
         let step_err = |source| TrainError::Step { step: 0, source };
-        let mut opt = AdamW::new(vars.clone(), opt_cfg).map_err(step_err)?;
+        let mut opt = match cfg.optimizer {
+            crate::config::OptimizerKind::Adamw => {
+                let opt_cfg = AdamWConfig {
+                    betas: cfg.adam_betas,
+                    eps: cfg.adam_eps,
+                    weight_decay: cfg.weight_decay,
+                };
+                Optimizer::AdamW(AdamW::new(vars.clone(), opt_cfg).map_err(step_err)?)
+            }
+            crate::config::OptimizerKind::Adafactor => {
+                let opt_cfg = AdafactorConfig {
+                    weight_decay: cfg.weight_decay,
+                    seed: cfg.seed,
+                    ..AdafactorConfig::default()
+                };
+                Optimizer::Adafactor(Arc::new(std::sync::Mutex::new(
+                    Adafactor::new(vars.clone(), opt_cfg).map_err(step_err)?,
+                )))
+            }
+        };
         let mut ema = cfg
             .ema
             .map(|d| Ema::new(&vars, d))
@@ -472,11 +506,22 @@ impl<T: Task> Trainer<T> {
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut sums = Losses::default();
         let scale = 1.0 / self.cfg.grad_accum as f64;
+        let lr = self.lr.at(step);
+        // With `update_in_backward`, each recomputed block's tensors are updated in its
+        // backward; the rest after it, below.
+        let applied_sq = Arc::new(std::sync::Mutex::new(0f64));
+        let side = match self.cfg.update_in_backward {
+            true => self
+                .opt
+                .in_backward(lr, applied_sq.clone())
+                .map_or_else(SideGrads::default, SideGrads::applying),
+            false => SideGrads::default(),
+        };
         for _ in 0..self.cfg.grad_accum {
             let batch = self.next_batch(loader)?;
             let (l, grads) = self
                 .task
-                .step(&batch, &mut self.noise, scale, step)
+                .step_with(&batch, &mut self.noise, scale, step, &side)
                 .map_err(step_err)?;
             sums.loss += l.loss * scale;
             sums.mse += l.mse * scale;
@@ -489,11 +534,14 @@ impl<T: Task> Trainer<T> {
             }
             self.state.samples_seen += batch.keys.len() as u64;
         }
-        let grad_norm = clip_grad_norm(&mut acc, self.cfg.grad_clip).map_err(step_err)?;
-        let lr = self.lr.at(step);
+        let rest = clip_grad_norm(&mut acc, self.cfg.grad_clip).map_err(step_err)?;
+        let applied = *applied_sq
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let grad_norm = (rest * rest + applied).sqrt();
         self.opt.step(&acc, lr).map_err(step_err)?;
         if let Some(ema) = &mut self.ema {
-            ema.update(self.opt.vars()).map_err(step_err)?;
+            ema.update(&self.opt.vars()).map_err(step_err)?;
         }
         self.state.step = step;
         self.state.noise = self.noise.state();
@@ -576,7 +624,7 @@ impl<T: Task> Trainer<T> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        let (moments, _) = self.opt.state();
+        let (moments, _) = self.opt.state().map_err(step_err)?;
         let ema = self.ema.as_ref().map(Ema::tensors);
         let task = &self.task;
         let dir = checkpoint::write(&self.out, &self.state, |dir| {

@@ -34,12 +34,13 @@ impl Task for Linear {
     fn vars(&self) -> Vec<(String, Var)> {
         vec![("w".into(), self.w.clone())]
     }
-    fn step(
+    fn step_with(
         &self,
         batch: &Batch,
         noise: &mut Noise,
         scale: f64,
         _step: u64,
+        _side: &crate::recompute::SideGrads,
     ) -> candle_core::Result<(Losses, Vec<Option<Tensor>>)> {
         let x = &batch.tensors["x"];
         let y = &batch.tensors["y"];

@@ -298,6 +298,194 @@ fn gradients_reach_exactly_the_tensors_each_setting_trains() {
     }
 }
 
+/// Per-block recomputation (`gradient_checkpointing`) gives the plain step's loss and
+/// gradients: a LoRA (a random B so that A's gradient is not zero), some blocks (a
+/// frozen double block before a trained one, a trained single block), all of Flux with
+/// the guidance embedder, and the adapter (gradients through every frozen block).
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = store(dir.path(), "store", 8, FITS);
+    // FLUX.1-dev-style models take T5 at 512 tokens
+    let reader_512 = store(
+        dir.path(),
+        "store-512",
+        8,
+        StoreShape {
+            t5_tokens: 512,
+            ..FITS
+        },
+    );
+    models(dir.path());
+    for (mode, extra) in [
+        ("flux_clip_image", "lora = { rank = 2 }\n"),
+        ("flux_clip_image", "train_blocks = [1, 2]\n"),
+        (
+            "flux_clip_image",
+            "flux = \"flux-dev\"\nstore = \"store-512\"\n",
+        ),
+        ("flux_redux_adapter", ""),
+    ] {
+        let reader = if extra.contains("store-512") {
+            &reader_512
+        } else {
+            &reader
+        };
+        let plain = task(dir.path(), reader, mode, extra);
+        let ckpt = task(
+            dir.path(),
+            reader,
+            mode,
+            &format!("{extra}gradient_checkpointing = true\n"),
+        );
+        for ((n, a), (_, b)) in plain.vars().iter().zip(ckpt.vars()) {
+            if n.ends_with("lora_B.weight") {
+                let r = a.as_tensor().randn_like(0.0, 0.1).unwrap();
+                a.set(&r).unwrap();
+                b.set(&r).unwrap();
+            }
+        }
+        let batch = first_batch(reader, &plain);
+        let (la, ga) = plain.step(&batch, &mut Noise::new(3), 1.0, 1).unwrap();
+        let (lb, gb) = ckpt.step(&batch, &mut Noise::new(3), 1.0, 1).unwrap();
+        assert!(
+            (la.loss - lb.loss).abs() <= 1e-6 * la.loss.abs(),
+            "{mode} {extra}: {la:?} {lb:?}"
+        );
+        assert_eq!(ga.len(), gb.len());
+        for (((n, _), a), b) in plain.vars().iter().zip(&ga).zip(&gb) {
+            let (a, b) = (
+                a.as_ref().unwrap(),
+                b.as_ref()
+                    .unwrap_or_else(|| panic!("{mode} {extra}: {n} lost its gradient")),
+            );
+            assert!(norm(a) > 0.0, "{mode} {extra}: {n}");
+            let e = tensorbake_nn::testing::rel_err(b, a).unwrap();
+            assert!(
+                e < 1e-4,
+                "{mode} {extra} {n}: recomputed gradient off by {e}"
+            );
+        }
+    }
+}
+
+/// The lean full fine-tune: Adafactor updating each recomputed block's tensors inside
+/// the backward ends N steps with the weights of the same optimizer stepping the whole
+/// model after the backward, with f32 and with stochastically rounded bf16 masters;
+/// during the backward every block tensor is applied once, blocks in reverse order, and
+/// the step hands back gradients only for the tensors outside the blocks.
+#[test]
+fn updating_block_by_block_in_the_backward_equals_a_whole_model_step() {
+    use std::sync::Mutex;
+    use tensorbake_train::recompute::SideGrads;
+    let dir = tempfile::tempdir().unwrap();
+    let reader = store(dir.path(), "store", 8, FITS);
+    models(dir.path());
+    let steps = 3;
+    for master in ["f32", "bf16"] {
+        let run = |fused: bool| {
+            let c = cfg(
+                dir.path(),
+                "flux_clip_image",
+                &format!(
+                    "optimizer = \"adafactor\"\nmaster_weights = \"{master}\"\n\
+                     gradient_checkpointing = true\ngrad_clip = 0\nlr = 1e-3\n\
+                     update_in_backward = {fused}\n"
+                ),
+            );
+            let t = FluxTask::build(&c, dir.path(), &reader, &Device::Cpu).unwrap();
+            let mut trainer = Trainer::new(
+                c,
+                t,
+                reader.clone(),
+                Device::Cpu,
+                dir.path().join("unused"),
+                Resume::No,
+            )
+            .unwrap();
+            let mut norms = Vec::new();
+            trainer
+                .bench_steps(steps, &mut |l| norms.push(l.grad_norm))
+                .unwrap();
+            let weights: Vec<(String, Tensor)> = trainer
+                .task()
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().to_dtype(DType::F32).unwrap()))
+                .collect();
+            (weights, norms)
+        };
+        let (whole, whole_norms) = run(false);
+        let (fused, fused_norms) = run(true);
+        let start = task(dir.path(), &reader, "flux_clip_image", "");
+        for (((n, a), (_, b)), (_, v0)) in whole.iter().zip(&fused).zip(start.vars()) {
+            let moved = (a - v0.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(
+                moved.to_scalar::<f32>().unwrap() > 0.0,
+                "{master} {n}: did not train"
+            );
+            let e = tensorbake_nn::testing::rel_err(b, a).unwrap();
+            assert!(
+                e < 1e-6,
+                "{master} {n}: block-by-block off the whole step by {e}"
+            );
+        }
+        for (a, b) in whole_norms.iter().zip(&fused_norms) {
+            assert!((a - b).abs() <= 1e-5 * a, "{master}: |g| {a} vs {b}");
+        }
+    }
+    // what the backward applies, and in which order
+    let t = task(
+        dir.path(),
+        &reader,
+        "flux_clip_image",
+        "gradient_checkpointing = true\n",
+    );
+    let names: HashMap<candle_core::TensorId, String> = t
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (v.as_tensor().id(), n))
+        .collect();
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let side = SideGrads::applying(Arc::new(move |v: &candle_core::Var, _g: &Tensor| {
+        log.lock().unwrap().push(names[&v.as_tensor().id()].clone());
+        Ok(true)
+    }));
+    let batch = first_batch(&reader, &t);
+    let (_, grads) = t
+        .step_with(&batch, &mut Noise::new(1), 1.0, 1, &side)
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let in_block = |n: &str| {
+        n.starts_with("transformer_blocks.") || n.starts_with("single_transformer_blocks.")
+    };
+    for ((n, _), g) in t.vars().iter().zip(&grads) {
+        assert_eq!(g.is_none(), in_block(n), "{n}");
+        assert_eq!(
+            seen.iter().filter(|s| *s == n).count(),
+            usize::from(in_block(n)),
+            "{n} applied"
+        );
+    }
+    let block_of = |n: &str| -> (u8, usize) {
+        let mut parts = n.split('.');
+        let kind = parts.next().unwrap();
+        let i: usize = parts.next().unwrap().parse().unwrap();
+        (u8::from(kind == "single_transformer_blocks"), i)
+    };
+    let order: Vec<(u8, usize)> = seen.iter().map(|n| block_of(n)).collect();
+    assert!(
+        order.windows(2).all(|w| w[0] >= w[1]),
+        "blocks applied out of reverse order: {order:?}"
+    );
+}
+
 #[test]
 fn dropout_and_the_blend_warm_up_build_the_pooled_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -446,7 +634,9 @@ fn a_step_equals_pytorch_autograd_on_the_checkpoints_diffusers_loads() {
         let (txt, pooled) = t
             .condition(&batch, &[false, true, false, false], 1)
             .unwrap();
-        let (loss, v) = t.loss_of(&x0, &n, &sigmas, &txt, &pooled).unwrap();
+        let (loss, v) = t
+            .loss_of(&x0, &n, &sigmas, &txt, &pooled, &Default::default())
+            .unwrap();
         let grads = loss.backward().unwrap();
         let (img_ids, txt_ids) = t.position_ids();
         let inputs: HashMap<String, Tensor> = [

@@ -12,6 +12,7 @@
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
 //! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
+//! | [`stochastic_round_bf16`] | f32 to bf16, rounding up with the remainder's probability (bf16 master weights) | none (an optimizer op) |
 //!
 //! Each function has a plain candle implementation that is the reference: the CPU
 //! path, and the path whenever a gradient is needed. candle's fused kernels
@@ -27,6 +28,9 @@
 //! the graph and the gradient reaches the f32 variable.
 
 pub mod frozen;
+pub mod rounding;
+
+pub use rounding::stochastic_round_bf16;
 
 use candle_core::{D, DType, Result, Tensor};
 
