@@ -17,6 +17,7 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "3",
         "--resolution",
         "64",
+        "--flux",
     ];
     let run = tensorbake(dir.path(), &args);
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -31,9 +32,14 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "{stdout}"
     );
     assert!(stdout.contains("sd_vae_mean [6, 4, 8, 8]"), "{stdout}");
+    assert!(stdout.contains("flux_vae_mean [6, 16, 8, 8]"), "{stdout}");
     // both image modes trained on the store, 30 steps each
     assert!(stdout.contains("train pixart_redux_adapter"), "{stdout}");
     assert!(stdout.contains("train pixart_finetune"), "{stdout}");
+    // --flux: a LoRA of the tiny Flux on the CLIP image embedding
+    assert!(stdout.contains("train flux_clip_image"), "{stdout}");
+    let flux_log = std::fs::read_to_string(out.join("train/flux-clip-image/log.jsonl")).unwrap();
+    assert_eq!(flux_log.lines().count(), 30);
     let log = std::fs::read_to_string(out.join("train/finetune/log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 30);
     for f in [
@@ -56,6 +62,11 @@ fn demo_runs_the_whole_job_and_leaves_a_manifest_that_runs_offline() {
         "train/finetune/checkpoint-30/transformer/diffusion_pytorch_model.safetensors",
         "train/finetune/samples/step-30.png",
         "train/redux-adapter/samples/step-30.png",
+        "models/flux_vae/config.json",
+        "models/flux/config.json",
+        "train-flux-clip-image.toml",
+        "train/flux-clip-image/checkpoint-30/pytorch_lora_weights.safetensors",
+        "train/flux-clip-image/samples/step-30.png",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

@@ -9,7 +9,10 @@
 //! store. Then it reads the store back the way the trainer does (shuffled batches of
 //! tensors), and runs the seed's two PixArt runs on it with a tiny random PixArt (a
 //! fresh Redux adapter for the frozen PixArt, then PixArt fine-tuned to that adapter),
-//! each ending with a sample grid. It leaves in DIR: `shards/`, `models/`, `store/`,
+//! each ending with a sample grid. With `--flux` the store also gets what Flux needs (a
+//! tiny Flux VAE among the encoders, T5 at FLUX.1-schnell's 256 tokens) and a tiny
+//! de-distilled Flux trains a LoRA on the CLIP image embedding (`flux_clip_image`),
+//! ending with a sample grid too. It leaves in DIR: `shards/`, `models/`, `store/`,
 //! `manifest.toml` (which `tensorbake run DIR/manifest.toml` runs again offline from
 //! DIR/shards), `train-*.toml` (for `tensorbake train` / `tensorbake sample`) and
 //! `train/` (logs, loss plots, checkpoints, grids).
@@ -45,9 +48,14 @@ pub struct Args {
     /// Optimizer steps of each demo training (a tiny PixArt, two image modes).
     #[arg(long, default_value_t = 30)]
     train_steps: u64,
+    /// Also the Flux half: a tiny Flux VAE, T5 at Flux's length (256), a tiny Flux
+    /// trained as `flux_clip_image` (a LoRA on the CLIP image embedding).
+    #[arg(long)]
+    flux: bool,
 }
 
-/// The models the demo writes, by feature; the manifest's `[[encoders]]`.
+/// The models the demo writes, by feature; the manifest's `[[encoders]]` (with
+/// `--flux`, [`TinyModel::FluxVae`] too).
 const MODELS: [TinyModel; 4] = [
     TinyModel::SdVae,
     TinyModel::Siglip,
@@ -55,7 +63,16 @@ const MODELS: [TinyModel; 4] = [
     TinyModel::T5,
 ];
 
-fn manifest_text(links: &str, captions: &str, resolution: u32) -> String {
+/// The demo's models: [`MODELS`], and the Flux VAE for `--flux`.
+fn models_for(flux: bool) -> Vec<TinyModel> {
+    let mut m = MODELS.to_vec();
+    if flux {
+        m.insert(1, TinyModel::FluxVae);
+    }
+    m
+}
+
+fn manifest_text(links: &str, captions: &str, resolution: u32, flux: bool) -> String {
     let mut text = format!(
         "# Written by `tensorbake demo`: SA-1B-style synthetic shards, tiny random-weight\n\
          # models. `tensorbake run` on this file reads the shards from disk.\n\
@@ -63,14 +80,19 @@ fn manifest_text(links: &str, captions: &str, resolution: u32) -> String {
          captions = \"{captions}\"\ncaption_db = \"shards/captions.redb\"\n\n\
          [preprocess]\nresolution = {resolution}\n\n[captions]\nclean = true\nstrip_boilerplate = true\n"
     );
-    for m in MODELS {
+    for m in models_for(flux) {
         let name = m.feature();
         text.push_str(&format!(
             "\n[[encoders]]\nname = \"{name}\"\nweights = \"models/{name}\"\ndevice = \"cpu\"\n\
              dtype = \"f32\"\nbatch = 8\n"
         ));
         if m == TinyModel::T5 {
-            text.push_str("max_length = 32\n");
+            // Flux takes the null T5 at its training length (schnell-style: 256)
+            text.push_str(if flux {
+                "max_length = 256\n"
+            } else {
+                "max_length = 32\n"
+            });
         }
     }
     text
@@ -103,10 +125,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let models = out.join("models");
     eprintln!(
         "demo: writing tiny random-weight models ({}) to {}",
-        MODELS.map(|m| m.feature().name()).join(", "),
+        models_for(args.flux)
+            .iter()
+            .map(|m| m.feature().name())
+            .collect::<Vec<_>>()
+            .join(", "),
         models.display()
     );
-    for (i, m) in MODELS.into_iter().enumerate() {
+    for (i, m) in models_for(args.flux).into_iter().enumerate() {
         write_tiny_model(m, &models.join(m.feature().name()), 100 + i as u64)
             .with_context(|| format!("writing the tiny {} model", m.feature()))?;
     }
@@ -116,6 +142,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "shards/links.tsv",
             "shards/SA1B_caption.tar.gz",
             args.resolution,
+            args.flux,
         ),
     )?;
     let store_dir = out.join("store");
@@ -136,6 +163,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "shards/links-http.tsv",
         &server.url("SA1B_caption.tar.gz"),
         args.resolution,
+        args.flux,
     );
     let manifest = Manifest::parse(&text, "demo manifest")?;
     let _ = std::fs::remove_file(shards_dir.join("captions.redb"));
@@ -157,7 +185,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     // read it back as the trainer will: shuffled batches of tensors
     let reader = std::sync::Arc::new(StoreReader::open(&Location::from(store_dir.as_path()))?);
-    let arrays: Vec<String> = [
+    let mut arrays: Vec<String> = [
         Array::SdVaeMean,
         Array::SiglipHidden,
         Array::ClipImageEmbeds,
@@ -166,6 +194,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     .iter()
     .map(|a| a.name().to_string())
     .collect();
+    if args.flux {
+        arrays.insert(1, Array::FluxVaeMean.name().to_string());
+    }
     let cfg = LoaderConfig::new(7, 0, 16, arrays.clone());
     let mut loaded = 0usize;
     let mut shapes = Vec::new();
@@ -185,6 +216,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         reader.len() as usize,
         args.resolution,
         args.train_steps,
+        args.flux,
     )?;
     let store_bytes = dir_size(&store_dir);
     let total = layout.caption_of.len();
@@ -269,14 +301,16 @@ struct Trained {
 }
 
 /// The seed's two PixArt runs on the demo store, with a tiny random PixArt: a fresh
-/// Redux adapter trained for a frozen PixArt, then PixArt fine-tuned to that adapter.
-/// Each is a config file in `out` that `tensorbake train` runs again.
+/// Redux adapter trained for a frozen PixArt, then PixArt fine-tuned to that adapter;
+/// with `flux`, a tiny de-distilled Flux's LoRA on the CLIP image embedding. Each is a
+/// config file in `out` that `tensorbake train` runs again.
 fn train_demo(
     out: &Path,
     models: &Path,
     samples: usize,
     resolution: u32,
     steps: u64,
+    flux: bool,
 ) -> Result<Vec<Trained>> {
     let pixart = models.join("pixart");
     // Caption tokens as wide as the tiny T5's and SigLIP's (32); latents of the store.
@@ -302,7 +336,7 @@ fn train_demo(
          validation_every = {steps}\nvalidation_images = {{ from_store = 2 }}\nvalidation_n = 3\nvalidation_steps = 10\n"
     );
     let adapter_ckpt = format!("train/redux-adapter/checkpoint-{steps}/redux.safetensors");
-    let configs = [
+    let mut configs = vec![
         (
             "redux-adapter",
             format!(
@@ -316,6 +350,27 @@ fn train_demo(
             ),
         ),
     ];
+    if flux {
+        // T5 as wide as the tiny T5 (32), the pooled slot as the tiny CLIP's projection (16);
+        // no guidance embedder (OpenFLUX.1-style), so the T5 length is 256
+        tensorbake_nn::tiny::write_tiny_flux(&models.join("flux"), 301, false, 32, 16)
+            .context("writing the tiny Flux")?;
+        configs.push((
+            "flux-clip-image",
+            format!(
+                "# `tensorbake train` on the demo store: a LoRA of a tiny de-distilled Flux taking the
+\
+                 # CLIP image embedding in its pooled slot (the seed's Flux runs).
+\
+                 mode = \"flux_clip_image\"\nflux = \"models/flux\"\nout = \"train/flux-clip-image\"\n\
+                 lora = {{ rank = 4 }}\nstore = \"store\"\nsteps = {steps}\nbatch_size = {batch}\n\
+                 lr = 1e-3\nweight_decay = 0.0\ngrad_clip = 1.0\ncheckpoint_every = {steps}\nseed = 1\n\
+                 device = \"cpu\"\ndtype = \"f32\"\ncond_dropout = 0.1\n\
+                 validation_every = {steps}\nvalidation_images = {{ from_store = 2 }}\nvalidation_n = 3\n\
+                 validation_steps = 10\n"
+            ),
+        ));
+    }
     let mut done = Vec::new();
     for (name, text) in configs {
         let path = out.join(format!("train-{name}.toml"));
@@ -326,13 +381,19 @@ fn train_demo(
             "demo: training {mode} ({steps} steps, batch {batch}): {}",
             path.display()
         );
-        let mut trainer = super::train::build(cfg, out, tensorbake_train::trainer::Resume::No)?;
         let mut losses = Vec::new();
         let mut rate = 0.0;
-        let outcome = trainer.run(&std::sync::atomic::AtomicBool::new(false), &mut |l| {
+        let mut on_step = |l: &tensorbake_train::trainer::StepLog| {
             losses.push(l.loss);
             rate = l.samples_per_s;
-        })?;
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let resume = tensorbake_train::trainer::Resume::No;
+        let outcome = if cfg.mode.is_flux() {
+            super::train::build_flux(cfg, out, resume)?.run(&stop, &mut on_step)?
+        } else {
+            super::train::build(cfg, out, resume)?.run(&stop, &mut on_step)?
+        };
         let checkpoint = match outcome {
             tensorbake_train::trainer::Outcome::Finished(d)
             | tensorbake_train::trainer::Outcome::Stopped(d) => d,
