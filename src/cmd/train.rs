@@ -140,9 +140,31 @@ fn write_grid(
     Ok(path)
 }
 
-/// The validation grids of a PixArt run: its prompts, the store's VAE decoder,
-/// PixArt's scheduler; each grid `OUT/samples/step-<step>.png`, seeded the same every
-/// time.
+/// A sampler made from a run's task and the parts a validator owns.
+type MakeSampler<T, P> = for<'a> fn(&'a T, &'a P) -> Box<dyn GridSampler + 'a>;
+
+/// The validation grids of a run: the prompts embedded once, then each grid sampled
+/// with the live task and written as `OUT/samples/step-<step>.png`, seeded the same
+/// every time.
+fn grid_validator<T: 'static, P: 'static>(
+    cfg: &TrainConfig,
+    base: &Path,
+    reader: &StoreReader,
+    task: &T,
+    out: &Path,
+    parts: P,
+    make: MakeSampler<T, P>,
+) -> Result<Validator<T>> {
+    let prompts = validation_prompts(cfg, base, reader, &*make(task, &parts))?;
+    let n = cfg.validation_n;
+    let cell = reader.spec().resolution.unwrap_or(256).min(256);
+    let dir = out.join("samples");
+    Ok(Box::new(move |task: &T, step: u64| {
+        write_grid(&*make(task, &parts), &prompts, n, cell, &dir, step)
+    }))
+}
+
+/// A PixArt run's validation grids: the store's VAE decoder, PixArt's DPM-Solver++.
 fn validator(
     cfg: &TrainConfig,
     base: &Path,
@@ -150,41 +172,41 @@ fn validator(
     task: &PixArtTask,
     out: &Path,
 ) -> Result<Validator<PixArtTask>> {
-    let device = task.device().clone();
-    let vae =
-        super::sample::store_vae(reader, base, None, Array::SdVaeMean, task.dtype(), &device)?;
-    let scheduler = SchedulerChoice::pixart_dpm();
+    let vae = super::sample::store_vae(
+        reader,
+        base,
+        None,
+        Array::SdVaeMean,
+        task.dtype(),
+        task.device(),
+    )?;
     let settings = SampleSettings {
         steps: cfg.validation_steps.unwrap_or(20),
         guidance: cfg.validation_guidance.unwrap_or(4.5),
         seed: cfg.seed,
     };
-    let prompts = {
-        let sampler = Sampler {
-            task,
-            vae: &vae,
-            scheduler: &scheduler,
-            settings,
-        };
-        validation_prompts(cfg, base, reader, &sampler)?
-    };
-    let n = cfg.validation_n;
-    let cell = reader.spec().resolution.unwrap_or(256).min(256);
-    let dir = out.join("samples");
-    Ok(Box::new(move |task: &PixArtTask, step: u64| {
-        let sampler = Sampler {
-            task,
-            vae: &vae,
-            scheduler: &scheduler,
-            settings,
-        };
-        write_grid(&sampler, &prompts, n, cell, &dir, step)
-    }))
+    let parts = (vae, SchedulerChoice::pixart_dpm(), settings);
+    grid_validator(
+        cfg,
+        base,
+        reader,
+        task,
+        out,
+        parts,
+        |task, (vae, scheduler, settings)| {
+            Box::new(Sampler {
+                task,
+                vae,
+                scheduler,
+                settings: *settings,
+            })
+        },
+    )
 }
 
-/// The validation grids of a Flux run: as PixArt's, with the store's Flux VAE decoder,
-/// the flow-match scheduler beside the transformer (else FLUX.1-dev's), true CFG or the
-/// embedded guidance.
+/// A Flux run's validation grids: the store's Flux VAE decoder, the flow-match
+/// scheduler beside the transformer (else FLUX.1-dev's), true CFG or the embedded
+/// guidance.
 fn flux_validator(
     cfg: &TrainConfig,
     base: &Path,
@@ -195,14 +217,13 @@ fn flux_validator(
     use tensorbake_train::flux_sample::{
         FluxSampleSettings, FluxSampler, FluxSchedulerChoice, default_true_cfg,
     };
-    let device = task.device().clone();
     let vae = super::sample::store_vae(
         reader,
         base,
         None,
         Array::FluxVaeMean,
         task.dtype(),
-        &device,
+        task.device(),
     )?;
     let spec =
         tensorbake_train::trainer::resolve_spec(base, cfg.flux.as_deref().unwrap_or_default());
@@ -215,27 +236,23 @@ fn flux_validator(
         guidance: task.guidance(),
         seed: cfg.seed,
     };
-    let prompts = {
-        let sampler = FluxSampler {
-            task,
-            vae: &vae,
-            scheduler: &scheduler,
-            settings,
-        };
-        validation_prompts(cfg, base, reader, &sampler)?
-    };
-    let n = cfg.validation_n;
-    let cell = reader.spec().resolution.unwrap_or(256).min(256);
-    let dir = out.join("samples");
-    Ok(Box::new(move |task: &FluxTask, step: u64| {
-        let sampler = FluxSampler {
-            task,
-            vae: &vae,
-            scheduler: &scheduler,
-            settings,
-        };
-        write_grid(&sampler, &prompts, n, cell, &dir, step)
-    }))
+    let parts = (vae, scheduler, settings);
+    grid_validator(
+        cfg,
+        base,
+        reader,
+        task,
+        out,
+        parts,
+        |task, (vae, scheduler, settings)| {
+            Box::new(FluxSampler {
+                task,
+                vae,
+                scheduler,
+                settings: *settings,
+            })
+        },
+    )
 }
 
 /// Runs the command.

@@ -281,12 +281,11 @@ impl GridSampler for FluxSampler<'_> {
             .collect()
     }
 
-    fn reconstruct(&self, mean: &Tensor) -> Result<Image> {
-        let raw = mean
-            .to_device(self.task.device())?
-            .to_dtype(self.task.dtype())?
-            .unsqueeze(0)?;
-        let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
-        crate::grid::to_image(&img.get(0)?)
+    fn vae(&self) -> &VaeDecoder {
+        self.vae
+    }
+
+    fn placement(&self) -> (&candle_core::Device, DType) {
+        (self.task.device(), self.task.dtype())
     }
 }

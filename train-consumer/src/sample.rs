@@ -287,12 +287,23 @@ pub trait GridSampler {
         n: usize,
     ) -> Result<Vec<crate::grid::Image>>;
 
+    /// The decoder of the VAE that encoded the store.
+    fn vae(&self) -> &VaeDecoder;
+
+    /// The device and compute dtype the models run in.
+    fn placement(&self) -> (&Device, DType);
+
     /// The image a stored latent mean `[C, h, w]` (raw, unscaled) decodes to (the
     /// prompt cell of a stored sample: the store keeps no pixels).
     ///
     /// # Errors
     /// candle errors.
-    fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image>;
+    fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image> {
+        let (device, dtype) = self.placement();
+        let raw = mean.to_device(device)?.to_dtype(dtype)?.unsqueeze(0)?;
+        let img = self.vae().decode(&raw)?.to_dtype(DType::F32)?;
+        crate::grid::to_image(&img.get(0)?)
+    }
 
     /// The grid of `prompts`: one row each, `n` variations, `cell`-pixel cells.
     ///
@@ -352,13 +363,12 @@ impl GridSampler for Sampler<'_> {
             .collect()
     }
 
-    fn reconstruct(&self, mean: &Tensor) -> Result<crate::grid::Image> {
-        let raw = mean
-            .to_device(self.task.device())?
-            .to_dtype(self.task.dtype())?
-            .unsqueeze(0)?;
-        let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
-        crate::grid::to_image(&img.get(0)?)
+    fn vae(&self) -> &VaeDecoder {
+        self.vae
+    }
+
+    fn placement(&self) -> (&Device, DType) {
+        (self.task.device(), self.task.dtype())
     }
 }
 

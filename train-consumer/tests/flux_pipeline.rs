@@ -4,6 +4,8 @@
 //! latents and T5 / pooled embeddings; true CFG, the embedded guidance, both; the
 //! dynamic (FLUX.1-dev) and static (schnell) shifts; the decoded images within 1e-3.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -70,25 +72,7 @@ fn run(
     .unwrap();
     let z = tensorbake_nn::flux::unpack_latents(&z, h, w).unwrap();
     let img = decode(&vae, &z, LatentScaling::FLUX, DType::F32).unwrap();
-    // output_type="np": (x / 2 + 0.5).clamp(0, 1), channels last
-    let img = ((img / 2.0).unwrap() + 0.5)
-        .unwrap()
-        .clamp(0f32, 1f32)
-        .unwrap()
-        .permute((0, 2, 3, 1))
-        .unwrap();
-    let reference = &g[want];
-    assert_eq!(img.dims(), reference.dims());
-    let diff = (img - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_diff_np(&img, &g[want]);
     eprintln!("{want}: max |ours - diffusers| = {diff:.2e}");
     diff
 }

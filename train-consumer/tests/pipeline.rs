@@ -3,6 +3,8 @@
 //! initial latents and caption embeddings, classifier-free guidance, DPM-Solver++ and
 //! DDIM; the decoded images within 1e-3.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -58,25 +60,7 @@ fn run(scheduler_file: &str, steps: usize, guidance: f64, want: &str) -> f32 {
     )
     .unwrap();
     let img = decode(&vae, &z, LatentScaling::SD, DType::F32).unwrap();
-    // output_type="np": (x / 2 + 0.5).clamp(0, 1), channels last
-    let img = ((img / 2.0).unwrap() + 0.5)
-        .unwrap()
-        .clamp(0f32, 1f32)
-        .unwrap()
-        .permute((0, 2, 3, 1))
-        .unwrap();
-    let reference = &g[want];
-    assert_eq!(img.dims(), reference.dims());
-    let diff = (img - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_diff_np(&img, &g[want]);
     eprintln!("{want}: max |ours - diffusers| = {diff:.2e}");
     diff
 }
