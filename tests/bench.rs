@@ -40,6 +40,14 @@ fn bench_train_times_both_modes_beside_pytorch() {
             "2",
             "--warmup",
             "1",
+            "--mode",
+            "adapter",
+            "--mode",
+            "finetune",
+            "--mode",
+            "flux-lora",
+            "--mode",
+            "flux-full",
             "--python",
             &python,
             "--json",
@@ -53,9 +61,13 @@ fn bench_train_times_both_modes_beside_pytorch() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("vs torch"), "{stdout}");
+    assert!(
+        stdout.contains("PixArt modes") && stdout.contains("Flux modes"),
+        "{stdout}"
+    );
     let v = json(&dir.path().join("r.json"));
     let (ours, torch) = (rows(&v, "tensorbake"), rows(&v, "pytorch"));
-    assert_eq!((ours.len(), torch.len()), (2, 2), "{v}");
+    assert_eq!((ours.len(), torch.len()), (4, 4), "{v}");
     for (a, b) in ours.iter().zip(&torch) {
         assert_eq!(a["mode"], b["mode"]);
         // the same step trains the same parameters on both sides
@@ -87,6 +99,10 @@ fn bench_train_times_both_modes_beside_pytorch() {
     assert_eq!(ours[0]["mode"], "adapter");
     assert_eq!(ours[0]["trainable_tensors"], 4);
     assert!(ours[1]["trainable_params"].as_u64() > ours[0]["trainable_params"].as_u64());
+    // the Flux LoRA (peft's A and B per adapted linear on the peer) and all of Flux
+    assert_eq!(ours[2]["mode"], "flux-lora");
+    assert_eq!(ours[3]["mode"], "flux-full");
+    assert!(ours[3]["trainable_params"].as_u64() > ours[2]["trainable_params"].as_u64());
     // nothing is left behind in a temporary work directory
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "{left:?}");

@@ -74,7 +74,8 @@ struct TrainArgs {
     /// Model sizes: tiny (the tests'), small (CPU), xl-512 (PixArt-XL-2-512x512, for a GPU).
     #[arg(long, default_value = "small")]
     preset: String,
-    /// Modes to time (repeatable): adapter (PixArt frozen), finetune (PixArt trained).
+    /// Modes to time (repeatable): adapter (PixArt frozen), finetune (PixArt trained),
+    /// flux-lora (a LoRA on a frozen Flux), flux-full (all of Flux).
     #[arg(long = "mode", value_name = "MODE", default_values_t = ["adapter".to_string(), "finetune".to_string()])]
     modes: Vec<String>,
     /// Samples per step (default: 8 for small and tiny, 32 for xl-512).

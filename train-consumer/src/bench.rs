@@ -58,6 +58,8 @@ pub const TORCH_SCRIPT: &str = include_str!("../../scripts/bench/pixart_train_st
 pub const IDDPM_SCRIPT: &str = include_str!("../tests/fixtures/diffusion/make_diffusion_golden.py");
 /// The sampling peer script, as committed.
 pub const PIPELINE_SCRIPT: &str = include_str!("../../scripts/bench/pixart_sample.py");
+/// The Flux training peer script, as committed.
+pub const FLUX_TORCH_SCRIPT: &str = include_str!("../../scripts/bench/flux_train_step.py");
 
 /// The model sizes the bench runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -140,10 +142,17 @@ pub enum BenchMode {
     Adapter,
     /// `pixart_finetune`: PixArt trains through a frozen adapter.
     Finetune,
+    /// `flux_clip_image` with a rank-16 LoRA on Flux's default targets (Flux frozen).
+    FluxLora,
+    /// `flux_clip_image` training every Flux tensor.
+    FluxFull,
 }
 
+/// The rank of the bench's Flux LoRA.
+pub const FLUX_LORA_RANK: usize = 16;
+
 impl BenchMode {
-    /// Parses `adapter` or `finetune`.
+    /// Parses `adapter`, `finetune`, `flux-lora` or `flux-full`.
     ///
     /// # Errors
     /// Another name.
@@ -151,8 +160,10 @@ impl BenchMode {
         match s {
             "adapter" => Ok(Self::Adapter),
             "finetune" => Ok(Self::Finetune),
+            "flux-lora" => Ok(Self::FluxLora),
+            "flux-full" => Ok(Self::FluxFull),
             _ => Err(TrainError::Config(format!(
-                "unknown bench mode `{s}` (adapter | finetune)"
+                "unknown bench mode `{s}` (adapter | finetune | flux-lora | flux-full)"
             ))),
         }
     }
@@ -163,16 +174,62 @@ impl BenchMode {
         match self {
             Self::Adapter => "adapter",
             Self::Finetune => "finetune",
+            Self::FluxLora => "flux-lora",
+            Self::FluxFull => "flux-full",
         }
+    }
+
+    /// Whether it trains Flux (the PixArt modes otherwise).
+    #[must_use]
+    pub fn is_flux(self) -> bool {
+        matches!(self, Self::FluxLora | Self::FluxFull)
     }
 
     fn train_mode(self) -> &'static str {
         match self {
             Self::Adapter => "pixart_redux_adapter",
             Self::Finetune => "pixart_finetune",
+            Self::FluxLora | Self::FluxFull => "flux_clip_image",
         }
     }
 }
+
+impl Preset {
+    /// Flux's config: the tests' tiny one, a CPU-sized Flux (2 double + 4 single blocks,
+    /// hidden 256 = 4 heads x 64, T5 width 512, CLIP 768), or a full-size de-distilled
+    /// Flux (FLUX.1-schnell's shapes: 19 + 38 blocks, 24 heads x 128, no guidance
+    /// embedder) for the GPU.
+    #[must_use]
+    pub fn flux(self) -> tensorbake_nn::flux::Config {
+        use tensorbake_nn::flux::Config;
+        match self {
+            Self::Tiny => tensorbake_nn::tiny::tiny_flux_config(false, 32, 16),
+            Self::Small => Config {
+                num_layers: 2,
+                num_single_layers: 4,
+                attention_head_dim: 64,
+                num_attention_heads: 4,
+                joint_attention_dim: 512,
+                axes_dims_rope: vec![8, 28, 28],
+                ..Config::flux1_schnell()
+            },
+            Self::Xl512 => Config::flux1_schnell(),
+        }
+    }
+
+    /// The Flux-VAE latent side (8x the image's): 64 px, 256 px, 512 px images.
+    #[must_use]
+    pub fn flux_latent_side(self) -> usize {
+        match self {
+            Self::Tiny => 8,
+            Self::Small => 32,
+            Self::Xl512 => 64,
+        }
+    }
+}
+
+/// Flux's T5 tokens without a guidance embedder (FLUX.1-schnell's length).
+const FLUX_T5_TOKENS: usize = 256;
 
 /// The bench's settings.
 #[derive(Debug, Clone)]
@@ -226,6 +283,10 @@ pub struct TrainBenchReport {
     pub preset: Preset,
     /// PixArt's config as diffusers writes it.
     pub pixart_config: serde_json::Value,
+    /// Flux's config as diffusers writes it (when a Flux mode ran).
+    pub flux_config: Option<serde_json::Value>,
+    /// The Flux-VAE latent side of the Flux modes.
+    pub flux_latent_side: usize,
     /// SigLIP (tokens, width).
     pub siglip: (usize, usize),
     /// Samples per step.
@@ -252,19 +313,26 @@ impl TrainBenchReport {
     pub fn table(&self) -> String {
         let p = &self.pixart_config;
         let mut out = format!(
-            "one training step (AdamW, f32 masters, IDDPM eps + vb, clip): preset {preset}: PixArt depth {depth}, \
-             hidden {hidden}, {side}x{side} latents, SigLIP {st}x{sw}\n\
+            "one training step (AdamW, f32 masters, clip): preset {preset}{pixart}\n\
              batch {b}, {dtype} on {device}{gc}; samples/s, median of {steps} steps after {warmup} warm-up{peer}\n\n",
+            pixart = if self.rows.iter().any(|r| !r.mode.is_flux()) {
+                format!(
+                    "\nPixArt modes (IDDPM eps + vb): PixArt depth {}, hidden {}, {side}x{side} latents, \
+                     SigLIP {}x{}",
+                    p["num_layers"],
+                    p["num_attention_heads"].as_u64().unwrap_or(0)
+                        * p["attention_head_dim"].as_u64().unwrap_or(0),
+                    self.siglip.0,
+                    self.siglip.1,
+                    side = p["sample_size"],
+                )
+            } else {
+                String::new()
+            },
             preset = serde_json::to_value(self.preset)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            depth = p["num_layers"],
-            hidden = p["num_attention_heads"].as_u64().unwrap_or(0)
-                * p["attention_head_dim"].as_u64().unwrap_or(0),
-            side = p["sample_size"],
-            st = self.siglip.0,
-            sw = self.siglip.1,
             b = self.batch_size,
             dtype = self.dtype,
             device = self.device,
@@ -281,6 +349,25 @@ impl TrainBenchReport {
                 .map(|v| format!("; peer {v}"))
                 .unwrap_or_default(),
         );
+        if let Some(f) = &self.flux_config {
+            let side = self.flux_latent_side;
+            let at = out.find("\nbatch ").unwrap_or(0);
+            out.insert_str(
+                at,
+                &format!(
+                    "\nFlux modes (flow matching, flux_clip_image; a rank-{FLUX_LORA_RANK} LoRA or all of Flux): \
+                     {} double + {} single blocks, hidden {}, {side}x{side} latents ({} tokens), \
+                     T5 {FLUX_T5_TOKENS} x {}, pooled {}",
+                    f["num_layers"],
+                    f["num_single_layers"],
+                    f["num_attention_heads"].as_u64().unwrap_or(0)
+                        * f["attention_head_dim"].as_u64().unwrap_or(0),
+                    (side / 2) * (side / 2),
+                    f["joint_attention_dim"],
+                    f["pooled_projection_dim"],
+                ),
+            );
+        }
         out += &format!(
             "{:<9} {:<11} {:>13} {:>10} {:>9} {:>12} {:>10}\n",
             "mode", "engine", "trained", "samples/s", "vs torch", "peak memory", "last loss"
@@ -433,38 +520,98 @@ fn device_memory_in_use(_: &Device) -> Option<u64> {
     None
 }
 
-/// Times our side of one mode.
-fn run_ours(
-    cfg: &TrainBenchConfig,
-    mode: BenchMode,
+/// Writes the synthetic Flux store: `n` samples of Flux-VAE moments and CLIP image
+/// embeddings of the preset's shapes, the T5 feature, and the null T5 / black-image CLIP
+/// embeddings under null/.
+fn write_flux_store(
     dir: &Path,
-    reader: &Arc<StoreReader>,
-    device: &Device,
-) -> Result<TrainBenchRow, TrainError> {
-    let preset = cfg.preset;
-    let redux = match mode {
-        BenchMode::Finetune => "redux = \"redux\"\n",
-        BenchMode::Adapter => "",
+    cfg: &tensorbake_nn::flux::Config,
+    side: usize,
+    n: usize,
+) -> Result<Arc<StoreReader>, TrainError> {
+    let (pooled, t5w) = (cfg.pooled_projection_dim, cfg.joint_attention_dim);
+    let c = crate::flux_task::LATENT_CHANNELS;
+    let loc = Location::from(dir.to_path_buf());
+    let f = |dtype, shape: &[usize]| FeatureSpec {
+        model: "synthetic".into(),
+        weights_sha256: "0".into(),
+        preprocess: serde_json::json!({}),
+        dtype,
+        shape: shape.iter().map(|&d| d as u64).collect(),
     };
-    let text = format!(
-        "store = \"store\"\nmode = \"{}\"\npixart = \"pixart\"\n{redux}out = \"out-{}\"\n\
-         steps = {}\nbatch_size = {}\nredux_tokens = {}\ndevice = \"{}\"\ndtype = \"{}\"\n\
-         gradient_checkpointing = {}\nlr = 1e-5\n",
-        mode.train_mode(),
-        mode.name(),
-        cfg.steps + cfg.warmup,
-        cfg.batch_size,
-        preset.redux_tokens(),
-        cfg.device,
-        cfg.dtype.short_name(),
-        cfg.gradient_checkpointing,
-    );
-    let tcfg = TrainConfig::parse(&text, "bench train")?;
-    let task = PixArtTask::build(&tcfg, dir, reader, device)?;
-    let out = dir.join(format!("out-{}", mode.name()));
-    let mut trainer = Trainer::new(tcfg, task, reader.clone(), device.clone(), out, Resume::No)?;
-    let vars = crate::trainer::Task::vars(trainer.task());
-    let trainable_params = vars.iter().map(|(_, v)| v.elem_count() as u64).sum();
+    use tensorbake_store::DType as S;
+    let features = BTreeMap::from([
+        ("flux_vae_mean".to_string(), f(S::F32, &[c, side, side])),
+        ("flux_vae_std".to_string(), f(S::F32, &[c, side, side])),
+        ("clip_image_embeds".to_string(), f(S::Bf16, &[pooled])),
+        ("t5_hidden".to_string(), f(S::Bf16, &[FLUX_T5_TOKENS, t5w])),
+    ]);
+    let mut spec = StoreSpec::new(features);
+    spec.resolution = Some(8 * side as u32);
+    let store = Store::create_or_open(&loc, spec)?;
+    let mut rng = SplitMix64::new(8);
+    let mut w = store.part_writer("p0", "bench")?;
+    let latent = c * side * side;
+    let candle = tensorbake_nn::Error::candle("bench store");
+    let t = |v: Vec<f32>, shape: &[usize]| {
+        Tensor::from_vec(v, shape, &Device::Cpu).map(FeatureValue::Tensor)
+    };
+    for i in 0..n {
+        let mut normal = |k: usize| -> Vec<f32> { (0..k).map(|_| rng.normal() as f32).collect() };
+        let record = Record {
+            key: format!("f{i:05}"),
+            caption: String::new(),
+            caption_raw: String::new(),
+            orig_size: [8 * side as u32; 2],
+            features: BTreeMap::from([
+                (
+                    "flux_vae_mean".into(),
+                    t(normal(latent), &[c, side, side]).map_err(&candle)?,
+                ),
+                (
+                    "flux_vae_std".into(),
+                    t(vec![0.05; latent], &[c, side, side]).map_err(&candle)?,
+                ),
+                (
+                    "clip_image_embeds".into(),
+                    t(normal(pooled), &[pooled]).map_err(&candle)?,
+                ),
+                (
+                    "t5_hidden".into(),
+                    t(vec![0.0; FLUX_T5_TOKENS * t5w], &[FLUX_T5_TOKENS, t5w]).map_err(&candle)?,
+                ),
+            ]),
+        };
+        w.push(record)?;
+    }
+    w.commit()?;
+    let mut normal = |k: usize| -> Vec<f32> { (0..k).map(|_| rng.normal() as f32).collect() };
+    let nulls = BTreeMap::from([
+        (
+            "t5_hidden".to_string(),
+            Tensor::from_vec(
+                normal(FLUX_T5_TOKENS * t5w),
+                (FLUX_T5_TOKENS, t5w),
+                &Device::Cpu,
+            )
+            .map_err(&candle)?,
+        ),
+        (
+            "clip_image_embeds".to_string(),
+            Tensor::zeros(pooled, candle_core::DType::F32, &Device::Cpu).map_err(&candle)?,
+        ),
+    ]);
+    store.record_null_embedding(&nulls)?;
+    Ok(Arc::new(StoreReader::open(&loc)?))
+}
+
+/// Times `cfg.steps` steps of a trainer after `cfg.warmup` untimed ones: the rates, the
+/// last loss, the peak memory.
+fn time_steps<T: crate::trainer::Task>(
+    cfg: &TrainBenchConfig,
+    trainer: &mut Trainer<T>,
+    device: &Device,
+) -> Result<(Vec<f64>, f64, Option<u64>), TrainError> {
     let mut rates = Vec::new();
     let mut last_loss = f64::NAN;
     trainer.bench_steps(cfg.warmup as u64, &mut |_| {})?;
@@ -482,11 +629,78 @@ fn run_ours(
     } else {
         device_peak
     };
+    Ok((rates, last_loss, peak))
+}
+
+/// The config lines both model families share.
+fn common_lines(cfg: &TrainBenchConfig, mode: BenchMode) -> String {
+    format!(
+        "store = \"{}\"\nmode = \"{}\"\nout = \"out-{}\"\nsteps = {}\nbatch_size = {}\n\
+         device = \"{}\"\ndtype = \"{}\"\ngradient_checkpointing = {}\nlr = 1e-5\n",
+        if mode.is_flux() {
+            "flux-store"
+        } else {
+            "store"
+        },
+        mode.train_mode(),
+        mode.name(),
+        cfg.steps + cfg.warmup,
+        cfg.batch_size,
+        cfg.device,
+        cfg.dtype.short_name(),
+        cfg.gradient_checkpointing,
+    )
+}
+
+/// Times our side of one mode.
+fn run_ours(
+    cfg: &TrainBenchConfig,
+    mode: BenchMode,
+    dir: &Path,
+    reader: &Arc<StoreReader>,
+    device: &Device,
+) -> Result<TrainBenchRow, TrainError> {
+    let out = dir.join(format!("out-{}", mode.name()));
+    let (vars, (rates, last_loss, peak)) = if mode.is_flux() {
+        let lora = match mode {
+            BenchMode::FluxLora => format!("lora = {{ rank = {FLUX_LORA_RANK} }}\n"),
+            _ => String::new(),
+        };
+        let text = format!("{}flux = \"flux\"\n{lora}", common_lines(cfg, mode));
+        let tcfg = TrainConfig::parse(&text, "bench train")?;
+        let task = crate::flux_task::FluxTask::build(&tcfg, dir, reader, device)?;
+        if let Some(l) = task.lora() {
+            // the peer adapts the same modules
+            let path = dir.join("lora_targets.json");
+            let json = serde_json::to_string(&l.targets).unwrap_or_default();
+            std::fs::write(&path, json).map_err(io(&path))?;
+        }
+        let mut trainer =
+            Trainer::new(tcfg, task, reader.clone(), device.clone(), out, Resume::No)?;
+        let vars = crate::trainer::Task::vars(trainer.task());
+        (vars, time_steps(cfg, &mut trainer, device)?)
+    } else {
+        let redux = match mode {
+            BenchMode::Finetune => "redux = \"redux\"\n",
+            _ => "",
+        };
+        let text = format!(
+            "{}pixart = \"pixart\"\n{redux}redux_tokens = {}\n",
+            common_lines(cfg, mode),
+            cfg.preset.redux_tokens(),
+        );
+        let tcfg = TrainConfig::parse(&text, "bench train")?;
+        let task = PixArtTask::build(&tcfg, dir, reader, device)?;
+        let mut trainer =
+            Trainer::new(tcfg, task, reader.clone(), device.clone(), out, Resume::No)?;
+        let vars = crate::trainer::Task::vars(trainer.task());
+        (vars, time_steps(cfg, &mut trainer, device)?)
+    };
     Ok(TrainBenchRow {
         engine: "tensorbake".into(),
         mode,
         trainable_tensors: vars.len(),
-        trainable_params,
+        trainable_params: vars.iter().map(|(_, v)| v.elem_count() as u64).sum(),
         samples_per_s_median: median(&rates),
         samples_per_s_steps: rates,
         peak_memory_bytes: peak,
@@ -532,6 +746,52 @@ fn versions(v: &serde_json::Value) -> String {
     )
 }
 
+/// The peer's command for a Flux mode (`scripts/bench/flux_train_step.py`).
+fn flux_peer(
+    cfg: &TrainBenchConfig,
+    python: &Path,
+    mode: BenchMode,
+    dir: &Path,
+) -> Result<Command, TrainError> {
+    let script = dir.join("flux_train_step.py");
+    std::fs::write(&script, FLUX_TORCH_SCRIPT).map_err(io(&script))?;
+    let fcfg = cfg.preset.flux();
+    let side = cfg.preset.flux_latent_side();
+    let mut cmd = Command::new(python);
+    cmd.arg(&script)
+        .arg("--transformer")
+        .arg(dir.join("flux"))
+        .args([
+            "--mode",
+            if mode == BenchMode::FluxLora {
+                "lora"
+            } else {
+                "full"
+            },
+        ])
+        .arg("--lora-targets")
+        .arg(dir.join("lora_targets.json"))
+        .args(["--lora-rank", &FLUX_LORA_RANK.to_string()])
+        .args(["--batch", &cfg.batch_size.to_string()])
+        .args(["--steps", &cfg.steps.to_string()])
+        .args(["--warmup", &cfg.warmup.to_string()])
+        .args(["--device", &cfg.device])
+        .args(["--dtype", cfg.dtype.short_name()])
+        .args([
+            "--latent",
+            &format!("{},{side},{side}", crate::flux_task::LATENT_CHANNELS),
+        ])
+        .args([
+            "--t5",
+            &format!("{FLUX_T5_TOKENS},{}", fcfg.joint_attention_dim),
+        ])
+        .args(["--pooled", &fcfg.pooled_projection_dim.to_string()]);
+    if cfg.gradient_checkpointing {
+        cmd.arg("--gradient-checkpointing");
+    }
+    Ok(cmd)
+}
+
 /// Times the peer on one mode; returns its row and versions.
 fn run_peer(
     cfg: &TrainBenchConfig,
@@ -539,6 +799,14 @@ fn run_peer(
     mode: BenchMode,
     dir: &Path,
 ) -> Result<(TrainBenchRow, String), TrainError> {
+    if mode.is_flux() {
+        let v = run_json(
+            flux_peer(cfg, python, mode, dir)?,
+            python,
+            "flux_train_step.py",
+        )?;
+        return peer_row(python, "flux_train_step.py", mode, &v);
+    }
     let script = dir.join("pixart_train_step.py");
     let iddpm = dir.join("iddpm_objective.py");
     std::fs::write(&script, TORCH_SCRIPT).map_err(io(&script))?;
@@ -569,7 +837,17 @@ fn run_peer(
         cmd.arg("--gradient-checkpointing");
     }
     let v = run_json(cmd, python, "pixart_train_step.py")?;
-    let fail = |why: String| peer_fail(python, "pixart_train_step.py", why);
+    peer_row(python, "pixart_train_step.py", mode, &v)
+}
+
+/// The row of a peer's JSON.
+fn peer_row(
+    python: &Path,
+    script: &str,
+    mode: BenchMode,
+    v: &serde_json::Value,
+) -> Result<(TrainBenchRow, String), TrainError> {
+    let fail = |why: String| peer_fail(python, script, why);
     let rates: Vec<f64> = serde_json::from_value(v["samples_per_s_steps"].clone())
         .map_err(|e| fail(format!("samples_per_s_steps: {e}: {v}")))?;
     let row = TrainBenchRow {
@@ -582,7 +860,7 @@ fn run_peer(
         peak_memory_bytes: v["peak_memory_bytes"].as_u64(),
         last_loss: v["last_loss"].as_f64().unwrap_or(f64::NAN),
     };
-    Ok((row, versions(&v)))
+    Ok((row, versions(v)))
 }
 
 /// Runs the bench in `workdir` (models, store and outputs are written there).
@@ -601,13 +879,35 @@ pub fn run_train_bench(
     }
     let device = tensorbake_nn::parse_device(&cfg.device)?;
     let pcfg = cfg.preset.pixart();
+    let fcfg = cfg.preset.flux();
     // two batches per epoch, so the loader's epoch turnover is part of the timing
-    let reader = write_models_and_store(workdir, cfg.preset, &pcfg, 2 * cfg.batch_size)?;
+    let n = 2 * cfg.batch_size;
+    let pixart_reader = if cfg.modes.iter().any(|m| !m.is_flux()) {
+        Some(write_models_and_store(workdir, cfg.preset, &pcfg, n)?)
+    } else {
+        None
+    };
+    let flux_reader = if cfg.modes.iter().any(|m| m.is_flux()) {
+        tensorbake_nn::tiny::write_flux(&workdir.join("flux"), 2, &fcfg)?;
+        let side = cfg.preset.flux_latent_side();
+        Some(write_flux_store(
+            &workdir.join("flux-store"),
+            &fcfg,
+            side,
+            n,
+        )?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     let mut peer_versions = None;
     for &mode in &cfg.modes {
         tracing::info!(mode = mode.name(), "bench train: tensorbake");
-        rows.push(run_ours(cfg, mode, workdir, &reader, &device)?);
+        let reader = match (mode.is_flux(), &flux_reader, &pixart_reader) {
+            (true, Some(r), _) | (false, _, Some(r)) => r,
+            _ => unreachable!("a store per model family asked for"),
+        };
+        rows.push(run_ours(cfg, mode, workdir, reader, &device)?);
         if let Some(python) = &cfg.python {
             tracing::info!(mode = mode.name(), "bench train: pytorch");
             let (row, versions) = run_peer(cfg, python, mode, workdir)?;
@@ -617,6 +917,8 @@ pub fn run_train_bench(
     }
     Ok(TrainBenchReport {
         preset: cfg.preset,
+        flux_config: flux_reader.map(|_| fcfg.to_diffusers_json()),
+        flux_latent_side: cfg.preset.flux_latent_side(),
         pixart_config: pcfg.to_diffusers_json(),
         siglip: cfg.preset.siglip(),
         batch_size: cfg.batch_size,

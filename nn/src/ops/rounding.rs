@@ -97,7 +97,9 @@ impl CustomOp1 for StochasticRound {
         Ok((CpuStorage::BF16(out), l.shape().clone()))
     }
 
+    // the one unsafe block of this op: allocating the output and launching the kernel
     #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
@@ -124,19 +126,16 @@ impl CustomOp1 for StochasticRound {
             .map_err(|e| candle_core::Error::Msg(format!("stochastic rounding kernel: {e}")))?;
         let func = dev.get_or_load_custom_func("tensorbake_sr_bf16", "tensorbake_rounding", ptx)?;
         // SAFETY: every element of `out` is written by the kernel before it is read.
-        let out = unsafe { dev.alloc::<u16>(n)? };
+        let out = unsafe { dev.alloc::<bf16>(n)? };
         let (seed, count) = (self.seed, n as u64);
         let mut launch = func.builder();
         launch.arg(&x);
+        // the kernel writes the bf16 bits as unsigned shorts (same size and layout)
         launch.arg(&out);
         launch.arg(&seed);
         launch.arg(&count);
-        // SAFETY: the kernel reads `n` f32 and writes `n` u16, the sizes given.
+        // SAFETY: the kernel reads `n` f32 and writes `n` 16-bit values, the sizes given.
         unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
-        // the u16 buffer holds bf16 bits: reinterpret it as bf16 without a copy
-        // SAFETY: u16 and bf16 have the same size and every bit pattern is a bf16.
-        let out = unsafe { out.transmute::<bf16>(n) }
-            .ok_or_else(|| candle_core::Error::Msg("stochastic rounding: transmute".into()))?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             l.shape().clone(),
