@@ -2,7 +2,7 @@
 //! exactly the tensors each setting trains (LoRA, blocks, all, the Redux adapter); the
 //! step's loss, velocity and gradients equal PyTorch autograd's on the model and LoRA
 //! loaded from tensorbake's checkpoint files by diffusers; a short run overfits (the
-//! loss falls at least 4x in 150 steps); a resumed run ends with the uninterrupted run's weights;
+//! loss falls at least 5x in 150 steps); a resumed run ends with the uninterrupted run's weights;
 //! the store and settings that do not fit Flux fail with one clear error.
 
 use std::collections::{BTreeMap, HashMap};
@@ -711,7 +711,7 @@ fn a_short_run_overfits_and_a_resumed_run_ends_where_the_straight_one_does() {
         ..tensorbake_nn::tiny::tiny_flux_config(false, T5_WIDTH, POOLED)
     };
     tensorbake_nn::tiny::write_flux(&d.join("flux-wide"), 8, &wide).unwrap();
-    let extra = "flux = \"flux-wide\"\nlr = 0.003\ngrad_clip = 0.0\nweight_decay = 0.0\n\
+    let extra = "flux = \"flux-wide\"\nlr = 0.006\ngrad_clip = 0.0\nweight_decay = 0.0\n\
                  cond_dropout = 0.0\nshift = 3.0\n";
     let steps = 150;
     let ckpt = train(d, &reader, "out-fit", extra, steps);
@@ -727,12 +727,11 @@ fn a_short_run_overfits_and_a_resumed_run_ends_where_the_straight_one_does() {
     assert_eq!(losses.len(), steps as usize);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
-    // Measured 2.90 -> 0.63 (4.6x) in these 150 steps; the issue asks 5x, which this
-    // model (its final LayerNorm keeps it from passing x_t through) reaches only later.
+    // Measured 2.93 -> 0.33 (8.8x) in these 150 steps.
     eprintln!("overfit: loss {first:.4} -> {last:.4}");
     assert!(
-        first > 4.0 * last,
-        "loss {first:.4} -> {last:.4}: not 4x lower"
+        first > 5.0 * last,
+        "loss {first:.4} -> {last:.4}: not 5x lower"
     );
     assert!(
         ckpt.join("transformer/diffusion_pytorch_model.safetensors")
