@@ -739,44 +739,8 @@ fn a_short_run_overfits_and_a_resumed_run_ends_where_the_straight_one_does() {
     );
 
     // LoRA: 4 steps straight, or 2 then a resume
-    let lora = "lora = { rank = 2 }\nlr = 0.01\n";
-    let straight = train(d, &reader, "out-a", lora, 4);
-    let c = |steps: u64| {
-        cfg(
-            d,
-            "flux_clip_image",
-            &format!(
-                "{lora}out = \"{}\"\nsteps = {steps}\ncheckpoint_every = 2\n",
-                d.join("out-b").display()
-            ),
-        )
-    };
-    let t = FluxTask::build(&c(2), d, &reader, &Device::Cpu).unwrap();
-    let mut first = Trainer::new(
-        c(2),
-        t,
-        reader.clone(),
-        Device::Cpu,
-        d.join("out-b"),
-        Resume::No,
-    )
-    .unwrap();
-    first.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
-    let t = FluxTask::build(&c(4), d, &reader, &Device::Cpu).unwrap();
-    let mut second = Trainer::new(
-        c(4),
-        t,
-        reader.clone(),
-        Device::Cpu,
-        d.join("out-b"),
-        Resume::Latest,
-    )
-    .unwrap();
-    assert_eq!(second.start_step(), 2);
-    let Outcome::Finished(resumed) = second.run(&AtomicBool::new(false), &mut |_| {}).unwrap()
-    else {
-        panic!("stopped")
-    };
+    let (straight, resumed) =
+        straight_and_resumed(d, &reader, "lora = { rank = 2 }\nlr = 0.01\n", "lora");
     let file = tensorbake_nn::lora::LORA_FILE;
     let a = candle_core::safetensors::load(straight.join(file), &Device::Cpu).unwrap();
     let b = candle_core::safetensors::load(resumed.join(file), &Device::Cpu).unwrap();
@@ -791,6 +755,105 @@ fn a_short_run_overfits_and_a_resumed_run_ends_where_the_straight_one_does() {
     assert!(
         a.keys()
             .any(|k| k.ends_with("lora_B.weight") && norm(&a[k]) > 0.0)
+    );
+}
+
+/// Checkpoint 4 of a run of 4 steps straight, and of 2 steps then a resume to 4.
+fn straight_and_resumed(
+    d: &Path,
+    reader: &Arc<StoreReader>,
+    extra: &str,
+    tag: &str,
+) -> (PathBuf, PathBuf) {
+    let straight = train(d, reader, &format!("out-{tag}-a"), extra, 4);
+    let out = d.join(format!("out-{tag}-b"));
+    let c = |steps: u64| {
+        cfg(
+            d,
+            "flux_clip_image",
+            &format!(
+                "{extra}out = \"{}\"\nsteps = {steps}\ncheckpoint_every = 2\n",
+                out.display()
+            ),
+        )
+    };
+    let t = FluxTask::build(&c(2), d, reader, &Device::Cpu).unwrap();
+    let mut first = Trainer::new(
+        c(2),
+        t,
+        reader.clone(),
+        Device::Cpu,
+        out.clone(),
+        Resume::No,
+    )
+    .unwrap();
+    first.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    let t = FluxTask::build(&c(4), d, reader, &Device::Cpu).unwrap();
+    let mut second =
+        Trainer::new(c(4), t, reader.clone(), Device::Cpu, out, Resume::Latest).unwrap();
+    assert_eq!(second.start_step(), 2);
+    let Outcome::Finished(resumed) = second.run(&AtomicBool::new(false), &mut |_| {}).unwrap()
+    else {
+        panic!("stopped")
+    };
+    (straight, resumed)
+}
+
+/// The lean full fine-tune (Adafactor, bf16 masters rounded stochastically, updates in
+/// the backward) resumes bit-identically too: its factored moments, per-tensor step
+/// counts and rounding seeds are restored.
+#[test]
+fn a_lean_full_fine_tune_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reader = store(d, "store", 8, FITS);
+    models(d);
+    let extra = "optimizer = \"adafactor\"\nmaster_weights = \"bf16\"\nupdate_in_backward = true\n\
+                 gradient_checkpointing = true\ngrad_clip = 0\nlr = 1e-3\n";
+    let (straight, resumed) = straight_and_resumed(d, &reader, extra, "lean");
+    let file = "transformer/diffusion_pytorch_model.safetensors";
+    let a = candle_core::safetensors::load(straight.join(file), &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(resumed.join(file), &Device::Cpu).unwrap();
+    let start = task(d, &reader, "flux_clip_image", "");
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0;
+    for (k, v) in &a {
+        let (x, y) = (
+            v.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            b[k].to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        assert_eq!(x, y, "{k} differs after the resume");
+        let v0 = start
+            .vars()
+            .into_iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| {
+                v.as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            });
+        if v0.is_some_and(|v0| v0 != x) {
+            moved += 1;
+        }
+    }
+    assert!(
+        moved > a.len() / 2,
+        "only {moved} of {} tensors trained",
+        a.len()
     );
 }
 
