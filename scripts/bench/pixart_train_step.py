@@ -31,13 +31,16 @@ CPU: peak resident set during the steps, Linux only) and last_loss.
 
 import argparse
 import importlib.util
-import json
-import time
+import os
+import sys
 
-import diffusers
 import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step_timing import time_and_report  # noqa: E402
 
 
 def load_objective(path):
@@ -45,23 +48,6 @@ def load_objective(path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def main():
@@ -116,9 +102,6 @@ def main():
     if amp and dev.type != "cuda":
         raise SystemExit("bf16 (AMP) is measured on CUDA only")
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     def step():
         mean = torch.randn(b, c, h, w, device=dev)
@@ -147,33 +130,7 @@ def main():
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    rss = dev.type == "cpu" and reset_peak_rss()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rates, loss = [], None
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        loss_value = loss.item()  # synchronises
-        sync()
-        rates.append(b / (time.perf_counter() - t0))
-    peak = None
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev)
-    elif rss:
-        peak = peak_rss()
-    print(json.dumps({
-        "samples_per_s_steps": rates,
-        "trainable_tensors": len(trained),
-        "trainable_params": sum(p.numel() for p in trained),
-        "peak_memory_bytes": peak,
-        "last_loss": loss_value,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }))
+    time_and_report(step, trained, b, args.steps, args.warmup, dev)
 
 
 if __name__ == "__main__":

@@ -63,28 +63,22 @@ fn open_store(cfg: &TrainConfig, base: &Path) -> Result<Arc<StoreReader>> {
     )?))
 }
 
-/// Builds a Flux run (nothing written on error).
-pub fn build_flux(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<FluxTask>> {
-    let device = tensorbake_nn::parse_device(&cfg.device)?;
-    let reader = open_store(&cfg, base)?;
-    let task = FluxTask::build(&cfg, base, &reader, &device)?;
-    let out = relative_to(base, &cfg.out);
-    let validation = match cfg.validation_every {
-        Some(every) => Some((every, flux_validator(&cfg, base, &reader, &task, &out)?)),
-        None => None,
-    };
-    let mut trainer = Trainer::new(cfg, task, reader, device, out, resume)?;
-    if let Some((every, v)) = validation {
-        trainer.set_validation(every, v);
-    }
-    Ok(trainer)
-}
+/// A task's constructor and its validation grids, as [`build_with`] takes them.
+type BuildTask<T> = fn(&TrainConfig, &Path, &Arc<StoreReader>, &candle_core::Device) -> Result<T>;
+type BuildValidator<T> = fn(&TrainConfig, &Path, &StoreReader, &T, &Path) -> Result<Validator<T>>;
 
-/// Builds a PixArt run (nothing written on error).
-pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<PixArtTask>> {
+/// Builds a run of the task `make` builds, with its validation grids when asked for
+/// (nothing written on error).
+fn build_with<T: Task + 'static>(
+    cfg: TrainConfig,
+    base: &Path,
+    resume: Resume,
+    make: BuildTask<T>,
+    validator: BuildValidator<T>,
+) -> Result<Trainer<T>> {
     let device = tensorbake_nn::parse_device(&cfg.device)?;
     let reader = open_store(&cfg, base)?;
-    let task = PixArtTask::build(&cfg, base, &reader, &device)?;
+    let task = make(&cfg, base, &reader, &device)?;
     let out = relative_to(base, &cfg.out);
     let validation = match cfg.validation_every {
         Some(every) => Some((every, validator(&cfg, base, &reader, &task, &out)?)),
@@ -95,6 +89,28 @@ pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<Pi
         trainer.set_validation(every, v);
     }
     Ok(trainer)
+}
+
+/// Builds a Flux run (nothing written on error).
+pub fn build_flux(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<FluxTask>> {
+    build_with(
+        cfg,
+        base,
+        resume,
+        |c, b, r, d| Ok(FluxTask::build(c, b, r, d)?),
+        flux_validator,
+    )
+}
+
+/// Builds a PixArt run (nothing written on error).
+pub fn build(cfg: TrainConfig, base: &Path, resume: Resume) -> Result<Trainer<PixArtTask>> {
+    build_with(
+        cfg,
+        base,
+        resume,
+        |c, b, r, d| Ok(PixArtTask::build(c, b, r, d)?),
+        validator,
+    )
 }
 
 /// The validation prompts of a run, embedded once (the adapter they go through is the

@@ -60,6 +60,17 @@ pub const IDDPM_SCRIPT: &str = include_str!("../tests/fixtures/diffusion/make_di
 pub const PIPELINE_SCRIPT: &str = include_str!("../../scripts/bench/pixart_sample.py");
 /// The Flux training peer script, as committed.
 pub const FLUX_TORCH_SCRIPT: &str = include_str!("../../scripts/bench/flux_train_step.py");
+/// The timing both training peers import (written beside them).
+pub const TIMING_SCRIPT: &str = include_str!("../../scripts/bench/train_step_timing.py");
+
+/// Writes a training peer script and the timing module it imports into `dir`.
+fn write_peer(dir: &Path, name: &str, text: &str) -> Result<PathBuf, TrainError> {
+    let timing = dir.join("train_step_timing.py");
+    std::fs::write(&timing, TIMING_SCRIPT).map_err(io(&timing))?;
+    let script = dir.join(name);
+    std::fs::write(&script, text).map_err(io(&script))?;
+    Ok(script)
+}
 
 /// The model sizes the bench runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -412,6 +423,70 @@ fn median(v: &[f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// The values of one synthetic feature.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Standard normal draws.
+    Normal,
+    /// One value everywhere.
+    Const(f32),
+}
+
+/// Writes a synthetic store of `n` samples (keys `b00000`...): each feature's values
+/// drawn or filled per sample, in the given order, from one seeded stream; the null
+/// embeddings `nulls` under null/; the resolution `8 * side`.
+fn synthetic_store(
+    dir: &Path,
+    features: &[(&str, tensorbake_store::DType, Vec<usize>, Fill)],
+    nulls: &BTreeMap<String, Tensor>,
+    side: usize,
+    n: usize,
+    seed: u64,
+) -> Result<Arc<StoreReader>, TrainError> {
+    let loc = Location::from(dir.to_path_buf());
+    let specs = features
+        .iter()
+        .map(|(name, dtype, shape, _)| {
+            let spec = FeatureSpec {
+                model: "synthetic".into(),
+                weights_sha256: "0".into(),
+                preprocess: serde_json::json!({}),
+                dtype: *dtype,
+                shape: shape.iter().map(|&d| d as u64).collect(),
+            };
+            ((*name).to_string(), spec)
+        })
+        .collect();
+    let mut spec = StoreSpec::new(specs);
+    spec.resolution = Some(8 * side as u32);
+    let store = Store::create_or_open(&loc, spec)?;
+    let mut rng = SplitMix64::new(seed);
+    let mut w = store.part_writer("p0", "bench")?;
+    let candle = tensorbake_nn::Error::candle("bench store");
+    for i in 0..n {
+        let mut values = BTreeMap::new();
+        for (name, _, shape, fill) in features {
+            let k: usize = shape.iter().product();
+            let v: Vec<f32> = match fill {
+                Fill::Normal => (0..k).map(|_| rng.normal() as f32).collect(),
+                Fill::Const(c) => vec![*c; k],
+            };
+            let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).map_err(&candle)?;
+            values.insert((*name).to_string(), FeatureValue::Tensor(t));
+        }
+        w.push(Record {
+            key: format!("b{i:05}"),
+            caption: String::new(),
+            caption_raw: String::new(),
+            orig_size: [8 * side as u32; 2],
+            features: values,
+        })?;
+    }
+    w.commit()?;
+    store.record_null_embedding(nulls)?;
+    Ok(Arc::new(StoreReader::open(&loc)?))
+}
+
 /// Writes the synthetic store: `n` samples of SD-VAE moments and SigLIP hidden
 /// states of the preset's shapes, and the black image's SigLIP embedding under null/.
 fn write_store(
@@ -420,61 +495,23 @@ fn write_store(
     cfg: &pixart::Config,
     n: usize,
 ) -> Result<Arc<StoreReader>, TrainError> {
+    use tensorbake_store::DType as S;
     let (c, side) = (cfg.in_channels, cfg.sample_size);
     let (st, sw) = preset.siglip();
-    let loc = Location::from(dir.to_path_buf());
-    let f = |dtype, shape: &[usize]| FeatureSpec {
-        model: "synthetic".into(),
-        weights_sha256: "0".into(),
-        preprocess: serde_json::json!({}),
-        dtype,
-        shape: shape.iter().map(|&d| d as u64).collect(),
-    };
-    use tensorbake_store::DType as S;
-    let features = BTreeMap::from([
-        ("sd_vae_mean".to_string(), f(S::F32, &[c, side, side])),
-        ("sd_vae_std".to_string(), f(S::F32, &[c, side, side])),
-        ("siglip_hidden".to_string(), f(S::Bf16, &[st, sw])),
-    ]);
-    let mut spec = StoreSpec::new(features);
-    spec.resolution = Some(8 * side as u32);
-    let store = Store::create_or_open(&loc, spec)?;
-    let mut rng = SplitMix64::new(7);
-    let mut w = store.part_writer("p0", "bench")?;
-    let latent = c * side * side;
-    for i in 0..n {
-        let mut normal = |k: usize| -> Vec<f32> { (0..k).map(|_| rng.normal() as f32).collect() };
-        let t = |v: Vec<f32>, shape: &[usize]| {
-            Tensor::from_vec(v, shape, &Device::Cpu).map(FeatureValue::Tensor)
-        };
-        let candle = tensorbake_nn::Error::candle("bench store");
-        let record = Record {
-            key: format!("b{i:05}"),
-            caption: String::new(),
-            caption_raw: String::new(),
-            orig_size: [8 * side as u32; 2],
-            features: BTreeMap::from([
-                (
-                    "sd_vae_mean".into(),
-                    t(normal(latent), &[c, side, side]).map_err(&candle)?,
-                ),
-                (
-                    "sd_vae_std".into(),
-                    t(vec![0.05; latent], &[c, side, side]).map_err(&candle)?,
-                ),
-                (
-                    "siglip_hidden".into(),
-                    t(normal(st * sw), &[st, sw]).map_err(&candle)?,
-                ),
-            ]),
-        };
-        w.push(record)?;
-    }
-    w.commit()?;
     let black = Tensor::zeros((st, sw), candle_core::DType::F32, &Device::Cpu)
         .map_err(tensorbake_nn::Error::candle("bench store"))?;
-    store.record_null_embedding(&BTreeMap::from([("siglip_hidden".to_string(), black)]))?;
-    Ok(Arc::new(StoreReader::open(&loc)?))
+    synthetic_store(
+        dir,
+        &[
+            ("sd_vae_mean", S::F32, vec![c, side, side], Fill::Normal),
+            ("sd_vae_std", S::F32, vec![c, side, side], Fill::Const(0.05)),
+            ("siglip_hidden", S::Bf16, vec![st, sw], Fill::Normal),
+        ],
+        &BTreeMap::from([("siglip_hidden".to_string(), black)]),
+        side,
+        n,
+        7,
+    )
 }
 
 /// Writes `pixart/` (of `pcfg`), `redux/` and a store of `n` samples into `workdir`.
@@ -529,80 +566,46 @@ fn write_flux_store(
     side: usize,
     n: usize,
 ) -> Result<Arc<StoreReader>, TrainError> {
+    use tensorbake_store::DType as S;
     let (pooled, t5w) = (cfg.pooled_projection_dim, cfg.joint_attention_dim);
     let c = crate::flux_task::LATENT_CHANNELS;
-    let loc = Location::from(dir.to_path_buf());
-    let f = |dtype, shape: &[usize]| FeatureSpec {
-        model: "synthetic".into(),
-        weights_sha256: "0".into(),
-        preprocess: serde_json::json!({}),
-        dtype,
-        shape: shape.iter().map(|&d| d as u64).collect(),
-    };
-    use tensorbake_store::DType as S;
-    let features = BTreeMap::from([
-        ("flux_vae_mean".to_string(), f(S::F32, &[c, side, side])),
-        ("flux_vae_std".to_string(), f(S::F32, &[c, side, side])),
-        ("clip_image_embeds".to_string(), f(S::Bf16, &[pooled])),
-        ("t5_hidden".to_string(), f(S::Bf16, &[FLUX_T5_TOKENS, t5w])),
-    ]);
-    let mut spec = StoreSpec::new(features);
-    spec.resolution = Some(8 * side as u32);
-    let store = Store::create_or_open(&loc, spec)?;
-    let mut rng = SplitMix64::new(8);
-    let mut w = store.part_writer("p0", "bench")?;
-    let latent = c * side * side;
     let candle = tensorbake_nn::Error::candle("bench store");
-    let t = |v: Vec<f32>, shape: &[usize]| {
-        Tensor::from_vec(v, shape, &Device::Cpu).map(FeatureValue::Tensor)
-    };
-    for i in 0..n {
-        let mut normal = |k: usize| -> Vec<f32> { (0..k).map(|_| rng.normal() as f32).collect() };
-        let record = Record {
-            key: format!("f{i:05}"),
-            caption: String::new(),
-            caption_raw: String::new(),
-            orig_size: [8 * side as u32; 2],
-            features: BTreeMap::from([
-                (
-                    "flux_vae_mean".into(),
-                    t(normal(latent), &[c, side, side]).map_err(&candle)?,
-                ),
-                (
-                    "flux_vae_std".into(),
-                    t(vec![0.05; latent], &[c, side, side]).map_err(&candle)?,
-                ),
-                (
-                    "clip_image_embeds".into(),
-                    t(normal(pooled), &[pooled]).map_err(&candle)?,
-                ),
-                (
-                    "t5_hidden".into(),
-                    t(vec![0.0; FLUX_T5_TOKENS * t5w], &[FLUX_T5_TOKENS, t5w]).map_err(&candle)?,
-                ),
-            ]),
-        };
-        w.push(record)?;
-    }
-    w.commit()?;
-    let mut normal = |k: usize| -> Vec<f32> { (0..k).map(|_| rng.normal() as f32).collect() };
     let nulls = BTreeMap::from([
-        (
-            "t5_hidden".to_string(),
-            Tensor::from_vec(
-                normal(FLUX_T5_TOKENS * t5w),
-                (FLUX_T5_TOKENS, t5w),
-                &Device::Cpu,
-            )
-            .map_err(&candle)?,
-        ),
+        ("t5_hidden".to_string(), {
+            let mut rng = SplitMix64::new(9);
+            let v = (0..FLUX_T5_TOKENS * t5w)
+                .map(|_| rng.normal() as f32)
+                .collect();
+            Tensor::from_vec(v, (FLUX_T5_TOKENS, t5w), &Device::Cpu).map_err(&candle)?
+        }),
         (
             "clip_image_embeds".to_string(),
             Tensor::zeros(pooled, candle_core::DType::F32, &Device::Cpu).map_err(&candle)?,
         ),
     ]);
-    store.record_null_embedding(&nulls)?;
-    Ok(Arc::new(StoreReader::open(&loc)?))
+    synthetic_store(
+        dir,
+        &[
+            ("flux_vae_mean", S::F32, vec![c, side, side], Fill::Normal),
+            (
+                "flux_vae_std",
+                S::F32,
+                vec![c, side, side],
+                Fill::Const(0.05),
+            ),
+            ("clip_image_embeds", S::Bf16, vec![pooled], Fill::Normal),
+            (
+                "t5_hidden",
+                S::Bf16,
+                vec![FLUX_T5_TOKENS, t5w],
+                Fill::Const(0.0),
+            ),
+        ],
+        &nulls,
+        side,
+        n,
+        8,
+    )
 }
 
 /// Times `cfg.steps` steps of a trainer after `cfg.warmup` untimed ones: the rates, the
@@ -753,8 +756,7 @@ fn flux_peer(
     mode: BenchMode,
     dir: &Path,
 ) -> Result<Command, TrainError> {
-    let script = dir.join("flux_train_step.py");
-    std::fs::write(&script, FLUX_TORCH_SCRIPT).map_err(io(&script))?;
+    let script = write_peer(dir, "flux_train_step.py", FLUX_TORCH_SCRIPT)?;
     let fcfg = cfg.preset.flux();
     let side = cfg.preset.flux_latent_side();
     let mut cmd = Command::new(python);
@@ -807,9 +809,8 @@ fn run_peer(
         )?;
         return peer_row(python, "flux_train_step.py", mode, &v);
     }
-    let script = dir.join("pixart_train_step.py");
+    let script = write_peer(dir, "pixart_train_step.py", TORCH_SCRIPT)?;
     let iddpm = dir.join("iddpm_objective.py");
-    std::fs::write(&script, TORCH_SCRIPT).map_err(io(&script))?;
     std::fs::write(&iddpm, IDDPM_SCRIPT).map_err(io(&iddpm))?;
     let pcfg = cfg.preset.pixart();
     let (st, sw) = cfg.preset.siglip();
