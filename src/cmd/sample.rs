@@ -409,7 +409,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             cfg.mode
         );
     }
-    if flux && args.siglip.is_some() && cfg.mode == Mode::FluxClipImage {
+    if args.siglip.is_some() && cfg.mode == Mode::FluxClipImage {
         bail!(
             "mode `flux_clip_image` embeds prompt images with CLIP: give --clip-vision, not --siglip"
         );
