@@ -79,13 +79,7 @@ fn run(reader: &StoreReader, job: Job<'_>) -> Result<(), StoreError> {
             }
             *out = bytes;
         }
-        Slot::Row(out) => {
-            let bytes = reader.read_bytes(index, array)?;
-            if bytes.len() != out.len() {
-                return Err(size_mismatch(reader, index, array, bytes.len(), out.len()));
-            }
-            out.copy_from_slice(&bytes);
-        }
+        Slot::Row(out) => reader.read_bytes_into(index, array, out)?,
         Slot::Str(out) => *out = reader.read_string(index, array)?,
     }
     Ok(())

@@ -55,6 +55,7 @@
 //! ```
 
 pub mod bench;
+mod direct;
 mod error;
 pub mod layout;
 pub mod loader;

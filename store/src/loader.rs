@@ -138,9 +138,9 @@ pub fn read_batch(
                     .sample_bytes(),
                 )
                 .unwrap_or(0);
-                let mut data = Vec::with_capacity(row * indices.len());
-                for &i in indices {
-                    data.extend_from_slice(&reader.read_fixed(i, name)?);
+                let mut data = vec![0u8; row * indices.len()];
+                for (&i, out) in indices.iter().zip(data.chunks_exact_mut(row.max(1))) {
+                    reader.read_bytes_into(i, name, out)?;
                 }
                 let mut dims = vec![indices.len()];
                 dims.extend(shape.iter().map(|&d| d as usize));

@@ -39,6 +39,9 @@ pub struct Sample {
 pub(crate) struct OpenArray {
     pub(crate) array: Array<dyn ReadableWritableListableStorageTraits>,
     pub(crate) cache: ArrayShardedReadableExtCache,
+    /// Samples per shard when the array has exactly the layout's codec chain (see
+    /// [`crate::direct`]), so rows can be decoded without zarrs' codec pipeline.
+    direct_shard_samples: Option<u64>,
 }
 
 pub(crate) struct PartEntry {
@@ -241,20 +244,42 @@ impl StoreReader {
                 });
             }
             let cache = ArrayShardedReadableExtCache::new(&array);
-            opened.insert(name.clone(), OpenArray { array, cache });
+            let direct_shard_samples = crate::direct::shard_samples(&array, &cache);
+            opened.insert(
+                name.clone(),
+                OpenArray {
+                    array,
+                    cache,
+                    direct_shard_samples,
+                },
+            );
         }
         let _ = entry.arrays.set(opened);
         Ok(entry.arrays.get().expect("set above"))
     }
 
+    fn open_array(&self, p: usize, name: &str) -> Result<&OpenArray> {
+        self.part_arrays(p)?
+            .get(name)
+            .ok_or_else(|| StoreError::UnknownArray {
+                location: self.backend.location.to_string(),
+                name: name.to_string(),
+                available: self.array_names().join(", "),
+            })
+    }
+
+    fn array_error(&self, p: usize, name: &str, source: zarrs::array::ArrayError) -> StoreError {
+        StoreError::Array {
+            location: self.backend.location.to_string(),
+            part: self.parts[p].name.clone(),
+            array: name.to_string(),
+            source: Box::new(source),
+        }
+    }
+
     /// The decoded bytes of row `row` of array `name` in part `p`.
     fn read_row(&self, p: usize, row: u64, name: &str) -> Result<ArrayBytes<'static>> {
-        let arrays = self.part_arrays(p)?;
-        let open = arrays.get(name).ok_or_else(|| StoreError::UnknownArray {
-            location: self.backend.location.to_string(),
-            name: name.to_string(),
-            available: self.array_names().join(", "),
-        })?;
+        let open = self.open_array(p, name)?;
         let mut indices = vec![0u64; open.array.dimensionality()];
         indices[0] = row;
         // One inner chunk: decode it on this thread. Parallelism comes from the loader's
@@ -262,27 +287,78 @@ impl StoreReader {
         let single = CodecOptions::default().with_concurrent_target(1);
         open.array
             .retrieve_subchunk_opt::<ArrayBytes<'static>>(&open.cache, &indices, &single)
-            .map_err(|e| StoreError::Array {
-                location: self.backend.location.to_string(),
-                part: self.parts[p].name.clone(),
-                array: name.to_string(),
-                source: Box::new(e),
-            })
+            .map_err(|e| self.array_error(p, name, e))
+    }
+
+    /// Row bytes of a fixed-size array (little-endian elements), through zarrs' codecs.
+    fn read_fixed_zarrs(&self, p: usize, row: u64, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.read_row(p, row, name)?;
+        bytes
+            .into_fixed()
+            .map(|b| b.into_owned())
+            .map_err(|e| self.array_error(p, name, e.into()))
     }
 
     /// Row bytes of a fixed-size array (little-endian elements).
     pub(crate) fn read_fixed(&self, index: u64, name: &str) -> Result<Vec<u8>> {
         let (p, row) = self.locate(index)?;
-        let bytes = self.read_row(p, row, name)?;
-        bytes
-            .into_fixed()
-            .map(|b| b.into_owned())
-            .map_err(|e| StoreError::Array {
+        let open = self.open_array(p, name)?;
+        if let Some(shard_samples) = open.direct_shard_samples {
+            let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
+            let mut out = Vec::with_capacity(want);
+            let decoded = crate::direct::decode_row(open, row, shard_samples, &mut out)
+                .map_err(|e| self.array_error(p, name, e))?;
+            if decoded.is_some() {
+                self.check_row_len(p, row, name, out.len(), want)?;
+                return Ok(out);
+            }
+        }
+        self.read_fixed_zarrs(p, row, name)
+    }
+
+    fn check_row_len(&self, p: usize, row: u64, name: &str, got: usize, want: usize) -> Result<()> {
+        if got == want {
+            return Ok(());
+        }
+        Err(StoreError::Metadata {
+            location: self.backend.location.to_string(),
+            key: layout::array_path(&self.parts[p].name, name),
+            reason: format!(
+                "row {row} decoded to {got} bytes, the array's dtype and shape say {want}"
+            ),
+        })
+    }
+
+    /// Sample `index` of numeric array `name` decoded straight into `out`, which must be
+    /// exactly one sample's bytes (little-endian, C order, the stored dtype): the
+    /// compressed bytes are checked and decompressed into place, with no buffer in
+    /// between, on stores with the layout's codecs (any other falls back to zarrs).
+    ///
+    /// # Errors
+    /// As [`Self::read_bytes`]; a wrong `out` length names the array and both sizes.
+    pub fn read_bytes_into(&self, index: u64, name: &str, out: &mut [u8]) -> Result<()> {
+        let ArrayKind::Fixed { .. } = self.kind(name)? else {
+            return Err(StoreError::UnknownArray {
                 location: self.backend.location.to_string(),
-                part: self.parts[p].name.clone(),
-                array: name.to_string(),
-                source: Box::new(e.into()),
-            })
+                name: format!("{name} (a string array; use read_string)"),
+                available: self.array_names().join(", "),
+            });
+        };
+        let (p, row) = self.locate(index)?;
+        let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
+        self.check_row_len(p, row, name, want, out.len())?;
+        let open = self.open_array(p, name)?;
+        if let Some(shard_samples) = open.direct_shard_samples {
+            let decoded = crate::direct::decode_row(open, row, shard_samples, out)
+                .map_err(|e| self.array_error(p, name, e))?;
+            if let Some(got) = decoded {
+                return self.check_row_len(p, row, name, got, want);
+            }
+        }
+        let bytes = self.read_fixed_zarrs(p, row, name)?;
+        self.check_row_len(p, row, name, bytes.len(), want)?;
+        out.copy_from_slice(&bytes);
+        Ok(())
     }
 
     /// Sample `index` of numeric array `name` as its decoded little-endian bytes, in C

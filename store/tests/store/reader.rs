@@ -198,3 +198,85 @@ fn read_bytes_array_kind_and_committed_part_for_bindings() {
     assert_eq!((meta.source.as_str(), meta.samples), ("c", 14));
     assert!(r.committed_part("zz").is_none());
 }
+
+/// Rows decode the same through the reader's direct path (checksum checked in place,
+/// zstd straight into the caller's buffer) as through zarrs' codecs: every dtype,
+/// every sample, across shards; an array with another codec chain (here unsharded,
+/// no crc32c) falls back to zarrs and reads the same; wrong buffer sizes and damaged
+/// bytes are errors naming the part and array.
+#[test]
+fn direct_decoding_matches_zarrs_and_refuses_damage() {
+    use std::sync::Arc as StdArc;
+    use zarrs::array::codec::ZstdCodec;
+    use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
+
+    let dir = tempfile::tempdir().unwrap();
+    let loc = store(dir.path());
+    let r = StoreReader::open(&loc).unwrap();
+    for i in 0..r.len() {
+        let (seed, row) = if i < 11 { (40, i) } else { (42, i - 11) };
+        for (name, bytes) in &expected(seed, row).features {
+            let mut out = vec![0xAAu8; bytes.len()];
+            r.read_bytes_into(i, name, &mut out).unwrap();
+            assert_eq!(&out, bytes, "{name} {i}");
+            assert_eq!(&r.read_bytes(i, name).unwrap(), bytes, "{name} {i}");
+        }
+    }
+    let err = r
+        .read_bytes_into(0, "emb_bf16", &mut [0u8; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("emb_bf16") && err.contains("70") && err.contains('3'),
+        "{err}"
+    );
+    assert!(r.read_bytes_into(0, "key", &mut [0u8; 4]).is_err());
+
+    // Rewrite part a's lat_f32 unsharded with zstd only: the reader takes zarrs' path.
+    let root = dir.path().join("s.zarr");
+    let storage: StdArc<dyn zarrs::storage::ReadableWritableListableStorageTraits> =
+        StdArc::new(zarrs::filesystem::FilesystemStore::new(&root).unwrap());
+    let old = zarrs::array::Array::open(storage.clone(), "/parts/a/lat_f32").unwrap();
+    let all = ArraySubset::new_with_shape(old.shape().to_vec());
+    let values: Vec<f32> = old.retrieve_array_subset(&all).unwrap();
+    std::fs::remove_dir_all(root.join("parts/a/lat_f32")).unwrap();
+    let mut builder = ArrayBuilder::new(
+        old.shape().to_vec(),
+        vec![1, 2, 3, 3],
+        data_type::float32(),
+        0f32,
+    );
+    builder.bytes_to_bytes_codecs(vec![StdArc::new(ZstdCodec::new(3, false))]);
+    let plain = builder.build(storage, "/parts/a/lat_f32").unwrap();
+    plain.store_metadata().unwrap();
+    plain.store_array_subset(&all, values).unwrap();
+    let r = StoreReader::open(&loc).unwrap();
+    for i in 0..11 {
+        let want = &expected(40, i).features["lat_f32"];
+        let mut out = vec![0u8; want.len()];
+        r.read_bytes_into(i, "lat_f32", &mut out).unwrap();
+        assert_eq!(&out, want, "fallback {i}");
+    }
+
+    // One flipped byte inside an inner chunk of part c's bf16 embeddings.
+    let shard = root.join("parts/c/emb_bf16/c/0/0/0");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[6] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+    let r = StoreReader::open(&loc).unwrap();
+    let mut out = vec![0u8; 70];
+    let into = r
+        .read_bytes_into(11, "emb_bf16", &mut out)
+        .unwrap_err()
+        .to_string();
+    let owned = r.read_bytes(11, "emb_bf16").unwrap_err().to_string();
+    for err in [into, owned] {
+        assert!(
+            err.contains("part c") && err.contains("emb_bf16") && err.contains("checksum"),
+            "{err}"
+        );
+    }
+    // The other samples of that shard still read.
+    r.read_bytes_into(12, "emb_bf16", &mut out).unwrap();
+    assert_eq!(out, expected(42, 1).features["emb_bf16"]);
+}
