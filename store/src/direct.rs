@@ -4,16 +4,19 @@
 //! and the inner codecs `bytes` (little-endian) -> `zstd` -> `crc32c` (see
 //! [`crate::layout::build_array`]). zarrs decodes such a chunk through three buffers (the
 //! read, the checksum codec's copy, the zstd output) and creates a zstd context for every
-//! chunk, whose CPU-feature probe traps to the hypervisor in a VM. Here the chunk's byte
-//! range comes from zarrs' cached shard index and its bytes from zarrs' storage, as
-//! before; the checksum is checked in place and the frame is decompressed by a
+//! chunk, whose CPU-feature probe traps to the hypervisor in a VM. Here the shard index
+//! is read once per shard (crc32c checked) and the chunk's bytes come from zarrs'
+//! storage, as before; the checksum is checked in place and the frame is decompressed by a
 //! thread-local zstd context straight into the caller's buffer. Arrays with any other
 //! codec chain, and absent inner chunks (the fill value), take zarrs' path.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use zarrs::array::{ArrayError, ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecError};
+use zarrs::array::{ArrayError, ArrayShardedReadableExtCache, CodecError};
 use zarrs::storage::ReadableWritableListableStorageTraits;
+use zarrs::storage::byte_range::ByteRange;
 use zstd::zstd_safe::WriteBuf;
 
 use crate::reader::OpenArray;
@@ -75,48 +78,118 @@ thread_local! {
     static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Absent inner chunks are `u64::MAX` in both words of their index entry.
+const ABSENT: u64 = u64::MAX;
+
+/// The direct path's view of one array: its shard length and the shard indexes read
+/// so far (`[offset, size]` per inner chunk; `None` for a shard file that is absent).
+/// zarrs' own byte-range lookup overflows on absent inner chunks, so the index is read
+/// here: the last `16 * shard_samples + 4` bytes of the shard, crc32c checked.
+pub(crate) struct Direct {
+    shard_samples: u64,
+    indexes: Mutex<HashMap<u64, Option<Arc<[u64]>>>>,
+}
+
+impl Direct {
+    pub(crate) fn new(shard_samples: u64) -> Self {
+        Self {
+            shard_samples,
+            indexes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn index(&self, array: &ZarrsArray, shard: &[u64]) -> Result<Option<Arc<[u64]>>, ArrayError> {
+        if let Some(hit) = self
+            .indexes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&shard[0]).cloned())
+        {
+            return Ok(hit);
+        }
+        let entries = usize::try_from(self.shard_samples * 2).unwrap_or(usize::MAX);
+        let len = entries as u64 * 8 + 4;
+        let read = array
+            .storage()
+            .get_partial(&array.chunk_key(shard), ByteRange::Suffix(len))?;
+        let index = match read {
+            None => None,
+            Some(bytes) => {
+                let words = checked(&bytes, "shard index")?;
+                if words.len() != entries * 8 {
+                    return Err(ArrayError::CodecError(CodecError::Other(format!(
+                        "shard index is {} bytes, expected {}",
+                        words.len(),
+                        entries * 8
+                    ))));
+                }
+                let parsed: Vec<u64> = words
+                    .chunks_exact(8)
+                    .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                    .collect();
+                Some(Arc::from(parsed))
+            }
+        };
+        if let Ok(mut m) = self.indexes.lock() {
+            m.insert(shard[0], index.clone());
+        }
+        Ok(index)
+    }
+}
+
 fn codec_io(e: std::io::Error) -> ArrayError {
-    ArrayError::CodecError(CodecError::IOError(std::sync::Arc::new(e)))
+    ArrayError::CodecError(CodecError::IOError(Arc::new(e)))
+}
+
+/// `bytes` without its trailing crc32c, which must match.
+fn checked<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8], ArrayError> {
+    let Some(split) = bytes.len().checked_sub(4) else {
+        return Err(ArrayError::CodecError(CodecError::Other(format!(
+            "{what} is {} bytes, shorter than its crc32c",
+            bytes.len()
+        ))));
+    };
+    let (data, stored) = bytes.split_at(split);
+    if crc32c::crc32c(data).to_le_bytes() != stored {
+        return Err(ArrayError::CodecError(CodecError::InvalidChecksum));
+    }
+    Ok(data)
 }
 
 /// Decodes row `row` of `open` (an array [`shard_samples`] accepted) into `out`, a
 /// `[u8]` (written from its start) or a `Vec<u8>` (appended to its spare capacity,
 /// which must hold the row). Returns the bytes written, or `None` when the row is an
-/// absent inner chunk (the caller takes zarrs' path, which writes the fill value).
+/// absent inner chunk or in an absent shard (the caller takes zarrs' path, which
+/// writes the fill value or reports the missing shard).
 ///
 /// # Errors
 /// Storage errors; [`CodecError::InvalidChecksum`] for bytes that fail their crc32c;
 /// zstd's error for a frame that does not decode or does not fit `out`.
 pub(crate) fn decode_row<C: WriteBuf + ?Sized>(
     open: &OpenArray,
+    direct: &Direct,
     row: u64,
-    shard_samples: u64,
     out: &mut C,
 ) -> Result<Option<usize>, ArrayError> {
     let array = &open.array;
-    let mut subchunk = vec![0u64; array.dimensionality()];
-    subchunk[0] = row;
-    let Some(range) = array.subchunk_byte_range(&open.cache, &subchunk)? else {
+    let mut shard = vec![0u64; array.dimensionality()];
+    shard[0] = row / direct.shard_samples;
+    let Some(index) = direct.index(array, &shard)? else {
         return Ok(None);
     };
-    let mut shard = vec![0u64; array.dimensionality()];
-    shard[0] = row / shard_samples;
+    let slot = usize::try_from(row % direct.shard_samples).unwrap_or(usize::MAX) * 2;
+    let (offset, size) = (index[slot], index[slot + 1]);
+    if offset == ABSENT && size == ABSENT {
+        return Ok(None);
+    }
+    let range = ByteRange::FromStart(offset, Some(size));
     let Some(encoded) = array
         .storage()
         .get_partial(&array.chunk_key(&shard), range)?
     else {
         return Ok(None);
     };
-    let Some(split) = encoded.len().checked_sub(4) else {
-        return Err(ArrayError::CodecError(CodecError::Other(format!(
-            "inner chunk of row {row} is {} bytes, shorter than its crc32c",
-            encoded.len()
-        ))));
-    };
-    let (frame, stored) = encoded.split_at(split);
-    if crc32c::crc32c(frame).to_le_bytes() != stored {
-        return Err(ArrayError::CodecError(CodecError::InvalidChecksum));
-    }
+    let frame = checked(&encoded, &format!("inner chunk of row {row}"))?;
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let dctx = match &mut *slot {

@@ -41,7 +41,7 @@ pub(crate) struct OpenArray {
     pub(crate) cache: ArrayShardedReadableExtCache,
     /// Samples per shard when the array has exactly the layout's codec chain (see
     /// [`crate::direct`]), so rows can be decoded without zarrs' codec pipeline.
-    direct_shard_samples: Option<u64>,
+    direct: Option<crate::direct::Direct>,
 }
 
 pub(crate) struct PartEntry {
@@ -244,13 +244,14 @@ impl StoreReader {
                 });
             }
             let cache = ArrayShardedReadableExtCache::new(&array);
-            let direct_shard_samples = crate::direct::shard_samples(&array, &cache);
+            let direct =
+                crate::direct::shard_samples(&array, &cache).map(crate::direct::Direct::new);
             opened.insert(
                 name.clone(),
                 OpenArray {
                     array,
                     cache,
-                    direct_shard_samples,
+                    direct,
                 },
             );
         }
@@ -303,10 +304,10 @@ impl StoreReader {
     pub(crate) fn read_fixed(&self, index: u64, name: &str) -> Result<Vec<u8>> {
         let (p, row) = self.locate(index)?;
         let open = self.open_array(p, name)?;
-        if let Some(shard_samples) = open.direct_shard_samples {
+        if let Some(direct) = &open.direct {
             let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
             let mut out = Vec::with_capacity(want);
-            let decoded = crate::direct::decode_row(open, row, shard_samples, &mut out)
+            let decoded = crate::direct::decode_row(open, direct, row, &mut out)
                 .map_err(|e| self.array_error(p, name, e))?;
             if decoded.is_some() {
                 self.check_row_len(p, row, name, out.len(), want)?;
@@ -348,8 +349,8 @@ impl StoreReader {
         let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
         self.check_row_len(p, row, name, want, out.len())?;
         let open = self.open_array(p, name)?;
-        if let Some(shard_samples) = open.direct_shard_samples {
-            let decoded = crate::direct::decode_row(open, row, shard_samples, out)
+        if let Some(direct) = &open.direct {
+            let decoded = crate::direct::decode_row(open, direct, row, out)
                 .map_err(|e| self.array_error(p, name, e))?;
             if let Some(got) = decoded {
                 return self.check_row_len(p, row, name, got, want);

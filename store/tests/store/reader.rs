@@ -232,6 +232,34 @@ fn direct_decoding_matches_zarrs_and_refuses_damage() {
     );
     assert!(r.read_bytes_into(0, "key", &mut [0u8; 4]).is_err());
 
+    // A sample whose features are all zero is stored as absent inner chunks (the fill
+    // value): zarrs' path reads it, its neighbours still take the direct one.
+    {
+        let store = Store::create_or_open_with(&loc, spec(), options()).unwrap();
+        let mut w = store.part_writer("z", "z").unwrap();
+        for i in 0..3 {
+            let mut e = expected(43, i);
+            if i == 1 {
+                e.features.values_mut().for_each(|b| b.fill(0));
+            }
+            w.push(record(&e)).unwrap();
+        }
+        w.commit().unwrap();
+        let r = StoreReader::open(&loc).unwrap();
+        for i in 0..3u64 {
+            let mut e = expected(43, i);
+            if i == 1 {
+                e.features.values_mut().for_each(|b| b.fill(0));
+            }
+            for (name, bytes) in &e.features {
+                let mut out = vec![0xAAu8; bytes.len()];
+                r.read_bytes_into(25 + i, name, &mut out).unwrap();
+                assert_eq!(&out, bytes, "{name} z/{i}");
+                assert_eq!(&r.read_bytes(25 + i, name).unwrap(), bytes, "{name} z/{i}");
+            }
+        }
+    }
+
     // Rewrite part a's lat_f32 unsharded with zstd only: the reader takes zarrs' path.
     let root = dir.path().join("s.zarr");
     let storage: StdArc<dyn zarrs::storage::ReadableWritableListableStorageTraits> =
