@@ -317,6 +317,15 @@ impl StoreReader {
         self.read_fixed_zarrs(p, row, name)
     }
 
+    /// The error for a numeric read of a string array.
+    fn string_array(&self, name: &str) -> StoreError {
+        StoreError::UnknownArray {
+            location: self.backend.location.to_string(),
+            name: format!("{name} (a string array; use read_string)"),
+            available: self.array_names().join(", "),
+        }
+    }
+
     fn check_row_len(&self, p: usize, row: u64, name: &str, got: usize, want: usize) -> Result<()> {
         if got == want {
             return Ok(());
@@ -338,15 +347,12 @@ impl StoreReader {
     /// # Errors
     /// As [`Self::read_bytes`]; a wrong `out` length names the array and both sizes.
     pub fn read_bytes_into(&self, index: u64, name: &str, out: &mut [u8]) -> Result<()> {
-        let ArrayKind::Fixed { .. } = self.kind(name)? else {
-            return Err(StoreError::UnknownArray {
-                location: self.backend.location.to_string(),
-                name: format!("{name} (a string array; use read_string)"),
-                available: self.array_names().join(", "),
-            });
-        };
+        let kind = self.kind(name)?;
+        if matches!(kind, ArrayKind::Str) {
+            return Err(self.string_array(name));
+        }
+        let want = usize::try_from(kind.sample_bytes()).unwrap_or(usize::MAX);
         let (p, row) = self.locate(index)?;
-        let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
         self.check_row_len(p, row, name, want, out.len())?;
         let open = self.open_array(p, name)?;
         if let Some(direct) = &open.direct {
@@ -371,11 +377,7 @@ impl StoreReader {
     /// fails its checksum) naming the store, part and array.
     pub fn read_bytes(&self, index: u64, name: &str) -> Result<Vec<u8>> {
         if matches!(self.kind(name)?, ArrayKind::Str) {
-            return Err(StoreError::UnknownArray {
-                location: self.backend.location.to_string(),
-                name: format!("{name} (a string array; use read_string)"),
-                available: self.array_names().join(", "),
-            });
+            return Err(self.string_array(name));
         }
         self.read_fixed(index, name)
     }
@@ -403,11 +405,7 @@ impl StoreReader {
     /// Out of range index, unknown or string array, decode errors.
     pub fn read_tensor(&self, index: u64, name: &str, device: &Device) -> Result<Tensor> {
         let ArrayKind::Fixed { dtype, shape } = self.kind(name)?.clone() else {
-            return Err(StoreError::UnknownArray {
-                location: self.backend.location.to_string(),
-                name: format!("{name} (a string array; use read_string)"),
-                available: self.array_names().join(", "),
-            });
+            return Err(self.string_array(name));
         };
         let bytes = self.read_fixed(index, name)?;
         let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
