@@ -115,7 +115,7 @@ impl Direct {
         let index = match read {
             None => None,
             Some(bytes) => {
-                let words = checked(&bytes, "shard index")?;
+                let words = checked(&bytes, || "shard index".to_string())?;
                 if words.len() != entries * 8 {
                     return Err(ArrayError::CodecError(CodecError::Other(format!(
                         "shard index is {} bytes, expected {}",
@@ -141,11 +141,13 @@ fn codec_io(e: std::io::Error) -> ArrayError {
     ArrayError::CodecError(CodecError::IOError(Arc::new(e)))
 }
 
-/// `bytes` without its trailing crc32c, which must match.
-fn checked<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8], ArrayError> {
+/// `bytes` without its trailing crc32c, which must match; `what` names them in the
+/// error (made only on failure: this runs for every read).
+fn checked(bytes: &[u8], what: impl FnOnce() -> String) -> Result<&[u8], ArrayError> {
     let Some(split) = bytes.len().checked_sub(4) else {
         return Err(ArrayError::CodecError(CodecError::Other(format!(
-            "{what} is {} bytes, shorter than its crc32c",
+            "{} is {} bytes, shorter than its crc32c",
+            what(),
             bytes.len()
         ))));
     };
@@ -189,7 +191,7 @@ pub(crate) fn decode_row<C: WriteBuf + ?Sized>(
     else {
         return Ok(None);
     };
-    let frame = checked(&encoded, &format!("inner chunk of row {row}"))?;
+    let frame = checked(&encoded, || format!("inner chunk of row {row}"))?;
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let dctx = match &mut *slot {

@@ -39,8 +39,8 @@ pub struct Sample {
 pub(crate) struct OpenArray {
     pub(crate) array: Array<dyn ReadableWritableListableStorageTraits>,
     pub(crate) cache: ArrayShardedReadableExtCache,
-    /// Samples per shard when the array has exactly the layout's codec chain (see
-    /// [`crate::direct`]), so rows can be decoded without zarrs' codec pipeline.
+    /// Set when the array has exactly the layout's codec chain (see [`crate::direct`]),
+    /// so rows can be decoded without zarrs' codec pipeline.
     direct: Option<crate::direct::Direct>,
 }
 
@@ -303,18 +303,29 @@ impl StoreReader {
     /// Row bytes of a fixed-size array (little-endian elements).
     pub(crate) fn read_fixed(&self, index: u64, name: &str) -> Result<Vec<u8>> {
         let (p, row) = self.locate(index)?;
-        let open = self.open_array(p, name)?;
-        if let Some(direct) = &open.direct {
-            let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
-            let mut out = Vec::with_capacity(want);
-            let decoded = crate::direct::decode_row(open, direct, row, &mut out)
-                .map_err(|e| self.array_error(p, name, e))?;
-            if decoded.is_some() {
-                self.check_row_len(p, row, name, out.len(), want)?;
-                return Ok(out);
-            }
+        let want = usize::try_from(self.kind(name)?.sample_bytes()).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(want);
+        if let Some(got) = self.decode_direct(p, row, name, &mut out)? {
+            self.check_row_len(p, row, name, got, want)?;
+            return Ok(out);
         }
         self.read_fixed_zarrs(p, row, name)
+    }
+
+    /// Row `row` of array `name` in part `p` through [`crate::direct`] into `out`; the
+    /// bytes written, or `None` where zarrs' path has to read it.
+    fn decode_direct<C: zstd::zstd_safe::WriteBuf + ?Sized>(
+        &self,
+        p: usize,
+        row: u64,
+        name: &str,
+        out: &mut C,
+    ) -> Result<Option<usize>> {
+        let open = self.open_array(p, name)?;
+        let Some(direct) = &open.direct else {
+            return Ok(None);
+        };
+        crate::direct::decode_row(open, direct, row, out).map_err(|e| self.array_error(p, name, e))
     }
 
     /// The error for a numeric read of a string array.
@@ -354,13 +365,8 @@ impl StoreReader {
         let want = usize::try_from(kind.sample_bytes()).unwrap_or(usize::MAX);
         let (p, row) = self.locate(index)?;
         self.check_row_len(p, row, name, want, out.len())?;
-        let open = self.open_array(p, name)?;
-        if let Some(direct) = &open.direct {
-            let decoded = crate::direct::decode_row(open, direct, row, out)
-                .map_err(|e| self.array_error(p, name, e))?;
-            if let Some(got) = decoded {
-                return self.check_row_len(p, row, name, got, want);
-            }
+        if let Some(got) = self.decode_direct(p, row, name, out)? {
+            return self.check_row_len(p, row, name, got, want);
         }
         let bytes = self.read_fixed_zarrs(p, row, name)?;
         self.check_row_len(p, row, name, bytes.len(), want)?;
