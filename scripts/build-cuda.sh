@@ -3,7 +3,8 @@
 #
 #   scripts/build-cuda.sh setup     # once: nvcc 13.0 + headers + link-time libraries (~2 GB)
 #   scripts/build-cuda.sh check     # cargo check --features cuda (proves the CUDA build compiles)
-#   scripts/build-cuda.sh build     # release binary + .gpu/tensorbake.xz for the GPU machine
+#   scripts/build-cuda.sh build     # release binary + .gpu/tensorbake.xz for the GPU machine,
+#                                   # and .gpu/wheels (diffusers, which it lacks; scripts/gpu-check.sh)
 #
 # Why these versions: the GPU machines run driver 580 (CUDA 13.0), which JIT-compiles
 # candle's compute_90a PTX at start-up; cudarc picks its driver bindings from
@@ -58,6 +59,12 @@ case "${1:-}" in
     cargo build --release --features "$FEATURES" --bin tensorbake
     mkdir -p .gpu
     xz -6 -T0 -c "$CARGO_TARGET_DIR/release/tensorbake" > .gpu/tensorbake.xz
-    ls -la .gpu/tensorbake.xz ;;
+    # the GPU machine has torch and transformers but not diffusers (nor importlib_metadata,
+    # which diffusers imports); the versions are the test venv's
+    rm -rf .gpu/wheels && mkdir -p .gpu/wheels
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp -d .gpu/wheels \
+      "$(grep '^diffusers==' scripts/requirements-torch.txt)" importlib_metadata==8.7.0
+    ls -la .gpu/tensorbake.xz .gpu/wheels ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
 esac

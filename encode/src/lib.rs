@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tensorbake_kit::dtype::DType;
 use tensorbake_kit::schema::{Array, Feature};
 
+pub mod bench;
 pub mod image_ops;
 pub mod spm;
 pub mod text;

@@ -51,6 +51,7 @@ pub mod loader;
 pub mod lora;
 pub mod ops;
 pub mod pixart;
+pub mod random;
 pub mod redux;
 pub mod siglip;
 pub mod t5;

@@ -84,14 +84,21 @@ impl TinyModel {
     }
 }
 
-/// Values for one tensor, by its name and shape: norm scales near 1, small biases,
-/// embeddings of unit scale, other weights `N(0, 1/fan_in)`.
+/// Values for one tensor, seeded by its name, drawn as [`value_scale`] says.
 fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
     let mut rng = SplitMix64::for_name(seed, name);
     let n: usize = dims.iter().product();
+    let (mean, std) = value_scale(name, dims);
+    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+}
+
+/// The (mean, standard deviation) [`values`] draws a tensor from: norm scales near 1,
+/// small biases, embeddings of unit scale, other weights `N(0, 1/fan_in)`. Also the
+/// rule of [`crate::random`]'s device-side weights.
+pub(crate) fn value_scale(name: &str, dims: &[usize]) -> (f64, f64) {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     let embedding = name.contains("embed") || name.starts_with("shared");
-    let (mean, std) = if name.contains("relative_attention_bias") {
+    if name.contains("relative_attention_bias") {
         (0.0, 0.1)
     } else if leaf == "bias" {
         (0.0, 0.02)
@@ -102,8 +109,7 @@ fn values(seed: u64, name: &str, dims: &[usize]) -> Vec<f32> {
     } else {
         let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
         (0.0, 1.0 / (fan_in as f64).sqrt())
-    };
-    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+    }
 }
 
 /// Values for the diffusion transformers and adapters ([`write_tiny_pixart`], [`write_tiny_flux`],

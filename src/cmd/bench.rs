@@ -1,7 +1,7 @@
 //! `tensorbake bench`: whole-stage benchmarks beside their Python peers.
 //!
 //! A group of subcommands, one per stage: `bench decode` (image preprocessing vs
-//! Pillow) for now; the engines live in the library crates, this file turns flags
+//! Pillow), `bench train`, `bench sample` and `bench encode` (the frozen encoders); the engines live in the library crates, this file turns flags
 //! into their configs and prints.
 
 use std::path::PathBuf;
@@ -29,6 +29,65 @@ enum BenchCommand {
     /// Sampling with guidance and VAE decode (docs/sample.md, Speed): seconds per
     /// image, beside diffusers' PixArtAlphaPipeline on the same models.
     Sample(SampleArgs),
+    /// The frozen encoders at full size with random weights (docs/encoders.md,
+    /// Throughput): items/s and the fraction of the FLOP ceiling, beside the same
+    /// models in PyTorch (eager and torch.compile); `--check` compares each with the
+    /// CPU in f32 first.
+    Encode(EncodeArgs),
+}
+
+#[derive(Debug, Args)]
+struct EncodeArgs {
+    /// Encoders (repeatable): sd_vae, flux_vae, siglip, clip_vision, t5 (120 and 512
+    /// tokens), t5@N, clip_text. Default: all.
+    #[arg(long = "encoder", value_name = "NAME")]
+    encoders: Vec<String>,
+    /// cpu | cuda | cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Items per forward (default: 1 on the CPU; on CUDA 32 for the VAEs, 64 SigLIP,
+    /// 256 CLIP, 128 T5@120, 32 T5@512).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Compute dtype (default: bf16 on CUDA, f32 on the CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Model sizes: full (the real configs) or tiny (the tests' fixtures).
+    #[arg(long, default_value = "full")]
+    preset: String,
+    /// Untimed forwards before timing.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Forwards per timed round.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Timed rounds (the table shows the median).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Check each encoder against the same weights on the CPU in f32 first.
+    #[arg(long)]
+    check: bool,
+    /// The FLOP ceiling in TFLOP/s (default on CUDA in bf16/f16: 989.4, an H100/H200 SXM).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Python with torch, diffusers and transformers (else $TENSORBAKE_PYTHON, else python3).
+    #[arg(long, env = "TENSORBAKE_PYTHON")]
+    python: Option<PathBuf>,
+    /// Skip the PyTorch runs.
+    #[arg(long)]
+    no_torch: bool,
+    /// PyTorch runs, comma-separated: eager, compile.
+    #[arg(long, default_value = "eager,compile")]
+    torch_modes: String,
+    /// torch.compile mode (default: max-autotune for the VAEs, default for the others).
+    #[arg(long)]
+    compile_mode: Option<String>,
+    /// Keep the work directory (configs, the peer script) here instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +216,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Decode(args) => decode(args),
         BenchCommand::Train(args) => train(args),
         BenchCommand::Sample(args) => sample(args),
+        BenchCommand::Encode(args) => encode(args),
     }
 }
 
@@ -267,4 +327,57 @@ fn sample(args: SampleArgs) -> anyhow::Result<ExitCode> {
     print!("{}", report.table());
     write_json(args.json.as_ref(), &report)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn encode(args: EncodeArgs) -> anyhow::Result<ExitCode> {
+    use tensorbake_encode::bench::{BenchEncoder, EncodeBenchConfig, Preset, run_encode_bench};
+    let encoders = if args.encoders.is_empty() {
+        BenchEncoder::all()
+    } else {
+        let mut v = Vec::new();
+        for name in &args.encoders {
+            v.extend(BenchEncoder::parse(name).context("--encoder")?);
+        }
+        v
+    };
+    let torch_modes: Vec<String> = args
+        .torch_modes
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(String::from)
+        .collect();
+    if let Some(m) = torch_modes
+        .iter()
+        .find(|m| !matches!(m.as_str(), "eager" | "compile"))
+    {
+        anyhow::bail!("--torch-modes: unknown mode `{m}` (eager, compile)");
+    }
+    let cfg = EncodeBenchConfig {
+        encoders,
+        preset: Preset::parse(&args.preset).context("--preset")?,
+        batch: args.batch,
+        device: args.device,
+        dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        warmup: args.warmup,
+        iters: args.iters,
+        rounds: args.rounds,
+        check: args.check,
+        peak_tflops: args.peak_tflops,
+        python: (!args.no_torch).then(|| args.python.unwrap_or_else(|| PathBuf::from("python3"))),
+        torch_modes,
+        compile_mode: args.compile_mode,
+    };
+    let (dir, keep) = workdir(args.workdir, "encode")?;
+    let report = run_encode_bench(&cfg, &dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report.context("bench encode")?;
+    print!("{}", report.table());
+    write_json(args.json.as_ref(), &report)?;
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

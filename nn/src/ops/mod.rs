@@ -12,6 +12,7 @@
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
 //! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
+//! | [`flops::count`] | FLOPs performed by `linear`, `conv2d` and `attention` (benchmarks) | - |
 //! | [`stochastic_round_bf16`] | f32 to bf16, rounding up with the remainder's probability (bf16 master weights) | none (an optimizer op) |
 //!
 //! Each function has a plain candle implementation that is the reference: the CPU
@@ -27,6 +28,7 @@
 //! its weights to the input's dtype (a no-op when they agree), so the cast is part of
 //! the graph and the gradient reaches the f32 variable.
 
+pub mod flops;
 pub mod frozen;
 pub mod rounding;
 
@@ -53,6 +55,8 @@ fn cast_like(t: &Tensor, like: &Tensor) -> Result<Tensor> {
 /// (both gradients). With no gradient needed this is exactly `candle_nn::Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let w = cast_like(w, x)?;
+    let (n, k) = w.dims2()?;
+    flops::add(flops::matmul(x.elem_count() / k.max(1), n, k));
     let y = if x.track_op() && !w.track_op() {
         let dims = x.dims();
         let k = *dims.last().unwrap_or(&0);
@@ -92,6 +96,9 @@ pub fn conv2d(
         cfg.groups,
         cfg.cudnn_fwd_algo,
     )?;
+    // each output value: C/groups · kh · kw multiply-adds
+    let (_, c_per_group, kh, kw) = w.dims4()?;
+    flops::add(flops::matmul(y.elem_count(), c_per_group * kh, kw));
     match b {
         None => Ok(y),
         Some(b) => {
@@ -238,6 +245,15 @@ pub struct AttentionOpts<'a> {
 /// Multi-head attention `softmax(q kᵀ · scale + bias) v` for `q` `[B, H, Tq, D]`,
 /// `k`, `v` `[B, H, Tk, D]` (contiguous): `[B, H, Tq, D]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -> Result<Tensor> {
+    // q·kᵀ and probs·v: B·H·Tq·Tk·D multiply-adds each
+    let tk = k.dim(D::Minus2)?;
+    flops::add(
+        2 * flops::matmul(
+            q.elem_count() / q.dim(D::Minus1)?.max(1),
+            tk,
+            q.dim(D::Minus1)?,
+        ),
+    );
     let mut logits = q.matmul(&k.t()?)?;
     if let Some(s) = opts.scale {
         logits = (logits * s)?;

@@ -231,3 +231,40 @@ fn upcast_rms_norm_is_t5s_in_f32_and_weights_before_the_cast_in_bf16() -> Result
     let w64 = seeded(&[6], 24, DType::F64, &dev)?;
     check_grad(&x64, |t| rms_norm_upcast(t, &w64, 1e-6))
 }
+
+/// The FLOP count is `2·m·n·k` per product: a linear layer, a padded convolution,
+/// attention's two products; a nested count sees its own part, the outer one all.
+#[test]
+fn flops_counts_every_matrix_product_once() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (3, 5, 7), &dev)?;
+    let w = Tensor::randn(0f32, 1., (4, 7), &dev)?;
+    let (y, n) = flops::count(|| linear(&x, &w, None));
+    assert_eq!(y?.dims(), &[3, 5, 4]);
+    assert_eq!(n, 2 * 15 * 4 * 7);
+
+    let img = Tensor::randn(0f32, 1., (2, 3, 8, 8), &dev)?;
+    let k = Tensor::randn(0f32, 1., (6, 3, 3, 3), &dev)?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let (y, n) = flops::count(|| conv2d(&img, &k, None, &cfg));
+    assert_eq!(y?.dims(), &[2, 6, 8, 8]);
+    assert_eq!(n, 2 * (2 * 6 * 8 * 8) * (3 * 3 * 3));
+
+    let q = Tensor::randn(0f32, 1., (1, 2, 5, 4), &dev)?;
+    let kv = Tensor::randn(0f32, 1., (1, 2, 6, 4), &dev)?;
+    let ((out, inner), outer) = flops::count(|| {
+        let lin = linear(&x, &w, None);
+        let inner = flops::count(|| attention(&q, &kv, &kv, &AttentionOpts::default()));
+        (lin.and(inner.0), inner.1)
+    });
+    assert_eq!(out?.dims(), &[1, 2, 5, 4]);
+    assert_eq!(inner, 2 * 2 * (2 * 5 * 6 * 4));
+    assert_eq!(outer, inner + 2 * 15 * 4 * 7);
+    // nothing is counted outside a count
+    let (_, after) = flops::count(|| ());
+    assert_eq!(after, 0);
+    Ok(())
+}

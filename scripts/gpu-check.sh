@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every GPU check of the encoders in one command, for a lent GPU machine: the device
+# checks (each encoder in bf16 against the same weights on the CPU in f32, on the tiny
+# fixtures and at full size) and `tensorbake bench encode` beside PyTorch, in under
+# 8 minutes, ending with one table. Each step has its own time limit, so a step that
+# hangs or fails costs its limit and the table still comes.
+#
+# Here (no GPU needed):
+#   scripts/build-cuda.sh setup && scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
+# On the GPU machine (the device tool), from a clean working tree:
+#   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
+# A dry run of the whole flow on this machine's CPU, tiny models:
+#   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f16 \
+#     GPU_CHECK_PRESET=tiny TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
+#
+# Results: $OUT (the device tool's folder; else /tmp/gpu-check): one .txt (table), .err
+# (progress) and .json per step, and summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
+DTYPE=${GPU_CHECK_DTYPE:-bf16}
+PRESET=${GPU_CHECK_PRESET:-full}
+export PYTHONUNBUFFERED=1
+
+# the CUDA libraries the binary was linked against (PyTorch's copies on the GPU machine)
+NV=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null \
+  || echo /opt/torch/.venv/lib/python3.12/site-packages/nvidia)
+export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:${LD_LIBRARY_PATH:-}
+
+BIN=${GPU_CHECK_BIN:-}
+if [ -z "$BIN" ]; then
+  [ -f .gpu/tensorbake.xz ] || { echo "no .gpu/tensorbake.xz: run scripts/build-cuda.sh build here and carry .gpu" >&2; exit 2; }
+  BIN=/tmp/tensorbake-gpu
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .gpu/tensorbake.xz "$BIN" && chmod +x "$BIN" || exit 2
+fi
+PY=${TENSORBAKE_PYTHON:-python3}
+# diffusers is not on the GPU machine's image: its wheels travel in .gpu/wheels
+if ! "$PY" -c 'import diffusers' 2>/dev/null && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export TENSORBAKE_PYTHON=$PY
+
+{
+  date -u +"gpu-check %Y-%m-%d %H:%M UTC"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1
+} | tee "$OUT/summary.txt"
+
+declare -a STEPS
+# step NAME LIMIT_S ARGS...: one `tensorbake bench encode` run
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)" >&2
+  timeout --kill-after=10 "$limit" "$BIN" bench encode --device "$DEVICE" --dtype "$DTYPE" \
+    --json "$OUT/$name.json" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+  local rc=$?
+  local why=ok
+  case $rc in 0) ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
+  STEPS+=("$name: $why ($((SECONDS - t0)) s)")
+  [ "$why" = ok ] || tail -4 "$OUT/$name.err" >&2
+}
+
+# 1. the tiny fixtures: device vs CPU f32, no timing to speak of, no peer
+step tiny 90 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
+# 2. image encoders at full size, checked, beside PyTorch; torch.compile in its default
+#    mode (max-autotune on the VAE alone takes minutes; COMPILE_MODE overrides)
+step image 240 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
+  ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"}
+step flux_vae 90 --preset "$PRESET" --check --encoder flux_vae --torch-modes eager
+# 3. text encoders: T5-XXL at 120 tokens and CLIP text with both peers, 512 eager only
+step text 180 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
+step t5_512 90 --preset "$PRESET" --encoder t5@512 --torch-modes eager
+
+{
+  echo
+  for s in "${STEPS[@]}"; do echo "$s"; done
+  for name in tiny image flux_vae text t5_512; do
+    [ -s "$OUT/$name.txt" ] && { echo; cat "$OUT/$name.txt"; }
+  done
+} | tee -a "$OUT/summary.txt"
+grep -q "FAILED\|TIMED OUT" "$OUT/summary.txt" && exit 1
+exit 0
