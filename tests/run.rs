@@ -429,6 +429,101 @@ fn ranks_together_write_the_store_that_one_process_writes() {
     );
 }
 
+/// `--devices 0,1`: two worker processes, one per device, ranks 0 and 1 of 2 (the
+/// node is rank 0 of 1), together writing the store one process writes; the
+/// parent's report holds each worker's; their progress comes prefixed. A node
+/// that is rank 1 of 2 gives its workers ranks 2 and 3 of 4.
+#[test]
+fn devices_run_one_worker_per_gpu_sharing_the_rank_rule() {
+    let dir = tempdir();
+    let (manifest, _) = job(dir.path(), 5, 3, &brace(5), "");
+    let m = manifest.to_str().unwrap();
+    ok(&tensorbake(dir.path(), &["run", m, "--output", "single"]));
+    let o = tensorbake(
+        dir.path(),
+        &[
+            "run",
+            m,
+            "--output",
+            "pergpu",
+            "--devices",
+            "0,1",
+            "--report",
+            "r.json",
+        ],
+    );
+    let report = ok(&o);
+    assert_eq!(report["devices"], serde_json::json!(["0", "1"]));
+    let workers = report["workers"].as_array().unwrap();
+    let got: Vec<_> = workers
+        .iter()
+        .map(|w| {
+            (
+                w["device"].as_str().unwrap().to_string(),
+                w["report"]["rank"].as_u64().unwrap(),
+                w["report"]["world"].as_u64().unwrap(),
+                w["report"]["shards"]["committed"].as_u64().unwrap(),
+                w["exit_code"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    // shards 0..5 by i % 2: rank 0 has three, rank 1 two
+    assert_eq!(got, [("0".into(), 0, 2, 3, 0), ("1".into(), 1, 2, 2, 0)]);
+    // CPU encoders: no GPU section in the workers' reports
+    assert!(workers.iter().all(|w| w["report"].get("gpu").is_none()));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("[gpu 0] run:") && stderr.contains("[gpu 1] run:"),
+        "{stderr}"
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("r.json")).unwrap()).unwrap();
+    assert_eq!(written, report);
+    assert_same_store(
+        &dir.path().join("single"),
+        &dir.path().join("pergpu"),
+        &["committed_at"],
+    );
+
+    // the second node of two: ranks 2 and 3 of 4 (nothing left to do in this store)
+    let report = ok(&tensorbake(
+        dir.path(),
+        &[
+            "run",
+            m,
+            "--output",
+            "pergpu",
+            "--devices",
+            "2,3",
+            "--rank",
+            "1",
+            "--world",
+            "2",
+        ],
+    ));
+    let ranks: Vec<_> = report["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["rank"].as_u64().unwrap(),
+                w["report"]["world"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ranks, [(2, 4), (3, 4)]);
+
+    // a device listed twice, or not an index, is refused before anything starts
+    for bad in ["0,0", "0,gpu1"] {
+        let o = tensorbake(dir.path(), &["run", m, "--output", "x", "--devices", bad]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("--devices"), "{e}");
+        assert!(!dir.path().join("x").exists());
+    }
+}
+
 #[test]
 fn a_truncated_shard_fails_alone_is_not_committed_and_is_redone_next_time() {
     let dir = tempdir();

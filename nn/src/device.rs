@@ -9,7 +9,8 @@ use tensorbake_kit::dtype::DType;
 
 use crate::{Error, Result};
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
+/// Parses `cpu`, `cuda` or `cuda:N` into a candle device; `cuda` is this process's GPU
+/// ([`local_gpu`]).
 ///
 /// # Errors
 /// [`Error::Device`] for another spelling, or when the GPU cannot be opened (no
@@ -21,7 +22,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| err(e.to_string())),
+        "cuda" => {
+            Device::new_cuda(local_gpu(|k| std::env::var(k).ok())).map_err(|e| err(e.to_string()))
+        }
         s if s.starts_with("cuda:") => {
             let n: usize = s[5..]
                 .parse()
@@ -30,6 +33,23 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         }
         _ => Err(err("expected cpu, cuda or cuda:N".into())),
     }
+}
+
+/// The GPU `cuda` (no index) means in this process: the one process-per-GPU
+/// launchers assign. `CUDA_VISIBLE_DEVICES` naming a single device makes it this
+/// process's only GPU, index 0 (Slurm's `--gpus-per-task=1`, Kubernetes' device
+/// plugin, `tensorbake run --devices`); otherwise `LOCAL_RANK` (torchrun, `srun`
+/// with one task per GPU) picks among those visible; otherwise the first.
+/// `env` looks a variable up.
+pub fn local_gpu(env: impl Fn(&str) -> Option<String>) -> usize {
+    let single =
+        env("CUDA_VISIBLE_DEVICES").is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
+    if single {
+        return 0;
+    }
+    env("LOCAL_RANK")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The candle dtype to compute in, if `dtype` is a float type.
@@ -74,6 +94,30 @@ fn device_name(device: &Device) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_is_the_gpu_the_launcher_gave_this_process() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert_eq!(local_gpu(env(&[])), 0);
+        assert_eq!(local_gpu(env(&[("LOCAL_RANK", "3")])), 3);
+        // one visible device is index 0 whatever the local rank
+        assert_eq!(
+            local_gpu(env(&[("LOCAL_RANK", "3"), ("CUDA_VISIBLE_DEVICES", "5")])),
+            0
+        );
+        // several visible: the local rank picks among them
+        assert_eq!(
+            local_gpu(env(&[("LOCAL_RANK", "1"), ("CUDA_VISIBLE_DEVICES", "4,5")])),
+            1
+        );
+        assert_eq!(local_gpu(env(&[("LOCAL_RANK", "x")])), 0);
+    }
 
     #[test]
     fn device_and_dtype_parsing() {

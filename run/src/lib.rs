@@ -45,6 +45,7 @@ use tensorbake_store::Store;
 
 mod config;
 mod encode_stage;
+pub mod gpu;
 pub mod metrics;
 mod report;
 mod stats;
@@ -63,6 +64,9 @@ pub use stats::{RunStats, StatsSnapshot};
 use encode_stage::{EncodeStage, Loaded, ToEncode, ToWrite};
 use report::Finished;
 use write_stage::WriteStage;
+
+/// How often the GPU's busy fraction is sampled during a run.
+const GPU_SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A run, ready to go: configuration checked, encoders loaded, store opened.
 pub struct Run {
@@ -156,6 +160,20 @@ impl Run {
     /// run; shards in flight finish and commit.
     pub fn run(&self, stop: &AtomicBool) -> RunReport {
         let started = Instant::now();
+        // the encoders' GPU, sampled for the report while the run runs
+        let gpu = self
+            .cfg
+            .encoders
+            .iter()
+            .find_map(|e| gpu::cuda_index(&e.device))
+            .map(|i| {
+                let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+                let device = gpu::nvml_device(i, visible.as_deref());
+                (
+                    device.clone(),
+                    gpu::BusySampler::start(&device, GPU_SAMPLE_PERIOD),
+                )
+            });
         let o = &self.cfg.options;
         let writers = o.writers.max(1);
         let (enc_tx, enc_rx) = bounded::<ToEncode>(o.encode_queue.max(1));
@@ -228,11 +246,23 @@ impl Run {
             }
             (summary, outcomes)
         });
-        let report = self.report(Finished {
+        let mut report = self.report(Finished {
             summary,
             outcomes,
             skipped_samples: skips.into_inner().unwrap_or_default(),
             seconds: started.elapsed().as_secs_f64(),
+        });
+        report.gpu = gpu.map(|(device, sampler)| {
+            let mut g = match sampler {
+                Ok(s) => s.finish(),
+                Err(e) => gpu::GpuReport {
+                    nvml_device: device,
+                    sampler_error: Some(e),
+                    ..gpu::GpuReport::default()
+                },
+            };
+            g.device_to_host_bytes = self.stats.device_to_host_bytes.load(Ordering::Relaxed);
+            g
         });
         self.stats.finished.store(true, Ordering::SeqCst);
         report

@@ -84,6 +84,7 @@ impl Run {
                 encoders: self.stats.encoder_times(),
                 write: self.stats.write_time(self.cfg.options.writers.max(1)),
             },
+            gpu: None,
             queues: QueueReport {
                 encode_queue: o.encode_queue,
                 write_queue: o.write_queue,
@@ -129,6 +130,10 @@ pub struct RunReport {
     pub samples_per_s: f64,
     /// Time per stage.
     pub stages: Stages,
+    /// The encoders' GPU, when they ran on one: its busy fraction (NVML) and the
+    /// feature bytes copied back from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::GpuReport>,
     /// Queue sizes and how full the pipeline got.
     pub queues: QueueReport,
     /// Parts committed by this run, in shard order.

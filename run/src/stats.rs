@@ -95,6 +95,8 @@ pub struct RunStats {
     pub bytes: AtomicU64,
     /// Requests after the first (resumes and retries), counted when a shard ends.
     pub retries: AtomicU64,
+    /// Feature bytes the writers copied from a GPU to the host.
+    pub device_to_host_bytes: AtomicU64,
     /// Samples decoded but not yet written or dropped.
     pub in_flight: AtomicU64,
     /// The most `in_flight` ever was.
@@ -166,6 +168,7 @@ impl RunStats {
             samples_written: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            device_to_host_bytes: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_high: AtomicU64::new(0),
             finished: AtomicBool::new(false),

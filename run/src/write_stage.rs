@@ -49,6 +49,14 @@ impl WriteStage<'_> {
                     features,
                 } => {
                     let n = meta.len() as u64;
+                    let from_gpu: usize = features
+                        .values()
+                        .filter(|t| !t.device().is_cpu())
+                        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                        .sum();
+                    self.stats
+                        .device_to_host_bytes
+                        .fetch_add(from_gpu as u64, std::sync::atomic::Ordering::Relaxed);
                     if broken.contains_key(&shard) {
                         self.stats.dropped(n);
                         self.stats.write.busy(t0.elapsed());

@@ -64,6 +64,11 @@ pub struct Args {
     /// scrape sees the final numbers.
     #[arg(long, default_value_t = 0.0, value_name = "SECS")]
     metrics_hold: f64,
+    /// One worker process per GPU of this node (comma-separated CUDA indices, e.g.
+    /// 0,1,2,3): worker i sees only its GPU (`CUDA_VISIBLE_DEVICES`, `LOCAL_RANK=i`)
+    /// and is rank `rank·n + i` of `world·n`, so nodes and GPUs share one rank rule.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    devices: Vec<String>,
 }
 
 /// How a run is watched: progress lines and metrics.
@@ -259,6 +264,9 @@ pub fn build_and_run(
 pub fn run(args: Args) -> Result<ExitCode> {
     let (manifest, base) = Manifest::load(&args.manifest)?;
     let rank = tensorbake_kit::rank::resolve(args.rank, args.world, |k| std::env::var(k).ok())?;
+    if !args.devices.is_empty() {
+        return run_devices(&args, rank);
+    }
     let metrics = Metrics::open(
         args.metrics.as_deref(),
         args.metrics_file.as_deref(),
@@ -299,5 +307,186 @@ pub fn run(args: Args) -> Result<ExitCode> {
             report.shards.todo
         );
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Worker `i` of `n` on a node that is `outer`: its rank and world.
+fn worker_rank(outer: tensorbake_kit::rank::Rank, i: usize, n: usize) -> (usize, usize) {
+    (outer.rank * n + i, outer.world * n)
+}
+
+/// `path` with `.gpuI` before its extension (`run.prom` -> `run.gpu1.prom`), so
+/// that each worker's metrics file is its own and keeps its suffix.
+fn per_worker_path(path: &Path, i: usize) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.gpu{i}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.gpu{i}"),
+    };
+    path.with_file_name(name)
+}
+
+/// `--metrics` for worker `i`: port + i (port 0 stays 0: each picks a free one).
+fn per_worker_addr(addr: &str, i: usize) -> Result<String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("--metrics {addr}: expected HOST:PORT or :PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--metrics {addr}: bad port"))?;
+    if port == 0 {
+        return Ok(addr.to_string());
+    }
+    let port = usize::from(port) + i;
+    anyhow::ensure!(
+        port <= usize::from(u16::MAX),
+        "--metrics {addr}: port + {i} is past 65535"
+    );
+    Ok(format!("{host}:{port}"))
+}
+
+/// `--devices`: one `tensorbake run` per device, each with its rank and its GPU,
+/// their stderr lines prefixed with the device, their reports gathered into one.
+fn run_devices(args: &Args, outer: tensorbake_kit::rank::Rank) -> Result<ExitCode> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let n = args.devices.len();
+    for d in &args.devices {
+        anyhow::ensure!(
+            !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()),
+            "--devices {}: `{d}` is not a GPU index",
+            args.devices.join(",")
+        );
+    }
+    let mut seen = args.devices.clone();
+    seen.sort();
+    seen.dedup();
+    anyhow::ensure!(
+        seen.len() == n,
+        "--devices {}: a GPU is listed twice",
+        args.devices.join(",")
+    );
+    let exe = std::env::current_exe().context("finding this executable")?;
+    // Ctrl-C reaches the workers too (one process group): each stops at its own pace
+    // and the parent waits for them instead of leaving them behind.
+    let _ = ctrlc::set_handler(|| eprintln!("run: interrupted; waiting for the workers"));
+    let mut workers = Vec::with_capacity(n);
+    for (i, device) in args.devices.iter().enumerate() {
+        let (rank, world) = worker_rank(outer, i, n);
+        let mut c = Command::new(&exe);
+        c.arg("run")
+            .arg(&args.manifest)
+            .args(["--rank", &rank.to_string(), "--world", &world.to_string()])
+            .args(["--progress-interval", &args.progress_interval.to_string()])
+            .args(["--metrics-hold", &args.metrics_hold.to_string()])
+            .env("CUDA_VISIBLE_DEVICES", device)
+            .env("LOCAL_RANK", i.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(o) = &args.output {
+            c.args(["--output", o]);
+        }
+        if let Some(v) = args.limit_shards {
+            c.args(["--limit-shards", &v.to_string()]);
+        }
+        if let Some(v) = args.shards_in_flight {
+            c.args(["--shards-in-flight", &v.to_string()]);
+        }
+        if let Some(a) = &args.metrics {
+            c.args(["--metrics", &per_worker_addr(a, i)?]);
+        }
+        if let Some(p) = &args.metrics_file {
+            c.arg("--metrics-file").arg(per_worker_path(p, i));
+        }
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("starting the worker for GPU {device}"))?;
+        let stderr = child.stderr.take();
+        let tag = format!("[gpu {device}] ");
+        let relay = std::thread::spawn(move || {
+            if let Some(e) = stderr {
+                for line in std::io::BufReader::new(e).lines().map_while(Result::ok) {
+                    eprintln!("{tag}{line}");
+                }
+            }
+        });
+        eprintln!("run: worker {i} on GPU {device}: rank {rank} of {world}");
+        workers.push((device.clone(), i, rank, child, relay));
+    }
+    let mut entries = Vec::with_capacity(n);
+    let mut all_ok = true;
+    for (device, i, rank, child, relay) in workers {
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("waiting for the worker on GPU {device}"))?;
+        let _ = relay.join();
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let code = out.status.code();
+        all_ok &= out.status.success();
+        if !out.status.success() {
+            eprintln!(
+                "run: the worker on GPU {device} (rank {rank}) ended with {}",
+                out.status
+            );
+        }
+        entries.push(serde_json::json!({
+            "device": device,
+            "local_rank": i,
+            "rank": rank,
+            "exit_code": code,
+            "report": report,
+        }));
+    }
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "devices": args.devices,
+        "rank": outer.rank,
+        "world": outer.world,
+        "workers": entries,
+    }))?;
+    println!("{json}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "error: a worker did not finish its shards; run the same command again to retry them"
+        );
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_share_the_rank_rule_and_get_their_own_outputs() {
+        let node = |rank, world| tensorbake_kit::rank::Rank {
+            rank,
+            world,
+            origin: "test",
+        };
+        // node 1 of 2 with 4 GPUs: ranks 4..8 of 8
+        let ranks: Vec<_> = (0..4).map(|i| worker_rank(node(1, 2), i, 4)).collect();
+        assert_eq!(ranks, [(4, 8), (5, 8), (6, 8), (7, 8)]);
+        assert_eq!(worker_rank(node(0, 1), 1, 2), (1, 2));
+        assert_eq!(
+            per_worker_path(Path::new("/m/run.prom"), 2),
+            Path::new("/m/run.gpu2.prom")
+        );
+        assert_eq!(per_worker_path(Path::new("m"), 0), Path::new("m.gpu0"));
+        assert_eq!(
+            per_worker_addr("127.0.0.1:9100", 3).unwrap(),
+            "127.0.0.1:9103"
+        );
+        assert_eq!(per_worker_addr(":0", 3).unwrap(), ":0");
+        assert!(per_worker_addr(":65535", 1).is_err());
+        assert!(per_worker_addr("9100", 1).is_err());
     }
 }
