@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check of the encoders in one command, for a lent GPU machine: the device
 # checks (each encoder in bf16 against the same weights on the CPU in f32, on the tiny
-# fixtures and at full size) and `tensorbake bench encode` beside PyTorch, in under
-# 8 minutes, ending with one table. Each step has its own time limit, so a step that
-# hangs or fails costs its limit and the table still comes.
+# fixtures and at full size), `tensorbake bench encode` beside PyTorch and
+# `tensorbake bench run` (the pipeline end to end), in under 8 minutes, ending with one
+# table. Each step has its own time limit, so a step that hangs or fails costs its
+# limit and the table still comes.
 #
 # Here (no GPU needed):
 #   scripts/build-cuda.sh setup && scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
 # On the GPU machine (the device tool), from a clean working tree:
-#   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
+#   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 560
+# The steps' limits add up to 500 s.
 # A dry run of the whole flow on this machine's CPU, tiny models:
 #   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f16 \
-#     GPU_CHECK_PRESET=tiny TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
+#     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
+#     TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
 #
 # Results: $OUT (the device tool's folder; else /tmp/gpu-check): one .txt (table), .err
 # (progress) and .json per step, and summary.txt.
@@ -67,20 +70,34 @@ step() {
 }
 
 # 1. the tiny fixtures: device vs CPU f32, no timing to speak of, no peer
-step tiny 90 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
+step tiny 40 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
 # 2. image encoders at full size, checked, beside PyTorch; torch.compile in its default
 #    mode (max-autotune on the VAE alone takes minutes; COMPILE_MODE overrides)
-step image 240 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
+step image 150 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
   ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"}
-step flux_vae 90 --preset "$PRESET" --check --encoder flux_vae --torch-modes eager
-# 3. text encoders: T5-XXL at 120 tokens and CLIP text with both peers, 512 eager only
-step text 180 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
-step t5_512 90 --preset "$PRESET" --encoder t5@512 --torch-modes eager
+# 3. text encoders: T5-XXL at 120 tokens and CLIP text beside both peers
+step text 130 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
+# 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
+step more 60 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+
+# 5. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
+#    (full-size random weights), a store on local disk; the GPU's busy fraction
+STEPS_RUN=${GPU_CHECK_RUN_ARGS:---shards 6 --images-per-shard 64}
+t0=$SECONDS
+echo "== run (limit 120s)" >&2
+MODELS=full; [ "$PRESET" = tiny ] && MODELS=tiny
+# shellcheck disable=SC2086
+timeout --kill-after=10 120 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
+  $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$OUT/run.txt" 2>"$OUT/run.err"
+rc=$?
+case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
+STEPS+=("run: $why ($((SECONDS - t0)) s)")
+[ "$why" = ok ] || tail -4 "$OUT/run.err" >&2
 
 {
   echo
   for s in "${STEPS[@]}"; do echo "$s"; done
-  for name in tiny image flux_vae text t5_512; do
+  for name in tiny image text more run; do
     [ -s "$OUT/$name.txt" ] && { echo; cat "$OUT/$name.txt"; }
   done
 } | tee -a "$OUT/summary.txt"

@@ -223,3 +223,65 @@ fn bench_rejects_bad_settings_with_one_error_line() {
         assert!(errors[0].contains(names), "{args:?}: {stderr}");
     }
 }
+
+/// `bench run` on the tiny fixtures: the whole pipeline over loopback into a store it
+/// keeps in `--workdir`, every synthetic image written, the report's stages filled,
+/// no GPU section for CPU encoders; a second run reuses the shards and models.
+#[test]
+fn bench_run_streams_encodes_and_writes_every_image() {
+    let dir = tempdir();
+    let work = dir.path().join("work");
+    let args = [
+        "bench",
+        "run",
+        "--models",
+        "tiny",
+        "--shards",
+        "3",
+        "--images-per-shard",
+        "5",
+        "--short-side",
+        "200",
+        "--resolution",
+        "64",
+        "--encoders",
+        "sd_vae,siglip,t5",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+        "r.json",
+    ];
+    let out = tensorbake(dir.path(), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("end to end") && stdout.contains("GPU                 none"),
+        "{stdout}"
+    );
+    let report = json(&dir.path().join("r.json"));
+    assert_eq!(report["samples"]["written"], 15, "{report:#}");
+    assert_eq!(report["shards"]["committed"], 3);
+    let encoders = report["stages"]["encoders"].as_object().unwrap();
+    assert_eq!(encoders.len(), 3);
+    assert!(encoders.values().all(|e| e["samples"] == 15));
+    assert!(report.get("gpu").is_none());
+    let store = tensorbake_store::StoreReader::open(&tensorbake_store::Location::from(
+        work.join("store").as_path(),
+    ))
+    .unwrap();
+    assert_eq!(store.len(), 15);
+    // again: the shards and models are reused, the store written anew
+    let again = tensorbake(dir.path(), &args);
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("reusing the shards"), "{stderr}");
+    assert_eq!(json(&dir.path().join("r.json"))["samples"]["written"], 15);
+
+    let bad = tensorbake(dir.path(), &["bench", "run", "--encoders", "clip_text"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("clip_text"));
+}

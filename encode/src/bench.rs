@@ -576,6 +576,77 @@ fn config(kind: Kind, preset: Preset, dir: &Path) -> Result<Value, EncodeError> 
     serde_json::from_str(&text).map_err(|e| bad("bench", format!("{}: {e}", path.display())))
 }
 
+/// Writes `kind` at full size with random weights into `dir`, in the Hugging Face
+/// layout the encoders load (what `tensorbake bench run` runs the pipeline on): the
+/// tiny fixture's directory for the files around the weights (tokenizer,
+/// `preprocessor_config.json`, its input size set to the full model's), then the
+/// published `config.json` and the weights, made on `device` ([`random_var_builder`])
+/// and saved in `dtype`. Returns the parameter count.
+///
+/// # Errors
+/// `clip_text` (no fixture to take the tokenizer from), I/O errors naming the file, a
+/// model that does not build (a bug).
+pub fn write_full_model(
+    kind: Kind,
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<usize, EncodeError> {
+    let (tiny, weights) = match kind {
+        Kind::SdVae => (TinyModel::SdVae, "diffusion_pytorch_model.safetensors"),
+        Kind::FluxVae => (TinyModel::FluxVae, "diffusion_pytorch_model.safetensors"),
+        Kind::Siglip => (TinyModel::Siglip, "model.safetensors"),
+        Kind::ClipVision => (TinyModel::ClipVision, "model.safetensors"),
+        Kind::T5 => (TinyModel::T5, "model.safetensors"),
+        Kind::ClipText => {
+            return Err(bad(
+                "clip_text",
+                "no full-size clip_text model directory is written (no tokenizer fixture)".into(),
+            ));
+        }
+    };
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EncodeError::Model(tensorbake_nn::Error::Io { path, source })
+    };
+    write_tiny_model(tiny, dir, 0)?;
+    let cfg = full_config(kind);
+    let config_path = dir.join("config.json");
+    std::fs::write(
+        &config_path,
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )
+    .map_err(io(&config_path))?;
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        let side = cfg["image_size"].as_u64().unwrap_or(0);
+        let text = std::fs::read_to_string(&pre).map_err(io(&pre))?;
+        let mut v: Value = serde_json::from_str(&text)
+            .map_err(|e| bad("bench", format!("{}: {e}", pre.display())))?;
+        if v["size"].get("shortest_edge").is_some() {
+            v["size"]["shortest_edge"] = json!(side);
+            v["crop_size"] = json!({"height": side, "width": side});
+        } else {
+            v["size"] = json!({"height": side, "width": side});
+        }
+        std::fs::write(&pre, serde_json::to_string_pretty(&v).unwrap_or_default())
+            .map_err(io(&pre))?;
+    }
+    let what = format!("full-size {}", BenchEncoder { kind, tokens: 0 }.name());
+    let candle_err = |source| {
+        EncodeError::Model(tensorbake_nn::Error::Candle {
+            model: what.clone(),
+            source,
+        })
+    };
+    let (vb, made) = random_var_builder(dtype.candle(), device);
+    Model::build(kind, &cfg, vb).map_err(candle_err)?;
+    let params = made.params();
+    let path = dir.join(weights);
+    candle_core::safetensors::save(&made.tensors(), &path).map_err(candle_err)?;
+    Ok(params)
+}
+
 /// A built model and what it takes.
 enum Model {
     Vae(Box<VaeEncoder>),

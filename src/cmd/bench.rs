@@ -1,7 +1,8 @@
 //! `tensorbake bench`: whole-stage benchmarks beside their Python peers.
 //!
 //! A group of subcommands, one per stage: `bench decode` (image preprocessing vs
-//! Pillow), `bench train`, `bench sample` and `bench encode` (the frozen encoders); the engines live in the library crates, this file turns flags
+//! Pillow), `bench train`, `bench sample`, `bench encode` (the frozen encoders) and `bench run`
+//! (the whole pipeline); the engines live in the library crates, this file turns flags
 //! into their configs and prints.
 
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ enum BenchCommand {
     /// models in PyTorch (eager and torch.compile); `--check` compares each with the
     /// CPU in f32 first.
     Encode(EncodeArgs),
+    /// The whole pipeline at SA-1B scale (docs/run.md, Speed): synthetic 1500 px
+    /// shards over loopback, full-size random-weight encoders, a store on local disk;
+    /// images/s, the GPU's busy fraction, where the time went.
+    Run(super::bench_run::RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +222,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Train(args) => train(args),
         BenchCommand::Sample(args) => sample(args),
         BenchCommand::Encode(args) => encode(args),
+        BenchCommand::Run(args) => super::bench_run::run(args),
     }
 }
 

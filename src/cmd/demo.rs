@@ -428,7 +428,12 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
-fn write_links(path: &Path, shards: &[PathBuf], url: impl Fn(&str) -> String) -> Result<()> {
+/// Writes an SA-1B links file (`file_name\tcdn_link`) for `shards`, each link `url(name)`.
+pub(crate) fn write_links(
+    path: &Path,
+    shards: &[PathBuf],
+    url: impl Fn(&str) -> String,
+) -> Result<()> {
     let mut text = String::from("file_name\tcdn_link\n");
     for s in shards {
         let name = s

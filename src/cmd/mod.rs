@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_run;
 pub mod captions;
 pub mod demo;
 pub mod encode;

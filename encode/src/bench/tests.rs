@@ -190,3 +190,31 @@ fn the_torch_peer_runs_the_same_models() {
     }
     assert!(report.table().contains("peer: "), "{}", report.table());
 }
+
+/// A full-size model written for `bench run` loads through the encoders' own
+/// loader (every tensor under its real name and shape, the published config).
+#[test]
+fn a_written_full_size_vae_loads_as_the_pipeline_loads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd_vae");
+    let params = write_full_model(Kind::SdVae, &model, &Device::Cpu, DType::F16).unwrap();
+    // sd-vae-ft-ema's encoder and quant_conv
+    assert!((34_000_000..35_000_000).contains(&params), "{params}");
+    let cfg: crate::EncoderConfig = serde_json::from_value(json!({
+        "name": "sd_vae",
+        "weights": model.to_str().unwrap(),
+        "dtype": "f32",
+    }))
+    .unwrap();
+    let enc = crate::build_encoder(&cfg, 64).unwrap();
+    assert_eq!(enc.info().feature, tensorbake_kit::schema::Feature::SdVae);
+    let e = write_full_model(
+        Kind::ClipText,
+        &dir.path().join("ct"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("clip_text"), "{e}");
+}
