@@ -10,7 +10,7 @@
 #   scripts/build-cuda.sh setup && scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
 # On the GPU machine (the device tool), from a clean working tree:
 #   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 560
-# The steps' limits add up to 500 s.
+# The steps' limits add up to 510 s.
 # A dry run of the whole flow on this machine's CPU, tiny models:
 #   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f16 \
 #     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
@@ -73,12 +73,12 @@ step() {
 step tiny 40 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
 # 2. image encoders at full size, checked, beside PyTorch; torch.compile in its default
 #    mode (max-autotune on the VAE alone takes minutes; COMPILE_MODE overrides)
-step image 150 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
+step image 140 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
   ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"}
 # 3. text encoders: T5-XXL at 120 tokens and CLIP text beside both peers
-step text 130 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
+step text 120 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
 # 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
-step more 60 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+step more 90 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
 
 # 5. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
 #    (full-size random weights), a store on local disk; the GPU's busy fraction
