@@ -34,6 +34,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tensorbake_kit::dtype::DType;
 use tensorbake_kit::rng::SplitMix64;
+use tensorbake_kit::schema::Feature;
 use tensorbake_nn::clip_text::{ClipTextConfig, ClipTextModel};
 use tensorbake_nn::clip_vision::{self, ClipVisionWithProjection};
 use tensorbake_nn::ops::flops;
@@ -52,29 +53,11 @@ pub const TORCH_SCRIPT: &str = include_str!("../../scripts/bench/encoders.py");
 /// without sparsity): the default ceiling on CUDA.
 pub const H200_BF16_TFLOPS: f64 = 989.4;
 
-/// The models the bench runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// stabilityai/sd-vae-ft-ema's encoder (+ `quant_conv`) at 512 px.
-    SdVae,
-    /// The Flux autoencoder's encoder at 512 px.
-    FluxVae,
-    /// google/siglip-so400m-patch14-384's vision tower at 384 px.
-    Siglip,
-    /// openai/clip-vit-large-patch14's vision tower and projection at 224 px.
-    ClipVision,
-    /// google/t5-v1_1-xxl's encoder.
-    T5,
-    /// openai/clip-vit-large-patch14's text tower, 77 tokens.
-    ClipText,
-}
-
 /// One bench row's encoder: a model and, for T5, its token count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BenchEncoder {
-    /// The model.
-    pub kind: Kind,
+    /// The model, by the feature it makes.
+    pub kind: Feature,
     /// Tokens per caption (text encoders); ignored for images.
     pub tokens: usize,
 }
@@ -94,19 +77,19 @@ impl BenchEncoder {
             known: KNOWN.into(),
         };
         Ok(match name {
-            "sd_vae" => one(Kind::SdVae, 0),
-            "flux_vae" => one(Kind::FluxVae, 0),
-            "siglip" => one(Kind::Siglip, 0),
-            "clip_vision" => one(Kind::ClipVision, 0),
-            "clip_text" => one(Kind::ClipText, 77),
+            "sd_vae" => one(Feature::SdVae, 0),
+            "flux_vae" => one(Feature::FluxVae, 0),
+            "siglip" => one(Feature::Siglip, 0),
+            "clip_vision" => one(Feature::ClipVision, 0),
+            "clip_text" => one(Feature::ClipText, 77),
             "t5" => [120, 512]
                 .map(|tokens| Self {
-                    kind: Kind::T5,
+                    kind: Feature::T5,
                     tokens,
                 })
                 .to_vec(),
             s => match s.strip_prefix("t5@").map(str::parse::<usize>) {
-                Some(Ok(n)) if n > 0 => one(Kind::T5, n),
+                Some(Ok(n)) if n > 0 => one(Feature::T5, n),
                 _ => return Err(unknown()),
             },
         })
@@ -132,17 +115,13 @@ impl BenchEncoder {
     #[must_use]
     pub fn name(self) -> String {
         match self.kind {
-            Kind::SdVae => "sd_vae".into(),
-            Kind::FluxVae => "flux_vae".into(),
-            Kind::Siglip => "siglip".into(),
-            Kind::ClipVision => "clip_vision".into(),
-            Kind::T5 => format!("t5@{}", self.tokens),
-            Kind::ClipText => "clip_text".into(),
+            Feature::T5 => format!("t5@{}", self.tokens),
+            k => k.name().to_string(),
         }
     }
 
     fn is_text(self) -> bool {
-        matches!(self.kind, Kind::T5 | Kind::ClipText)
+        matches!(self.kind, Feature::T5 | Feature::ClipText)
     }
 
     /// The default batch on a device: 1 on the CPU; on a GPU, batches that fill an
@@ -153,11 +132,11 @@ impl BenchEncoder {
             return 1;
         }
         match self.kind {
-            Kind::SdVae | Kind::FluxVae => 32,
-            Kind::Siglip => 64,
-            Kind::ClipVision | Kind::ClipText => 256,
-            Kind::T5 if self.tokens > 256 => 32,
-            Kind::T5 => 128,
+            Feature::SdVae | Feature::FluxVae => 32,
+            Feature::Siglip => 64,
+            Feature::ClipVision | Feature::ClipText => 256,
+            Feature::T5 if self.tokens > 256 => 32,
+            Feature::T5 => 128,
         }
     }
 }
@@ -453,10 +432,10 @@ fn bad(encoder: &str, why: String) -> EncodeError {
 
 /// The upstream `config.json` of `enc` at full size (the published values).
 #[must_use]
-pub fn full_config(kind: Kind) -> Value {
+pub fn full_config(kind: Feature) -> Value {
     match kind {
-        Kind::SdVae | Kind::FluxVae => {
-            let flux = kind == Kind::FluxVae;
+        Feature::SdVae | Feature::FluxVae => {
+            let flux = kind == Feature::FluxVae;
             json!({
                 "_class_name": "AutoencoderKL",
                 "act_fn": "silu",
@@ -477,7 +456,7 @@ pub fn full_config(kind: Kind) -> Value {
                 "use_quant_conv": !flux,
             })
         }
-        Kind::Siglip => json!({
+        Feature::Siglip => json!({
             "model_type": "siglip_vision_model",
             "hidden_act": "gelu_pytorch_tanh",
             "hidden_size": 1152,
@@ -489,7 +468,7 @@ pub fn full_config(kind: Kind) -> Value {
             "num_hidden_layers": 27,
             "patch_size": 14,
         }),
-        Kind::ClipVision => json!({
+        Feature::ClipVision => json!({
             "model_type": "clip_vision_model",
             "hidden_act": "quick_gelu",
             "hidden_size": 1024,
@@ -502,7 +481,7 @@ pub fn full_config(kind: Kind) -> Value {
             "patch_size": 14,
             "projection_dim": 768,
         }),
-        Kind::T5 => json!({
+        Feature::T5 => json!({
             "model_type": "t5",
             "d_ff": 10240,
             "d_kv": 64,
@@ -518,7 +497,7 @@ pub fn full_config(kind: Kind) -> Value {
             "tie_word_embeddings": false,
             "vocab_size": 32128,
         }),
-        Kind::ClipText => json!({
+        Feature::ClipText => json!({
             "model_type": "clip_text_model",
             "eos_token_id": 2,
             "hidden_act": "quick_gelu",
@@ -537,17 +516,17 @@ pub fn full_config(kind: Kind) -> Value {
 /// The config of `kind` in `preset`: [`full_config`], or the tiny fixture's own
 /// `config.json` (written into `dir` by [`tensorbake_nn::tiny`]; CLIP text, which
 /// has no fixture, a two-layer width-32 tower).
-fn config(kind: Kind, preset: Preset, dir: &Path) -> Result<Value, EncodeError> {
+fn config(kind: Feature, preset: Preset, dir: &Path) -> Result<Value, EncodeError> {
     if preset == Preset::Full {
         return Ok(full_config(kind));
     }
     let tiny = match kind {
-        Kind::SdVae => TinyModel::SdVae,
-        Kind::FluxVae => TinyModel::FluxVae,
-        Kind::Siglip => TinyModel::Siglip,
-        Kind::ClipVision => TinyModel::ClipVision,
-        Kind::T5 => TinyModel::T5,
-        Kind::ClipText => {
+        Feature::SdVae => TinyModel::SdVae,
+        Feature::FluxVae => TinyModel::FluxVae,
+        Feature::Siglip => TinyModel::Siglip,
+        Feature::ClipVision => TinyModel::ClipVision,
+        Feature::T5 => TinyModel::T5,
+        Feature::ClipText => {
             let mut v = full_config(kind);
             for (k, n) in [
                 ("hidden_size", 32),
@@ -587,18 +566,18 @@ fn config(kind: Kind, preset: Preset, dir: &Path) -> Result<Value, EncodeError> 
 /// `clip_text` (no fixture to take the tokenizer from), I/O errors naming the file, a
 /// model that does not build (a bug).
 pub fn write_full_model(
-    kind: Kind,
+    kind: Feature,
     dir: &Path,
     device: &Device,
     dtype: DType,
 ) -> Result<usize, EncodeError> {
     let (tiny, weights) = match kind {
-        Kind::SdVae => (TinyModel::SdVae, "diffusion_pytorch_model.safetensors"),
-        Kind::FluxVae => (TinyModel::FluxVae, "diffusion_pytorch_model.safetensors"),
-        Kind::Siglip => (TinyModel::Siglip, "model.safetensors"),
-        Kind::ClipVision => (TinyModel::ClipVision, "model.safetensors"),
-        Kind::T5 => (TinyModel::T5, "model.safetensors"),
-        Kind::ClipText => {
+        Feature::SdVae => (TinyModel::SdVae, "diffusion_pytorch_model.safetensors"),
+        Feature::FluxVae => (TinyModel::FluxVae, "diffusion_pytorch_model.safetensors"),
+        Feature::Siglip => (TinyModel::Siglip, "model.safetensors"),
+        Feature::ClipVision => (TinyModel::ClipVision, "model.safetensors"),
+        Feature::T5 => (TinyModel::T5, "model.safetensors"),
+        Feature::ClipText => {
             return Err(bad(
                 "clip_text",
                 "no full-size clip_text model directory is written (no tokenizer fixture)".into(),
@@ -663,28 +642,28 @@ struct Batch {
 }
 
 impl Model {
-    fn build(kind: Kind, cfg: &Value, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+    fn build(kind: Feature, cfg: &Value, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
         let msg = |e: String| candle_core::Error::Msg(format!("config: {e}"));
         Ok(match kind {
-            Kind::SdVae | Kind::FluxVae => {
+            Feature::SdVae | Feature::FluxVae => {
                 let c: vae::Config =
                     serde_json::from_value(cfg.clone()).map_err(|e| msg(e.to_string()))?;
                 Self::Vae(Box::new(VaeEncoder::new(vb, &c)?))
             }
-            Kind::Siglip => {
+            Feature::Siglip => {
                 let c = siglip::Config::from_json(cfg).map_err(msg)?;
                 Self::Siglip(SiglipVision::new(vb.pp("vision_model"), &c.vision)?)
             }
-            Kind::ClipVision => {
+            Feature::ClipVision => {
                 let c = clip_vision::Config::from_json(cfg).map_err(msg)?;
                 Self::ClipVision(ClipVisionWithProjection::new(vb, &c)?)
             }
-            Kind::T5 => {
+            Feature::T5 => {
                 let c: T5Config =
                     serde_json::from_value(cfg.clone()).map_err(|e| msg(e.to_string()))?;
                 Self::T5(T5EncoderModel::new(vb, &c)?)
             }
-            Kind::ClipText => {
+            Feature::ClipText => {
                 let c = ClipTextConfig::from_json(cfg).map_err(|e| msg(e.to_string()))?;
                 Self::ClipText(ClipTextModel::new(vb, &c)?)
             }
@@ -708,15 +687,15 @@ fn input_shape(enc: BenchEncoder, cfg: &Value, preset: Preset) -> (usize, usize,
     let get = |k: &str| cfg.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
     match enc.kind {
         // the VAEs take any multiple of 8: 512 px at full size, 64 for the fixtures
-        Kind::SdVae | Kind::FluxVae => {
+        Feature::SdVae | Feature::FluxVae => {
             let side = if preset == Preset::Full { 512 } else { 64 };
             (side, 0, format!("{side} px"))
         }
-        Kind::Siglip | Kind::ClipVision => {
+        Feature::Siglip | Feature::ClipVision => {
             let side = get("image_size");
             (side, 0, format!("{side} px"))
         }
-        Kind::T5 | Kind::ClipText => (
+        Feature::T5 | Feature::ClipText => (
             enc.tokens,
             get("vocab_size"),
             format!("{} tokens", enc.tokens),
@@ -746,7 +725,7 @@ fn make_batch(
         .map(|_| ((rng.unit() * vocab as f64) as usize).min(vocab.saturating_sub(1)) as u32)
         .collect();
     let x = Tensor::from_vec(ids, (batch, t), &Device::Cpu)?;
-    let mask = (enc.kind == Kind::T5)
+    let mask = (enc.kind == Feature::T5)
         .then(|| {
             let m: Vec<f32> = (0..batch * t)
                 .map(|i| {
@@ -926,7 +905,7 @@ fn run_peer(
     batch: usize,
 ) -> PeerRow {
     let compile_mode = cfg.compile_mode.clone().unwrap_or_else(|| {
-        if matches!(enc.kind, Kind::SdVae | Kind::FluxVae) {
+        if matches!(enc.kind, Feature::SdVae | Feature::FluxVae) {
             "max-autotune".into()
         } else {
             "default".into()
@@ -1021,7 +1000,7 @@ pub fn run_encode_bench(
         .unwrap_or(if cuda { DType::Bf16 } else { DType::F32 });
     // candle's CPU backend runs no bf16 (neither convolution nor matmul)
     let cdtype = tensorbake_nn::device::conv_compute_dtype(dtype, &device)?;
-    if cdtype == CDType::F16 && cfg.encoders.iter().any(|e| e.kind == Kind::T5) {
+    if cdtype == CDType::F16 && cfg.encoders.iter().any(|e| e.kind == Feature::T5) {
         return Err(bad(
             "t5",
             "T5-v1.1 overflows in f16 (transformers keeps it in f32 or bf16): use bf16 or f32"

@@ -47,6 +47,25 @@ impl RandomWeights {
     }
 }
 
+/// A tensor a recording backend made before, asked for again: the same shape or an
+/// error naming it, in the dtype and on the device asked for.
+pub(crate) fn made_before(
+    t: &Tensor,
+    name: &str,
+    s: &Shape,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    if t.dims() != s.dims() {
+        candle_core::bail!(
+            "tensor `{name}` asked for as {:?} and as {:?}",
+            t.dims(),
+            s.dims()
+        );
+    }
+    t.to_dtype(dtype)?.to_device(dev)
+}
+
 struct Backend {
     made: RandomWeights,
 }
@@ -62,14 +81,7 @@ impl SimpleBackend for Backend {
     ) -> candle_core::Result<Tensor> {
         let mut made = self.made.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = made.get(name) {
-            if t.dims() != s.dims() {
-                candle_core::bail!(
-                    "tensor `{name}` asked for as {:?} and as {:?}",
-                    t.dims(),
-                    s.dims()
-                );
-            }
-            return t.to_dtype(dtype)?.to_device(dev);
+            return made_before(t, name, &s, dtype, dev);
         }
         let (mean, std) = crate::tiny::value_scale(name, s.dims());
         let t = Tensor::randn(mean as f32, std as f32, s, dev)?.to_dtype(dtype)?;

@@ -152,14 +152,7 @@ impl SimpleBackend for Recorder {
     ) -> candle_core::Result<Tensor> {
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = made.get(name) {
-            if t.dims() != s.dims() {
-                candle_core::bail!(
-                    "tensor `{name}` asked for as {:?} and as {:?}",
-                    t.dims(),
-                    s.dims()
-                );
-            }
-            return t.to_dtype(dtype)?.to_device(dev);
+            return crate::random::made_before(t, name, &s, dtype, dev);
         }
         let t = Tensor::from_vec(
             (self.values)(self.seed, name, s.dims()),

@@ -16,9 +16,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tensorbake_encode::bench::{Kind, write_full_model};
+use tensorbake_encode::bench::write_full_model;
 use tensorbake_kit::dtype::DType;
 use tensorbake_kit::http::FileServer;
+use tensorbake_kit::schema::Feature;
 use tensorbake_kit::synth::{Sa1bSpec, write_sa1b};
 use tensorbake_nn::tiny::{TinyModel, write_tiny_model};
 
@@ -69,13 +70,13 @@ pub struct RunArgs {
     json: Option<PathBuf>,
 }
 
-fn kind_of(name: &str) -> Result<(Kind, TinyModel)> {
+fn kind_of(name: &str) -> Result<(Feature, TinyModel)> {
     Ok(match name {
-        "sd_vae" => (Kind::SdVae, TinyModel::SdVae),
-        "flux_vae" => (Kind::FluxVae, TinyModel::FluxVae),
-        "siglip" => (Kind::Siglip, TinyModel::Siglip),
-        "clip_vision" => (Kind::ClipVision, TinyModel::ClipVision),
-        "t5" => (Kind::T5, TinyModel::T5),
+        "sd_vae" => (Feature::SdVae, TinyModel::SdVae),
+        "flux_vae" => (Feature::FluxVae, TinyModel::FluxVae),
+        "siglip" => (Feature::Siglip, TinyModel::Siglip),
+        "clip_vision" => (Feature::ClipVision, TinyModel::ClipVision),
+        "t5" => (Feature::T5, TinyModel::T5),
         other => anyhow::bail!(
             "--encoders: `{other}` is not one of sd_vae, flux_vae, siglip, clip_vision, t5"
         ),
@@ -153,7 +154,7 @@ fn run_in(
     device: &candle_core::Device,
     dtype: DType,
     full: bool,
-    kinds: &[(Kind, TinyModel)],
+    kinds: &[(Feature, TinyModel)],
     batch: usize,
 ) -> Result<ExitCode> {
     let shards_dir = dir.join("shards");

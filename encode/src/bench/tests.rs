@@ -5,26 +5,26 @@ use super::*;
 #[test]
 fn full_configs_are_the_published_ones() {
     let vae = |k| serde_json::from_value::<vae::Config>(full_config(k)).unwrap();
-    assert_eq!(vae(Kind::SdVae), vae::Config::sd_vae_ft_ema());
-    assert_eq!(vae(Kind::FluxVae), vae::Config::flux());
+    assert_eq!(vae(Feature::SdVae), vae::Config::sd_vae_ft_ema());
+    assert_eq!(vae(Feature::FluxVae), vae::Config::flux());
     assert_eq!(
-        siglip::Config::from_json(&full_config(Kind::Siglip))
+        siglip::Config::from_json(&full_config(Feature::Siglip))
             .unwrap()
             .vision,
         siglip::VisionConfig::so400m_patch14_384()
     );
-    let clip = clip_vision::Config::from_json(&full_config(Kind::ClipVision)).unwrap();
+    let clip = clip_vision::Config::from_json(&full_config(Feature::ClipVision)).unwrap();
     let want = clip_vision::Config::vit_large_patch14();
     assert_eq!(
         (clip.vision, clip.projection_dim),
         (want.vision, want.projection_dim)
     );
     assert_eq!(
-        serde_json::from_value::<T5Config>(full_config(Kind::T5)).unwrap(),
+        serde_json::from_value::<T5Config>(full_config(Feature::T5)).unwrap(),
         T5Config::v1_1_xxl()
     );
     assert_eq!(
-        ClipTextConfig::from_json(&full_config(Kind::ClipText)).unwrap(),
+        ClipTextConfig::from_json(&full_config(Feature::ClipText)).unwrap(),
         ClipTextConfig::vit_l_14()
     );
 }
@@ -197,7 +197,7 @@ fn the_torch_peer_runs_the_same_models() {
 fn a_written_full_size_vae_loads_as_the_pipeline_loads_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd_vae");
-    let params = write_full_model(Kind::SdVae, &model, &Device::Cpu, DType::F16).unwrap();
+    let params = write_full_model(Feature::SdVae, &model, &Device::Cpu, DType::F16).unwrap();
     // sd-vae-ft-ema's encoder and quant_conv
     assert!((34_000_000..35_000_000).contains(&params), "{params}");
     let cfg: crate::EncoderConfig = serde_json::from_value(json!({
@@ -209,7 +209,7 @@ fn a_written_full_size_vae_loads_as_the_pipeline_loads_it() {
     let enc = crate::build_encoder(&cfg, 64).unwrap();
     assert_eq!(enc.info().feature, tensorbake_kit::schema::Feature::SdVae);
     let e = write_full_model(
-        Kind::ClipText,
+        Feature::ClipText,
         &dir.path().join("ct"),
         &Device::Cpu,
         DType::F32,
