@@ -53,7 +53,19 @@ cuda_env() {
 
 case "${1:-}" in
   setup) setup ;;
-  check) cuda_env; cargo check --workspace --all-targets --features "$FEATURES" ;;
+  check)
+    cuda_env
+    cargo check --workspace --all-targets --features "$FEATURES"
+    # the kernels NVRTC compiles at run time (the ops seam's `const KERNEL` sources),
+    # compiled here by nvcc for sm_90 so that a kernel error shows before a GPU run
+    mkdir -p "$CARGO_TARGET_DIR/kernels"
+    for f in nn/src/ops/*.rs; do
+      grep -q 'const KERNEL: &str = r#"' "$f" || continue
+      cu="$CARGO_TARGET_DIR/kernels/$(basename "$f" .rs).cu"
+      sed -n '/const KERNEL: &str = r#"/,/^"#;/p' "$f" | sed '1d;$d' > "$cu"
+      nvcc -ptx -arch=compute_90 "$cu" -o "${cu%.cu}.ptx"
+      echo "kernel $f: $(grep -c '^\.visible \.entry' "${cu%.cu}.ptx") entry points compile"
+    done ;;
   build)
     cuda_env
     cargo build --release --features "$FEATURES" --bin tensorbake

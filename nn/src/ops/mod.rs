@@ -8,7 +8,7 @@
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
 //! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite |
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
-//! | [`group_norm`] | GroupNorm, optional SiLU after | composite |
+//! | [`group_norm()`] | GroupNorm, optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)) |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
 //! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
@@ -30,6 +30,7 @@
 
 pub mod flops;
 pub mod frozen;
+pub mod group_norm;
 pub mod rounding;
 
 pub use rounding::stochastic_round_bf16;
@@ -197,6 +198,12 @@ pub fn group_norm(
     let (b, c) = (dims[0], dims[1]);
     if groups == 0 || !c.is_multiple_of(groups) {
         candle_core::bail!("group_norm: {c} channels are not divisible into {groups} groups");
+    }
+    if !x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && !needs_grad(&[x, weight, bias])
+    {
+        return group_norm::fused_group_norm(x, groups, weight, bias, eps, silu);
     }
     let hidden = dims[2..].iter().product::<usize>() * c / groups;
     let x_dtype = x.dtype();

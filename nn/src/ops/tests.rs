@@ -268,3 +268,82 @@ fn flops_counts_every_matrix_product_once() -> Result<()> {
     assert_eq!(after, 0);
     Ok(())
 }
+
+/// The fused GroupNorm (+ SiLU) (the CUDA kernel's Rust transcription) against the
+/// composite: f32 to rounding, bf16 within its rounding (the composite rounds twice,
+/// the fused op once), rank 3 and 4, with and without SiLU; bad shapes refused.
+#[test]
+fn fused_group_norm_matches_the_composite() -> Result<()> {
+    use super::group_norm::fused_group_norm;
+    let dev = Device::Cpu;
+    for (shape, groups) in [
+        (vec![2, 8, 5, 3], 4),
+        (vec![1, 6, 7], 3),
+        (vec![3, 4, 2, 2], 1),
+    ] {
+        let c = shape[1];
+        let x = seeded(&shape, 11, DType::F32, &dev)?.affine(3.0, 0.5)?;
+        let w = seeded(&[c], 12, DType::F32, &dev)?;
+        let b = seeded(&[c], 13, DType::F32, &dev)?;
+        for silu in [false, true] {
+            let want = group_norm(&x, groups, &w, &b, 1e-6, silu)?;
+            let got = fused_group_norm(&x, groups, &w, &b, 1e-6, silu)?;
+            assert_eq!(got.dims(), want.dims());
+            let e = rel_err(&got, &want)?;
+            assert!(e < 1e-5, "{shape:?} silu {silu}: {e}");
+            let xb = x.to_dtype(DType::BF16)?;
+            let got = fused_group_norm(&xb, groups, &w, &b, 1e-6, silu)?;
+            assert_eq!(got.dtype(), DType::BF16);
+            let e = rel_err(&got, &group_norm(&xb, groups, &w, &b, 1e-6, silu)?)?;
+            assert!(e < 2e-2, "{shape:?} silu {silu} bf16: {e}");
+        }
+    }
+    let x = seeded(&[1, 6, 4], 1, DType::F32, &dev)?;
+    let w = seeded(&[6], 2, DType::F32, &dev)?;
+    let e = fused_group_norm(&x, 4, &w, &w, 1e-6, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("6 channels") && e.contains("4 groups"), "{e}");
+    let short = seeded(&[5], 2, DType::F32, &dev)?;
+    let e = fused_group_norm(&x, 3, &short, &short, 1e-6, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("6 values"), "{e}");
+    Ok(())
+}
+
+/// On a GPU the seam's GroupNorm is the kernel: it matches the CPU composite in f32
+/// and bf16 (skipped, saying so, without one).
+#[test]
+fn group_norm_kernel_matches_the_cpu_on_cuda() -> Result<()> {
+    crate::testing::on_cuda("group_norm_kernel_matches_the_cpu_on_cuda", |dev| {
+        let cpu = Device::Cpu;
+        // a VAE-like shape: 32 groups of 4 channels, 33x17 pixels (not a block multiple)
+        let x = (seeded(&[2, 128, 33, 17], 21, DType::F32, &cpu)? * 2.0)?;
+        let w = seeded(&[128], 22, DType::F32, &cpu)?;
+        let b = seeded(&[128], 23, DType::F32, &cpu)?;
+        for silu in [false, true] {
+            let want = group_norm(&x, 32, &w, &b, 1e-6, silu)?;
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                let xd = x.to_dtype(dtype)?.to_device(dev)?;
+                let got = group_norm(&xd, 32, &w.to_device(dev)?, &b.to_device(dev)?, 1e-6, silu)?;
+                assert_eq!(got.dtype(), dtype);
+                let e = rel_err(&got, &want)?;
+                assert!(e < tol, "{dtype:?} silu {silu}: {e}");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The kernel's source compiles (NVRTC alone, no GPU needed): a CUDA build's tests
+/// catch a kernel that would only fail on the GPU machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn group_norm_kernel_compiles() {
+    let ptx =
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(super::group_norm::kernel_source())
+            .unwrap();
+    let src = ptx.to_src();
+    assert!(src.contains("tb_group_norm_f32") && src.contains("tb_group_norm_bf16"));
+}
