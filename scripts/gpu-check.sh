@@ -7,7 +7,8 @@
 # limit and the table still comes.
 #
 # Here (no GPU needed):
-#   scripts/build-cuda.sh setup && scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
+#   scripts/build-cuda.sh setup && FEATURES=cuda,cudnn scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
+#   (cudnn: candle's cuDNN convolutions, 27 TFLOP/s bf16 on the H200 against 15 without)
 # On the GPU machine (the device tool), from a clean working tree:
 #   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 560
 # The steps' limits add up to 510 s.

@@ -360,7 +360,7 @@ impl EncodeBenchReport {
                 },
             );
             out += &format!(
-                "{:<12} {:>10} {:>5} {:>8} {:>9} {:>10.2} {:>8.1} {:>7} {:>10} {:>10} {:>7} {:>7}  {}\n",
+                "{:<12} {:>10} {:>5} {:>8} {:>9} {:>10.2} {:>8} {:>7} {:>10} {:>10} {:>7} {:>7}  {}\n",
                 r.encoder,
                 r.input,
                 r.batch,
@@ -375,7 +375,11 @@ impl EncodeBenchReport {
                     format!("{:.2e}", r.gflop_per_item)
                 },
                 r.items_per_s,
-                r.tflops,
+                if r.tflops >= 10.0 {
+                    format!("{:.1}", r.tflops)
+                } else {
+                    format!("{:.3}", r.tflops)
+                },
                 r.ceiling_fraction
                     .map_or_else(|| "-".to_string(), |f| format!("{:.1}%", 100.0 * f)),
                 opt(torch.eager, 2),
