@@ -17,7 +17,7 @@
 //! f16 is not supported: T5 v1.1 activations exceed f16's range (transformers clamps
 //! them, which changes the result); bf16 and f32 are.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -142,22 +142,36 @@ fn linear(vb: VarBuilder, d_in: usize, d_out: usize) -> candle_core::Result<Line
     Linear::no_bias(d_in, d_out, vb)
 }
 
+/// Self-attention with q, k and v as one product: their weights, read under their
+/// own names, are stacked once at load (T5 never trains), so a block runs one
+/// `[3·inner, d_model]` GEMM and one head-major copy instead of three of each.
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Linear,
     o: Linear,
     heads: usize,
     d_kv: usize,
+}
+
+/// One linear layer whose weight is the named ones stacked along the output axis
+/// (each read, checked and named as its own tensor).
+fn stacked(
+    vb: &VarBuilder,
+    names: &[&str],
+    d_in: usize,
+    d_out: usize,
+) -> candle_core::Result<Linear> {
+    let ws = names
+        .iter()
+        .map(|n| linear(vb.pp(*n), d_in, d_out).map(|l| l.weight().clone()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Linear::from_weights(Tensor::cat(&ws, 0)?, None))
 }
 
 impl Attention {
     fn new(vb: VarBuilder, cfg: &T5Config) -> candle_core::Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
-            q: linear(vb.pp("q"), cfg.d_model, inner)?,
-            k: linear(vb.pp("k"), cfg.d_model, inner)?,
-            v: linear(vb.pp("v"), cfg.d_model, inner)?,
+            qkv: stacked(&vb, &["q", "k", "v"], cfg.d_model, inner)?,
             o: linear(vb.pp("o"), inner, cfg.d_model)?,
             heads: cfg.num_heads,
             d_kv: cfg.d_kv,
@@ -167,14 +181,14 @@ impl Attention {
     /// `bias`: [1 or B, heads, T, T] in f32 (position bias plus mask).
     fn forward(&self, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, self.d_kv))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
+        // [B, T, 3·H·D] -> [3, B, H, T, D], one copy; q, k, v are its contiguous thirds
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, self.d_kv))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         // T5 does not scale the logits by 1/sqrt(d_kv).
         let opts = ops::AttentionOpts {
             scale: None,
@@ -189,11 +203,13 @@ impl Attention {
 }
 
 enum FeedForward {
+    /// v1.1: `act(x·wi_0ᵀ) * (x·wi_1ᵀ)`, the two weights stacked into one product
+    /// whose halves are the two inputs of the product.
     Gated {
-        wi_0: Linear,
-        wi_1: Linear,
+        wi: Linear,
         wo: Linear,
         act: Activation,
+        d_ff: usize,
     },
     Plain {
         wi: Linear,
@@ -208,10 +224,10 @@ impl FeedForward {
         let wo = linear(vb.pp("wo"), cfg.d_ff, cfg.d_model)?;
         Ok(if gated {
             Self::Gated {
-                wi_0: linear(vb.pp("wi_0"), cfg.d_model, cfg.d_ff)?,
-                wi_1: linear(vb.pp("wi_1"), cfg.d_model, cfg.d_ff)?,
+                wi: stacked(&vb, &["wi_0", "wi_1"], cfg.d_model, cfg.d_ff)?,
                 wo,
                 act,
+                d_ff: cfg.d_ff,
             }
         } else {
             Self::Plain {
@@ -224,14 +240,10 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Gated {
-                wi_0,
-                wi_1,
-                wo,
-                act,
-            } => {
-                let h = (act.forward(&wi_0.forward(x)?)? * wi_1.forward(x)?)?;
-                wo.forward(&h)
+            Self::Gated { wi, wo, act, d_ff } => {
+                let h = wi.forward(x)?;
+                let gate = act.forward(&h.narrow(D::Minus1, 0, *d_ff)?)?;
+                wo.forward(&(gate * h.narrow(D::Minus1, *d_ff, *d_ff)?)?)
             }
             Self::Plain { wi, wo, act } => wo.forward(&act.forward(&wi.forward(x)?)?),
         }

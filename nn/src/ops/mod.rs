@@ -6,7 +6,7 @@
 //! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]) |
 //! | [`conv2d`] | 2-D convolution + bias | candle's |
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
-//! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite |
+//! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite; on CUDA without a gradient candle's fused kernel |
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
 //! | [`group_norm()`] | GroupNorm, optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)) |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
@@ -158,6 +158,15 @@ pub fn layer_norm(
 /// T5's RMS norm (`T5LayerNorm`): `x / sqrt(mean(x²) + eps) · weight`, the mean taken
 /// in f32 for half types, the result cast back before the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    // on a GPU without a gradient, candle's one-kernel norm (f32 statistics; the
+    // weight applied before the one rounding, so within the dtype's rounding of this)
+    if !x.device().is_cpu()
+        && x.is_contiguous()
+        && x.dtype() != DType::F64
+        && !needs_grad(&[x, weight])
+    {
+        return candle_nn::ops::rms_norm(x, &cast_like(weight, x)?, eps as f32);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(internal_dtype(dtype))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -347,3 +347,26 @@ fn group_norm_kernel_compiles() {
     let src = ptx.to_src();
     assert!(src.contains("tb_group_norm_f32") && src.contains("tb_group_norm_bf16"));
 }
+
+/// On a GPU, T5's RMS norm without a gradient is candle's one kernel: the CPU
+/// composite's result within the dtype's rounding (skipped, saying so, without one).
+#[test]
+fn rms_norm_kernel_matches_the_cpu_on_cuda() -> Result<()> {
+    crate::testing::on_cuda("rms_norm_kernel_matches_the_cpu_on_cuda", |dev| {
+        let cpu = Device::Cpu;
+        let x = (seeded(&[3, 7, 4096], 31, DType::F32, &cpu)? * 5.0)?;
+        let w = seeded(&[4096], 32, DType::F32, &cpu)?;
+        let want = rms_norm(&x, &w, 1e-6)?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let got = rms_norm(
+                &x.to_dtype(dtype)?.to_device(dev)?,
+                &w.to_device(dev)?,
+                1e-6,
+            )?;
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_err(&got, &want)?;
+            assert!(e < tol, "{dtype:?}: {e}");
+        }
+        Ok(())
+    })
+}
