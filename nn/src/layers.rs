@@ -42,6 +42,36 @@ impl Linear {
         })
     }
 
+    /// Several layers of one input as one: the layers under `vb.pp(name)` for each of
+    /// `names` (each read, checked and named as its own tensors), their weights
+    /// and biases stacked along the output axis, so one product computes all their
+    /// outputs side by side (`[.., names.len()·out_dim]`). For frozen models: the
+    /// stacked copy is not a variable.
+    pub fn stacked(
+        vb: &VarBuilder,
+        names: &[&str],
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let layers = names
+            .iter()
+            .map(|n| {
+                if bias {
+                    Self::new(in_dim, out_dim, vb.pp(*n))
+                } else {
+                    Self::no_bias(in_dim, out_dim, vb.pp(*n))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+        })
+    }
+
     /// From tensors already at hand.
     #[must_use]
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {

@@ -152,26 +152,11 @@ struct Attention {
     d_kv: usize,
 }
 
-/// One linear layer whose weight is the named ones stacked along the output axis
-/// (each read, checked and named as its own tensor).
-fn stacked(
-    vb: &VarBuilder,
-    names: &[&str],
-    d_in: usize,
-    d_out: usize,
-) -> candle_core::Result<Linear> {
-    let ws = names
-        .iter()
-        .map(|n| linear(vb.pp(*n), d_in, d_out).map(|l| l.weight().clone()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Linear::from_weights(Tensor::cat(&ws, 0)?, None))
-}
-
 impl Attention {
     fn new(vb: VarBuilder, cfg: &T5Config) -> candle_core::Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
-            qkv: stacked(&vb, &["q", "k", "v"], cfg.d_model, inner)?,
+            qkv: Linear::stacked(&vb, &["q", "k", "v"], cfg.d_model, inner, false)?,
             o: linear(vb.pp("o"), inner, cfg.d_model)?,
             heads: cfg.num_heads,
             d_kv: cfg.d_kv,
@@ -224,7 +209,7 @@ impl FeedForward {
         let wo = linear(vb.pp("wo"), cfg.d_ff, cfg.d_model)?;
         Ok(if gated {
             Self::Gated {
-                wi: stacked(&vb, &["wi_0", "wi_1"], cfg.d_model, cfg.d_ff)?,
+                wi: Linear::stacked(&vb, &["wi_0", "wi_1"], cfg.d_model, cfg.d_ff, false)?,
                 wo,
                 act,
                 d_ff: cfg.d_ff,

@@ -39,12 +39,12 @@ pub struct LayerConfig {
     pub softmax_f32: bool,
 }
 
-/// Multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
+/// Multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`), q, k and v
+/// as one product (the encoders never train: [`Linear::stacked`] at load) and one
+/// head-major copy.
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Linear,
     out: Linear,
     cfg: LayerConfig,
 }
@@ -53,9 +53,7 @@ impl SelfAttention {
     fn new(cfg: &LayerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.dim;
         Ok(Self {
-            q: Linear::new(d, d, vb.pp("q_proj"))?,
-            k: Linear::new(d, d, vb.pp("k_proj"))?,
-            v: Linear::new(d, d, vb.pp("v_proj"))?,
+            qkv: Linear::stacked(&vb, &["q_proj", "k_proj", "v_proj"], d, d, true)?,
             out: Linear::new(d, d, vb.pp("out_proj"))?,
             cfg: *cfg,
         })
@@ -64,21 +62,18 @@ impl SelfAttention {
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let head_dim = d / self.cfg.heads;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.cfg.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        // [B, T, 3·D] -> [3, B, H, T, hd]: q, k, v are its contiguous thirds
+        let qkv = x
+            .apply(&self.qkv)?
+            .reshape((b, t, 3, self.cfg.heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
         let s = (head_dim as f64).powf(-0.5);
         let q = match self.cfg.scaling {
-            Scaling::Query => (x.apply(&self.q)? * s)?,
-            Scaling::Logits => x.apply(&self.q)?,
+            Scaling::Query => (qkv.get(0)? * s)?,
+            Scaling::Logits => qkv.get(0)?,
         };
-        let (q, k, v) = (
-            split(q)?,
-            split(x.apply(&self.k)?)?,
-            split(x.apply(&self.v)?)?,
-        );
+        let (k, v) = (qkv.get(1)?, qkv.get(2)?);
         let opts = ops::AttentionOpts {
             scale: (self.cfg.scaling == Scaling::Logits).then_some(s),
             bias,
