@@ -219,14 +219,7 @@ impl CustomOp3 for FusedGroupNorm {
             candle_core::bail!("fused group_norm: weight and bias must have {c} values");
         }
         let dev = s1.device().clone();
-        let ptx = PTX
-            .get_or_init(|| {
-                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(KERNEL)
-                    .map(|p| p.to_src())
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| candle_core::Error::Msg(format!("group_norm kernel: {e}")))?;
+        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
         let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
         let cfg = LaunchConfig {

@@ -37,6 +37,24 @@ pub use rounding::stochastic_round_bf16;
 
 use candle_core::{D, DType, Result, Tensor};
 
+/// The PTX of an NVRTC kernel `source` (module `module`, named in the error),
+/// compiled once per process: `cache` keeps it, or the compiler's error.
+#[cfg(feature = "cuda")]
+pub(crate) fn nvrtc_ptx(
+    cache: &'static std::sync::OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    module: &str,
+) -> Result<&'static str> {
+    cache
+        .get_or_init(|| {
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source)
+                .map(|p| p.to_src())
+                .map_err(|e| e.to_string())
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("kernel {module}: {e}")))
+}
+
 /// Whether any of `xs` is a variable or depends on one, i.e. whether an op on them
 /// must record its backward.
 #[must_use]

@@ -116,14 +116,7 @@ impl CustomOp1 for StochasticRound {
         let dev = s.device().clone();
         let x = s.as_cuda_slice::<f32>()?.slice(a..b);
         let n = b - a;
-        let ptx = PTX
-            .get_or_init(|| {
-                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(KERNEL)
-                    .map(|p| p.to_src())
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| candle_core::Error::Msg(format!("stochastic rounding kernel: {e}")))?;
+        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_rounding")?;
         let func = dev.get_or_load_custom_func("tensorbake_sr_bf16", "tensorbake_rounding", ptx)?;
         // SAFETY: every element of `out` is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<bf16>(n)? };
