@@ -227,8 +227,13 @@ impl FeedForward {
         match self {
             Self::Gated { wi, wo, act, d_ff } => {
                 let h = wi.forward(x)?;
-                let gate = act.forward(&h.narrow(D::Minus1, 0, *d_ff)?)?;
-                wo.forward(&(gate * h.narrow(D::Minus1, *d_ff, *d_ff)?)?)
+                let gated = if *act == Activation::GeluTanh {
+                    ops::gated_gelu_tanh(&h)?
+                } else {
+                    (act.forward(&h.narrow(D::Minus1, 0, *d_ff)?)?
+                        * h.narrow(D::Minus1, *d_ff, *d_ff)?)?
+                };
+                wo.forward(&gated)
             }
             Self::Plain { wi, wo, act } => wo.forward(&act.forward(&wi.forward(x)?)?),
         }

@@ -11,6 +11,7 @@
 //! | [`group_norm()`] | GroupNorm, optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)) |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
 //! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
+//! | [`gated_gelu_tanh`] | T5's `gelu_tanh(a) · g` on the stacked `[a, g]` | composite; on CUDA without a gradient one kernel |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
 //! | [`flops::count`] | FLOPs performed by `linear`, `conv2d` and `attention` (benchmarks) | - |
 //! | [`stochastic_round_bf16`] | f32 to bf16, rounding up with the remainder's probability (bf16 master weights) | none (an optimizer op) |
@@ -30,6 +31,7 @@
 
 pub mod flops;
 pub mod frozen;
+mod gated;
 pub mod group_norm;
 pub mod rounding;
 
@@ -300,6 +302,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
     }
     let probs = softmax_last_dim(&logits)?.to_dtype(v.dtype())?;
     probs.matmul(v)
+}
+
+/// T5 v1.1's gated GELU on a stacked product `h` `[.., 2·d]`:
+/// `gelu_tanh(h[.., :d]) · h[.., d:]` (`[.., d]`). On CUDA without a gradient one
+/// kernel ([`gated`](mod@gated)); else the composite.
+pub fn gated_gelu_tanh(h: &Tensor) -> Result<Tensor> {
+    if !h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::BF16) && !needs_grad(&[h]) {
+        return h.contiguous()?.apply_op1_no_bwd(&gated::GatedGelu);
+    }
+    let two_d = h.dim(D::Minus1)?;
+    if two_d % 2 != 0 {
+        candle_core::bail!("gated gelu: the last axis ({two_d}) is not two halves");
+    }
+    let d = two_d / 2;
+    h.narrow(D::Minus1, 0, d)?.gelu()? * h.narrow(D::Minus1, d, d)?
 }
 
 /// adaLN modulation: `x · (1 + scale) + shift`, `shift` and `scale` broadcast to `x`.

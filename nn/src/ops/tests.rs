@@ -370,3 +370,52 @@ fn rms_norm_kernel_matches_the_cpu_on_cuda() -> Result<()> {
         Ok(())
     })
 }
+
+/// The gated GELU kernel's transcription against the composite (f32 to rounding,
+/// bf16 within its rounding); an odd last axis is refused.
+#[test]
+fn fused_gated_gelu_matches_the_composite() -> Result<()> {
+    let dev = Device::Cpu;
+    let h = seeded(&[2, 3, 10], 41, DType::F32, &dev)?.affine(2.0, 0.0)?;
+    let want = gated_gelu_tanh(&h)?;
+    assert_eq!(want.dims(), &[2, 3, 5]);
+    // the composite is gelu(a) · g
+    let by_hand = (h.narrow(2, 0, 5)?.gelu()? * h.narrow(2, 5, 5)?)?;
+    assert_eq!(rel_err(&want, &by_hand)?, 0.0);
+    let got = h.apply_op1_no_bwd(&super::gated::GatedGelu)?;
+    assert!(rel_err(&got, &want)? < 1e-6);
+    let hb = h.to_dtype(DType::BF16)?;
+    let got = hb.apply_op1_no_bwd(&super::gated::GatedGelu)?;
+    assert_eq!(got.dtype(), DType::BF16);
+    assert!(rel_err(&got, &gated_gelu_tanh(&hb)?)? < 2e-2);
+    let odd = seeded(&[2, 7], 1, DType::F32, &dev)?;
+    assert!(
+        gated_gelu_tanh(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("two halves")
+    );
+    let e = odd
+        .apply_op1_no_bwd(&super::gated::GatedGelu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("two halves"), "{e}");
+    Ok(())
+}
+
+/// On a GPU the seam's gated GELU is the kernel: the CPU composite's result (skipped,
+/// saying so, without one).
+#[test]
+fn gated_gelu_kernel_matches_the_cpu_on_cuda() -> Result<()> {
+    crate::testing::on_cuda("gated_gelu_kernel_matches_the_cpu_on_cuda", |dev| {
+        let h = seeded(&[3, 7, 2 * 1000], 42, DType::F32, &Device::Cpu)?;
+        let want = gated_gelu_tanh(&h)?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let got = gated_gelu_tanh(&h.to_dtype(dtype)?.to_device(dev)?)?;
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_err(&got, &want)?;
+            assert!(e < tol, "{dtype:?}: {e}");
+        }
+        Ok(())
+    })
+}

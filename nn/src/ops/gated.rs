@@ -1,0 +1,157 @@
+//! T5 v1.1's gated GELU, `gelu_tanh(a) · g` for `[a | g] = x · [wi_0 | wi_1]ᵀ`, as one
+//! kernel for inference on CUDA: it reads the stacked product's two halves and writes
+//! the product, where the composite runs a strided GELU and a multiply (two kernels,
+//! an intermediate the size of the output).
+//!
+//! `gelu_tanh(a) = a/2 · (1 + tanh(√(2/π) · (a + 0.044715 a³)))` (candle's `gelu`,
+//! transformers' `gelu_new`), in f32 and rounded once to the input's dtype (f32 or
+//! bf16). [`GatedGelu::cpu_fwd`] is the kernel's transcription, the reference the
+//! tests hold the composite against; [`super::gated_gelu_tanh`] takes the kernel only
+//! on CUDA when no gradient is needed.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape};
+use half::bf16;
+
+/// The op on `[.., 2·d]`, giving `[.., d]`.
+pub(crate) struct GatedGelu;
+
+#[inline]
+fn gelu_tanh(a: f32) -> f32 {
+    const K: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * a * (1.0 + (K * (a + 0.044_715 * a * a * a)).tanh())
+}
+
+/// The output shape and `d`.
+fn out_shape(l: &Layout) -> Result<(Shape, usize)> {
+    let mut dims = l.shape().dims().to_vec();
+    let last = dims
+        .last_mut()
+        .ok_or_else(|| candle_core::Error::Msg("gated gelu: a scalar has no last axis".into()))?;
+    if *last % 2 != 0 {
+        candle_core::bail!("gated gelu: the last axis ({}) is not two halves", *last);
+    }
+    *last /= 2;
+    let d = *last;
+    Ok((Shape::from(dims), d))
+}
+
+#[cfg(feature = "cuda")]
+const KERNEL: &str = r#"
+__device__ __forceinline__ float tb_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float tb_load(const unsigned short* p, long long i) {
+  return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void tb_store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void tb_store(unsigned short* p, long long i, float v) {
+  unsigned int bits = __float_as_uint(v);
+  if (isnan(v)) { p[i] = (unsigned short)((bits >> 16) | 0x40u); return; }
+  unsigned int lsb = (bits >> 16) & 1u;
+  p[i] = (unsigned short)((bits + 0x7FFFu + lsb) >> 16);
+}
+
+template <typename T>
+__device__ void tb_gated_gelu(const T* h, T* y, long long d, long long n) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  long long row = i / d, col = i % d;
+  float a = tb_load(h, row * 2 * d + col);
+  float g = tb_load(h, row * 2 * d + d + col);
+  float u = 0.7978845608f * (a + 0.044715f * a * a * a);
+  tb_store(y, i, 0.5f * a * (1.0f + tanhf(u)) * g);
+}
+
+extern "C" __global__ void tb_gated_gelu_f32(const float* h, float* y, long long d, long long n) {
+  tb_gated_gelu<float>(h, y, d, n);
+}
+extern "C" __global__ void tb_gated_gelu_bf16(const unsigned short* h, unsigned short* y,
+                                              long long d, long long n) {
+  tb_gated_gelu<unsigned short>(h, y, d, n);
+}
+"#;
+
+impl CustomOp1 for GatedGelu {
+    fn name(&self) -> &'static str {
+        "gated-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (shape, d) = out_shape(l)?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("gated gelu: the input is not contiguous")
+        };
+        let h: Vec<f32> = match s {
+            CpuStorage::F32(v) => v[a..b].to_vec(),
+            CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+            other => candle_core::bail!("gated gelu: {:?} input (f32 or bf16)", other.dtype()),
+        };
+        let y: Vec<f32> = h
+            .chunks_exact(2 * d.max(1))
+            .flat_map(|row| {
+                let (a, g) = row.split_at(d);
+                a.iter().zip(g).map(|(&a, &g)| gelu_tanh(a) * g)
+            })
+            .collect();
+        let out = match s.dtype() {
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
+            _ => CpuStorage::F32(y),
+        };
+        Ok((out, shape))
+    }
+
+    // the one unsafe block of this op: allocating the output and launching the kernel
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+            std::sync::OnceLock::new();
+        let (shape, d) = out_shape(l)?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("gated gelu: the input is not contiguous")
+        };
+        let n = (b - a) / 2;
+        let dev = s.device().clone();
+        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_gated_gelu")?;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let (dd, nn) = (d as i64, n as i64);
+        let out = match s.dtype() {
+            DType::F32 => {
+                let h = s.as_cuda_slice::<f32>()?.slice(a..b);
+                let func =
+                    dev.get_or_load_custom_func("tb_gated_gelu_f32", "tensorbake_gated_gelu", ptx)?;
+                // SAFETY: the kernel writes every one of the `n` outputs before any read.
+                let y = unsafe { dev.alloc::<f32>(n)? };
+                let mut launch = func.builder();
+                launch.arg(&h).arg(&y).arg(&dd).arg(&nn);
+                // SAFETY: thread i < n reads h[row·2d + col], h[row·2d + d + col] < 2n
+                // and writes y[i].
+                unsafe { launch.launch(cfg) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            DType::BF16 => {
+                let h = s.as_cuda_slice::<bf16>()?.slice(a..b);
+                let func = dev.get_or_load_custom_func(
+                    "tb_gated_gelu_bf16",
+                    "tensorbake_gated_gelu",
+                    ptx,
+                )?;
+                // SAFETY: as above.
+                let y = unsafe { dev.alloc::<bf16>(n)? };
+                let mut launch = func.builder();
+                // the kernel reads and writes the bf16 bits as unsigned shorts
+                launch.arg(&h).arg(&y).arg(&dd).arg(&nn);
+                // SAFETY: as above.
+                unsafe { launch.launch(cfg) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
+            }
+            other => candle_core::bail!("gated gelu: {other:?} input (f32 or bf16)"),
+        };
+        Ok((out, shape))
+    }
+}
