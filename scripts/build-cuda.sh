@@ -71,12 +71,28 @@ case "${1:-}" in
     cargo build --release --features "$FEATURES" --bin tensorbake
     mkdir -p .gpu
     xz -6 -T0 -c "$CARGO_TARGET_DIR/release/tensorbake" > .gpu/tensorbake.xz
+    # the model crate's unit tests with CUDA (the seam's kernels against the CPU):
+    # scripts/gpu-check.sh runs them first
+    nn_tests=$(cargo test --release --workspace --lib --features "$FEATURES" --no-run \
+        --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "tensorbake_nn" \
+            and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])')
+    [ -n "$nn_tests" ] || { echo "no tensorbake-nn test binary was built" >&2; exit 1; }
+    xz -6 -T0 -c "$nn_tests" > .gpu/nn-tests.xz
+    # NVRTC needs no GPU: compile the seam's kernels the way the GPU machine will
+    # (the stub stands in for the driver library, which these tests never call)
+    ln -sf libcuda.so "$CR/lib/stubs/libcuda.so.1"
+    LD_LIBRARY_PATH="$CR/lib/stubs:$CR/lib:$TOOLS/nvidia/cudnn/lib" "$nn_tests" kernel_compiles
     # the GPU machine has torch and transformers but not diffusers (nor importlib_metadata,
     # which diffusers imports); the versions are the test venv's
     rm -rf .gpu/wheels && mkdir -p .gpu/wheels
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp -d .gpu/wheels \
       "$(grep '^diffusers==' scripts/requirements-torch.txt)" importlib_metadata==8.7.0
-    ls -la .gpu/tensorbake.xz .gpu/wheels ;;
+    ls -la .gpu/tensorbake.xz .gpu/nn-tests.xz .gpu/wheels ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
 esac

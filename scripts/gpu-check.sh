@@ -10,8 +10,8 @@
 #   scripts/build-cuda.sh setup && FEATURES=cuda,cudnn scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
 #   (cudnn: candle's cuDNN convolutions, 27 TFLOP/s bf16 on the H200 against 15 without)
 # On the GPU machine (the device tool), from a clean working tree:
-#   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 560
-# The steps' limits add up to 510 s.
+#   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
+# The steps' limits add up to 470 s (under 8 minutes in the worst case).
 # A dry run of the whole flow on this machine's CPU, tiny models:
 #   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f16 \
 #     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
@@ -70,25 +70,38 @@ step() {
   [ "$why" = ok ] || tail -4 "$OUT/$name.err" >&2
 }
 
+# 0. the seam's kernels (GroupNorm, gated GELU, RMS norm, stochastic rounding) against
+#    the CPU: the model crate's unit tests from the CUDA build
+if [ -f .gpu/nn-tests.xz ]; then
+  t0=$SECONDS
+  echo "== kernels (limit 40s)" >&2
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .gpu/nn-tests.xz /tmp/nn-tests && chmod +x /tmp/nn-tests
+  timeout --kill-after=10 40 /tmp/nn-tests ops:: --test-threads 1 >"$OUT/kernels.txt" 2>&1
+  rc=$?
+  case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
+  STEPS+=("kernels: $why ($((SECONDS - t0)) s; $(grep -c '^test .* ok$' "$OUT/kernels.txt") tests ok)")
+  [ "$why" = ok ] || grep -E "panicked|FAILED" "$OUT/kernels.txt" | head -8 >&2
+fi
 # 1. the tiny fixtures: device vs CPU f32, no timing to speak of, no peer
-step tiny 40 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
+step tiny 30 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
 # 2. image encoders at full size, checked, beside PyTorch; torch.compile in its default
 #    mode (max-autotune on the VAE alone takes minutes; COMPILE_MODE overrides)
-step image 140 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
+step image 120 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
   ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"}
 # 3. text encoders: T5-XXL at 120 tokens and CLIP text beside both peers
-step text 120 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
+step text 100 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
 # 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
-step more 90 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+step more 80 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
 
 # 5. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
 #    (full-size random weights), a store on local disk; the GPU's busy fraction
 STEPS_RUN=${GPU_CHECK_RUN_ARGS:---shards 6 --images-per-shard 64}
 t0=$SECONDS
-echo "== run (limit 120s)" >&2
+echo "== run (limit 100s)" >&2
 MODELS=full; [ "$PRESET" = tiny ] && MODELS=tiny
 # shellcheck disable=SC2086
-timeout --kill-after=10 120 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
+timeout --kill-after=10 100 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
   $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$OUT/run.txt" 2>"$OUT/run.err"
 rc=$?
 case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac

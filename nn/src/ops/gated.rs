@@ -155,3 +155,14 @@ impl CustomOp1 for GatedGelu {
         Ok((out, shape))
     }
 }
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    /// The kernel's source compiles with NVRTC (no GPU needed).
+    #[test]
+    fn gated_gelu_kernel_compiles() {
+        let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(super::KERNEL).unwrap();
+        let src = ptx.to_src();
+        assert!(src.contains("tb_gated_gelu_f32") && src.contains("tb_gated_gelu_bf16"));
+    }
+}

@@ -224,3 +224,13 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(all(test, feature = "cuda"))]
+mod kernel_tests {
+    /// The kernel's source compiles with NVRTC (no GPU needed).
+    #[test]
+    fn rounding_kernel_compiles() {
+        let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(super::KERNEL).unwrap();
+        assert!(ptx.to_src().contains("tensorbake_sr_bf16"));
+    }
+}
