@@ -17,12 +17,16 @@
 #     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
 #     TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
 #
-# Results: $OUT (the device tool's folder; else /tmp/gpu-check): one .txt (table), .err
-# (progress) and .json per step, and summary.txt.
+# Results: $OUT (the device tool's folder; else /tmp/gpu-check): summary.txt (every
+# table, also on stdout), kernels.txt and a .json per step (7 files: the tool brings
+# back 8 at most); each step's progress (.err) stays in $WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
+# the device tool brings back at most 8 files from $OUT: summary.txt, kernels.txt and a
+# JSON per step go there; each step's table and progress stay in $WORK
+WORK=${GPU_CHECK_WORK:-/tmp/gpu-check-work}
+mkdir -p "$OUT" "$WORK"
 DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
 DTYPE=${GPU_CHECK_DTYPE:-bf16}
 PRESET=${GPU_CHECK_PRESET:-full}
@@ -62,17 +66,17 @@ step() {
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" >&2
   timeout --kill-after=10 "$limit" "$BIN" bench encode --device "$DEVICE" --dtype "$DTYPE" \
-    --json "$OUT/$name.json" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err"
+    --json "$OUT/$name.json" "$@" >"$WORK/$name.txt" 2>"$WORK/$name.err"
   local rc=$?
   local why=ok
   case $rc in 0) ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
   STEPS+=("$name: $why ($((SECONDS - t0)) s)")
-  [ "$why" = ok ] || tail -4 "$OUT/$name.err" >&2
+  [ "$why" = ok ] || tail -4 "$WORK/$name.err" >&2
 }
 
 # 0. the seam's kernels (GroupNorm, gated GELU, RMS norm, stochastic rounding) against
 #    the CPU: the model crate's unit tests from the CUDA build
-if [ -f .gpu/nn-tests.xz ]; then
+if [ -f .gpu/nn-tests.xz ] && [ "${DEVICE#cuda}" != "$DEVICE" ]; then
   t0=$SECONDS
   echo "== kernels (limit 40s)" >&2
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
@@ -102,17 +106,17 @@ echo "== run (limit 100s)" >&2
 MODELS=full; [ "$PRESET" = tiny ] && MODELS=tiny
 # shellcheck disable=SC2086
 timeout --kill-after=10 100 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
-  $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$OUT/run.txt" 2>"$OUT/run.err"
+  $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$WORK/run.txt" 2>"$WORK/run.err"
 rc=$?
 case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
 STEPS+=("run: $why ($((SECONDS - t0)) s)")
-[ "$why" = ok ] || tail -4 "$OUT/run.err" >&2
+[ "$why" = ok ] || tail -4 "$WORK/run.err" >&2
 
 {
   echo
   for s in "${STEPS[@]}"; do echo "$s"; done
   for name in tiny image text more run; do
-    [ -s "$OUT/$name.txt" ] && { echo; cat "$OUT/$name.txt"; }
+    [ -s "$WORK/$name.txt" ] && { echo; cat "$WORK/$name.txt"; }
   done
 } | tee -a "$OUT/summary.txt"
 grep -q "FAILED\|TIMED OUT" "$OUT/summary.txt" && exit 1
