@@ -107,8 +107,8 @@ impl CustomOp1 for GatedGelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::WrapErr;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
         let (shape, d) = out_shape(l)?;
@@ -116,40 +116,34 @@ impl CustomOp1 for GatedGelu {
             candle_core::bail!("gated gelu: the input is not contiguous")
         };
         let n = (b - a) / 2;
-        let dev = s.device().clone();
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_gated_gelu")?;
         let cfg = LaunchConfig::for_num_elems(n as u32);
-        let (dd, nn) = (d as i64, n as i64);
+        // one launch for either dtype: the kernel `tb_gated_gelu_{f32,bf16}`
+        fn launch<T: CudaDType + DeviceRepr>(
+            s: &candle_core::CudaStorage,
+            (a, b): (usize, usize),
+            (d, n): (usize, usize),
+            name: &str,
+            ptx: &str,
+            cfg: LaunchConfig,
+        ) -> Result<candle_core::CudaStorage> {
+            let dev = s.device().clone();
+            let h = s.as_cuda_slice::<T>()?.slice(a..b);
+            let func = dev.get_or_load_custom_func(name, "tensorbake_gated_gelu", ptx)?;
+            // SAFETY: the kernel writes every one of the `n` outputs before any read.
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let (dd, nn) = (d as i64, n as i64);
+            let mut args = func.builder();
+            // bf16 is read and written as its bits (unsigned shorts)
+            args.arg(&h).arg(&y).arg(&dd).arg(&nn);
+            // SAFETY: thread i < n reads h[row·2d + col], h[row·2d + d + col] < 2n
+            // and writes y[i].
+            unsafe { args.launch(cfg) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
+        }
         let out = match s.dtype() {
-            DType::F32 => {
-                let h = s.as_cuda_slice::<f32>()?.slice(a..b);
-                let func =
-                    dev.get_or_load_custom_func("tb_gated_gelu_f32", "tensorbake_gated_gelu", ptx)?;
-                // SAFETY: the kernel writes every one of the `n` outputs before any read.
-                let y = unsafe { dev.alloc::<f32>(n)? };
-                let mut launch = func.builder();
-                launch.arg(&h).arg(&y).arg(&dd).arg(&nn);
-                // SAFETY: thread i < n reads h[row·2d + col], h[row·2d + d + col] < 2n
-                // and writes y[i].
-                unsafe { launch.launch(cfg) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
-            }
-            DType::BF16 => {
-                let h = s.as_cuda_slice::<bf16>()?.slice(a..b);
-                let func = dev.get_or_load_custom_func(
-                    "tb_gated_gelu_bf16",
-                    "tensorbake_gated_gelu",
-                    ptx,
-                )?;
-                // SAFETY: as above.
-                let y = unsafe { dev.alloc::<bf16>(n)? };
-                let mut launch = func.builder();
-                // the kernel reads and writes the bf16 bits as unsigned shorts
-                launch.arg(&h).arg(&y).arg(&dd).arg(&nn);
-                // SAFETY: as above.
-                unsafe { launch.launch(cfg) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
-            }
+            DType::F32 => launch::<f32>(s, (a, b), (d, n), "tb_gated_gelu_f32", ptx, cfg)?,
+            DType::BF16 => launch::<bf16>(s, (a, b), (d, n), "tb_gated_gelu_bf16", ptx, cfg)?,
             other => candle_core::bail!("gated gelu: {other:?} input (f32 or bf16)"),
         };
         Ok((out, shape))

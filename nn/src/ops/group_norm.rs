@@ -202,8 +202,10 @@ impl CustomOp3 for FusedGroupNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::WrapErr;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
         let (n, c, hw) = self.dims(l1)?;
@@ -218,7 +220,6 @@ impl CustomOp3 for FusedGroupNorm {
         if wz - wa != c || bz - ba != c {
             candle_core::bail!("fused group_norm: weight and bias must have {c} values");
         }
-        let dev = s1.device().clone();
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
         let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
@@ -227,47 +228,38 @@ impl CustomOp3 for FusedGroupNorm {
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ci, hwi, gi, eps, si) = (
-            c as i32,
-            hw as i64,
-            self.groups as i32,
-            self.eps,
-            i32::from(self.silu),
-        );
-        let len = z - a;
+        // one launch for either dtype: the kernel `tb_group_norm_{f32,bf16}`
+        #[allow(clippy::too_many_arguments)]
+        fn typed<T: CudaDType + DeviceRepr>(
+            op: &FusedGroupNorm,
+            s1: &candle_core::CudaStorage,
+            (a, z): (usize, usize),
+            (w, b): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+            (c, hw): (usize, usize),
+            name: &str,
+            ptx: &str,
+            cfg: LaunchConfig,
+        ) -> Result<candle_core::CudaStorage> {
+            let dev = s1.device().clone();
+            let x = s1.as_cuda_slice::<T>()?.slice(a..z);
+            let func = dev.get_or_load_custom_func(name, "tensorbake_group_norm", ptx)?;
+            // SAFETY: the kernel writes every element of `y` (each group's block
+            // covers its m values) before anything reads it.
+            let y = unsafe { dev.alloc::<T>(z - a)? };
+            let (ci, hwi, gi, si) = (c as i32, hw as i64, op.groups as i32, i32::from(op.silu));
+            let mut args = func.builder();
+            // bf16 is read and written as its bits (unsigned shorts)
+            args.arg(&x).arg(w).arg(b).arg(&y);
+            args.arg(&ci).arg(&hwi).arg(&gi).arg(&op.eps).arg(&si);
+            // SAFETY: n·groups blocks, each reading and writing its group's
+            // cpg·hw values inside the n·c·hw of `x` and `y`, and c of `w`, `b`.
+            unsafe { args.launch(cfg) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        let (x, wb, dims) = ((a, z), (&w, &b), (c, hw));
         let out = match s1.dtype() {
-            DType::F32 => {
-                let x = s1.as_cuda_slice::<f32>()?.slice(a..z);
-                let func =
-                    dev.get_or_load_custom_func("tb_group_norm_f32", "tensorbake_group_norm", ptx)?;
-                // SAFETY: the kernel writes every element of `y` (each group's block
-                // covers its m values) before anything reads it.
-                let y = unsafe { dev.alloc::<f32>(len)? };
-                let mut l = func.builder();
-                l.arg(&x).arg(&w).arg(&b).arg(&y);
-                l.arg(&ci).arg(&hwi).arg(&gi).arg(&eps).arg(&si);
-                // SAFETY: n·groups blocks, each reading and writing its group's
-                // cpg·hw values inside the n·c·hw of `x` and `y`, and c of `w`, `b`.
-                unsafe { l.launch(cfg) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
-            }
-            DType::BF16 => {
-                let x = s1.as_cuda_slice::<bf16>()?.slice(a..z);
-                let func = dev.get_or_load_custom_func(
-                    "tb_group_norm_bf16",
-                    "tensorbake_group_norm",
-                    ptx,
-                )?;
-                // SAFETY: as above.
-                let y = unsafe { dev.alloc::<bf16>(len)? };
-                let mut l = func.builder();
-                // the kernel reads and writes the bf16 bits as unsigned shorts
-                l.arg(&x).arg(&w).arg(&b).arg(&y);
-                l.arg(&ci).arg(&hwi).arg(&gi).arg(&eps).arg(&si);
-                // SAFETY: as above.
-                unsafe { l.launch(cfg) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
-            }
+            DType::F32 => typed::<f32>(self, s1, x, wb, dims, "tb_group_norm_f32", ptx, cfg)?,
+            DType::BF16 => typed::<bf16>(self, s1, x, wb, dims, "tb_group_norm_bf16", ptx, cfg)?,
             d => candle_core::bail!("fused group_norm: {d:?} input (f32 or bf16 only)"),
         };
         Ok((out, l1.shape().clone()))
