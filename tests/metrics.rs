@@ -244,7 +244,7 @@ fn metrics_are_live_during_a_run_and_end_equal_to_the_report() {
         "the stall made a retry: {report:#}"
     );
     let stages = &report["stages"];
-    for stage in ["encode", "write"] {
+    for stage in ["prepare", "encode", "write"] {
         let l = format!("stage=\"{stage}\"");
         assert_eq!(
             value(fin, "tensorbake_stage_busy_seconds_total", &l),

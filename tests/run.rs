@@ -586,9 +586,10 @@ fn memory_stays_bounded_with_more_data_than_the_queues_hold() {
     let q = &report["queues"];
     let bound = q["in_flight_bound"].as_u64().unwrap();
     let high = q["in_flight_high"].as_u64().unwrap();
-    // encode queue 4 + 2 shards x batch 2 pending + batch 2 encoding
-    // + 1 writer x (1 queued + 1 writing) x 2 + 2 blocked decode threads = 16
-    assert_eq!(bound, 16, "{q:#}");
+    // encode queue 4 + 2 shards x batch 2 pending + batch 2 prepared + batch 2
+    // encoding (no batch held: the CPU's work is done when it returns)
+    // + 1 writer x (1 queued + 1 writing) x 2 + 2 blocked decode threads = 18
+    assert_eq!(bound, 18, "{q:#}");
     assert!(high >= 1 && high <= bound, "{q:#}");
     assert_eq!(report["samples"]["written"], 64);
     assert!(64 > 3 * bound);

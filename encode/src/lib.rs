@@ -138,11 +138,112 @@ pub struct EncoderInfo {
     pub arrays: Vec<ArraySpec>,
 }
 
-/// A frozen encoder: a batch in, named arrays (leading batch axis) out.
-pub trait Encoder: Send {
-    /// Encodes one batch. Each returned tensor has the batch as axis 0, in input order,
-    /// one per [`EncoderInfo::arrays`] entry, in that order.
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>>;
+/// One batch made ready for an encoder's model by [`Encoder::prepare`]: preprocessed
+/// or tokenized on the host and uploaded to the encoder's device. Only an encoder of
+/// the feature that prepared it can [`Encoder::run`] it.
+pub struct Prepared {
+    feature: Feature,
+    inputs: Box<dyn std::any::Any + Send>,
+    len: usize,
+    uploaded_bytes: u64,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("feature", &self.feature)
+            .field("len", &self.len)
+            .field("uploaded_bytes", &self.uploaded_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// `len` inputs made into the model inputs `inputs` (the encoder's own type) for
+    /// `feature`, `uploaded_bytes` of which were copied to the device.
+    pub fn new<T: std::any::Any + Send>(
+        feature: Feature,
+        inputs: T,
+        len: usize,
+        uploaded_bytes: u64,
+    ) -> Self {
+        Self {
+            feature,
+            inputs: Box::new(inputs),
+            len,
+            uploaded_bytes,
+        }
+    }
+
+    /// The feature whose encoder prepared the batch.
+    #[must_use]
+    pub fn feature(&self) -> Feature {
+        self.feature
+    }
+
+    /// Inputs (images or captions) in the batch.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of model input copied from the host to the device (0 on the CPU).
+    #[must_use]
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes
+    }
+
+    /// The model inputs, if an encoder of `feature` made them as a `T`.
+    ///
+    /// # Errors
+    /// [`EncodeError::BadInput`] naming `feature` for a batch another feature's
+    /// encoder prepared.
+    pub fn take<T: std::any::Any>(self, feature: Feature) -> Result<T> {
+        let refused = |why: String| EncodeError::BadInput {
+            encoder: feature.name().to_string(),
+            why,
+        };
+        if self.feature != feature {
+            return Err(refused(format!(
+                "this batch was prepared by another kind of encoder (`{}`)",
+                self.feature
+            )));
+        }
+        self.inputs
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| refused("this batch holds inputs of another type".into()))
+    }
+}
+
+/// A frozen encoder: a batch in, named arrays (leading batch axis) out, in two
+/// halves so that a pipeline can overlap them: [`Encoder::prepare`] (host work and
+/// the upload) for the next batch on one thread while [`Encoder::run`] (the model)
+/// runs the current one on another.
+pub trait Encoder: Send + Sync {
+    /// The host half of a batch: preprocessing or tokenizing, and the upload of the
+    /// model inputs to the device, complete when this returns.
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared>;
+
+    /// The device half: the model on a batch this encoder prepared. Each returned
+    /// tensor has the batch as axis 0, in input order, one per
+    /// [`EncoderInfo::arrays`] entry, in that order. On a GPU the work may still be
+    /// queued when this returns ([`tensorbake_nn::ops::transfer::Fence`]).
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>>;
+
+    /// Encodes one batch: [`Encoder::prepare`], then [`Encoder::run`].
+    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
+        self.run(self.prepare(input)?)
+    }
+
+    /// The device the model runs on.
+    fn device(&self) -> &candle_core::Device;
 
     /// What the store records about this encoder.
     fn info(&self) -> EncoderInfo;
@@ -207,6 +308,15 @@ pub fn build_encoder(cfg: &EncoderConfig, resolution: u32) -> Result<Box<dyn Enc
     })
 }
 
+/// Bytes the tensors hold on a device other than the CPU (what an upload copied).
+pub(crate) fn device_bytes(tensors: &[&Tensor]) -> u64 {
+    tensors
+        .iter()
+        .filter(|t| !t.device().is_cpu())
+        .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+        .sum()
+}
+
 /// Runs `f` over `items` in chunks of at most `batch` and concatenates each of its
 /// outputs on axis 0 (the batching every encoder does).
 pub(crate) fn chunked<T>(
@@ -219,6 +329,12 @@ pub(crate) fn chunked<T>(
     for chunk in items.chunks(batch.max(1)) {
         parts.push(f(chunk)?);
     }
+    concat_outputs(&parts, encoder)
+}
+
+/// Each output of the chunks' `parts` (one `Vec` per chunk, the outputs in the same
+/// order in each) concatenated on axis 0.
+pub(crate) fn concat_outputs(parts: &[Vec<Tensor>], encoder: &str) -> Result<Vec<Tensor>> {
     let n = parts.first().map_or(0, Vec::len);
     (0..n)
         .map(|k| {

@@ -35,13 +35,15 @@ use tensorbake_kit::schema::{Array, Feature, NullInput};
 use tensorbake_nn::Error as NnError;
 use tensorbake_nn::clip_text::{ClipTextConfig, ClipTextModel};
 use tensorbake_nn::loader::{WeightFiles, same_names};
+use tensorbake_nn::ops::transfer::Staging;
 use tensorbake_nn::t5::{T5Config, T5EncoderModel};
 use tensorbake_nn::weights::{ModelDir, file_sha256, fingerprint};
 use tensorbake_nn::{compute_dtype, parse_device};
 
 use crate::tokenize::{TextTokenizer, TokenBatch, find_tokenizer, tokenizer_dirs};
 use crate::{
-    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8, chunked,
+    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Prepared, Result, Rgb8,
+    chunked, concat_outputs, device_bytes,
 };
 
 /// T5's default maximum length: PixArt-α's 120 tokens.
@@ -153,13 +155,17 @@ fn bad_config(dir: &ModelDir, e: serde_json::Error) -> EncodeError {
     .into()
 }
 
+fn empty_batch(encoder: &str) -> EncodeError {
+    EncodeError::BadInput {
+        encoder: encoder.into(),
+        why: "empty batch".into(),
+    }
+}
+
 fn texts<'a>(input: Input<'a>, encoder: &str) -> Result<&'a [&'a str]> {
     match input {
         Input::Texts(t) if !t.is_empty() => Ok(t),
-        Input::Texts(_) => Err(EncodeError::BadInput {
-            encoder: encoder.into(),
-            why: "empty batch".into(),
-        }),
+        Input::Texts(_) => Err(empty_batch(encoder)),
         Input::Images(_) => Err(EncodeError::BadInput {
             encoder: encoder.into(),
             why: "takes captions, was given images".into(),
@@ -173,7 +179,7 @@ pub struct T5TextEncoder {
     tokenizer: TextTokenizer,
     max_length: usize,
     batch: usize,
-    device: Device,
+    staging: Staging,
     dtype: DType,
     info: EncoderInfo,
 }
@@ -250,7 +256,7 @@ impl T5TextEncoder {
             tokenizer: l.tokenizer,
             max_length,
             batch: cfg.batch,
-            device: l.device,
+            staging: Staging::new(&l.device),
             dtype: l.dtype,
             info,
         })
@@ -271,22 +277,35 @@ impl T5TextEncoder {
         self.tokenizer.encode_batch(texts, self.max_length)
     }
 
-    fn encode_chunk(&self, texts: &[&str]) -> Result<Vec<Tensor>> {
+    /// The model inputs of one chunk of captions, uploaded: ids and mask `[b, t]` at
+    /// the chunk's longest caption, lengths `[b]`.
+    fn prepare_chunk(&self, texts: &[&str]) -> Result<T5Chunk> {
         let err = candle("t5");
         let tb = self.tokenize(texts)?;
         let b = tb.len();
         let t = tb.lengths.iter().copied().max().unwrap_or(1).max(1);
-        let _span = tracing::debug_span!("t5", batch = b, tokens = t).entered();
         let ids: Vec<u32> = (0..b).flat_map(|i| tb.row(i)[..t].to_vec()).collect();
         let mask: Vec<f32> = tb
             .lengths
             .iter()
             .flat_map(|&n| (0..t).map(move |j| if j < n { 1.0 } else { 0.0 }))
             .collect();
-        let ids = Tensor::from_vec(ids, (b, t), &self.device).map_err(&err)?;
-        let mask = Tensor::from_vec(mask, (b, t), &self.device).map_err(&err)?;
-        let hidden = self.model.forward(&ids, Some(&mask)).map_err(&err)?;
-        let keep = mask
+        let lens: Vec<u32> = tb.lengths.iter().map(|&n| n as u32).collect();
+        Ok(T5Chunk {
+            ids: self.staging.upload(&ids, (b, t)).map_err(&err)?,
+            mask: self.staging.upload(&mask, (b, t)).map_err(&err)?,
+            lens: self.staging.upload(&lens, b).map_err(&err)?,
+        })
+    }
+
+    /// `[hidden, lens]` of one prepared chunk, hidden padded with zeros to `L`.
+    fn run_chunk(&self, c: &T5Chunk) -> Result<Vec<Tensor>> {
+        let err = candle("t5");
+        let (b, t) = c.ids.dims2().map_err(&err)?;
+        let _span = tracing::debug_span!("t5", batch = b, tokens = t).entered();
+        let hidden = self.model.forward(&c.ids, Some(&c.mask)).map_err(&err)?;
+        let keep = c
+            .mask
             .to_dtype(self.dtype)
             .map_err(&err)?
             .unsqueeze(2)
@@ -294,20 +313,22 @@ impl T5TextEncoder {
         let mut hidden = hidden.broadcast_mul(&keep).map_err(&err)?;
         if t < self.max_length {
             let d = self.model.config().d_model;
-            let pad = Tensor::zeros((b, self.max_length - t, d), self.dtype, &self.device)
-                .map_err(&err)?;
+            let pad = Tensor::zeros(
+                (b, self.max_length - t, d),
+                self.dtype,
+                self.staging.device(),
+            )
+            .map_err(&err)?;
             hidden = Tensor::cat(&[&hidden, &pad], 1).map_err(&err)?;
         }
-        let lens: Vec<u32> = tb.lengths.iter().map(|&n| n as u32).collect();
-        let lens = Tensor::from_vec(lens, b, &self.device).map_err(&err)?;
-        Ok(vec![hidden, lens])
+        Ok(vec![hidden, c.lens.clone()])
     }
 
     /// `t5_hidden` `[B, L, d_model]` (zero beyond each length) and `t5_len` `[B]` (u32).
     pub fn encode_texts(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
-        let mut out = chunked(texts, self.batch, "t5", |c| self.encode_chunk(c))?;
-        let lens = out.pop().expect("two outputs");
-        let hidden = out.pop().expect("two outputs");
+        let mut out = self.encode(Input::Texts(texts))?;
+        let (_, lens) = out.pop().expect("two outputs");
+        let (_, hidden) = out.pop().expect("two outputs");
         Ok((hidden, lens))
     }
 
@@ -325,18 +346,53 @@ impl T5TextEncoder {
         let err = candle("t5");
         let mut out = chunked(texts, self.batch, "t5", |c| {
             let tb = self.tokenize(c)?;
-            let ids =
-                Tensor::from_vec(tb.ids, (c.len(), self.max_length), &self.device).map_err(&err)?;
+            let ids = self
+                .staging
+                .upload(&tb.ids, (c.len(), self.max_length))
+                .map_err(&err)?;
             Ok(vec![self.model.forward(&ids, None).map_err(&err)?])
         })?;
         Ok(out.pop().expect("one output"))
     }
 }
 
+/// T5's inputs of one chunk, on its device.
+struct T5Chunk {
+    ids: Tensor,
+    mask: Tensor,
+    lens: Tensor,
+}
+
 impl Encoder for T5TextEncoder {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
-        let (h, l) = self.encode_texts(texts(input, "t5")?)?;
-        Ok(vec![(Array::T5Hidden, h), (Array::T5Len, l)])
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
+        let texts = texts(input, "t5")?;
+        let chunks = texts
+            .chunks(self.batch.max(1))
+            .map(|c| self.prepare_chunk(c))
+            .collect::<Result<Vec<_>>>()?;
+        let all: Vec<&Tensor> = chunks
+            .iter()
+            .flat_map(|c| [&c.ids, &c.mask, &c.lens])
+            .collect();
+        let bytes = device_bytes(&all);
+        Ok(Prepared::new(Feature::T5, chunks, texts.len(), bytes))
+    }
+
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        let chunks: Vec<T5Chunk> = prepared.take(Feature::T5)?;
+        let parts = chunks
+            .iter()
+            .map(|c| self.run_chunk(c))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = concat_outputs(&parts, "t5")?;
+        let (Some(lens), Some(hidden)) = (out.pop(), out.pop()) else {
+            return Err(empty_batch("t5"));
+        };
+        Ok(vec![(Array::T5Hidden, hidden), (Array::T5Len, lens)])
+    }
+
+    fn device(&self) -> &Device {
+        self.staging.device()
     }
 
     fn info(&self) -> EncoderInfo {
@@ -354,7 +410,7 @@ pub struct ClipTextEncoder {
     tokenizer: TextTokenizer,
     max_length: usize,
     batch: usize,
-    device: Device,
+    staging: Staging,
     info: EncoderInfo,
 }
 
@@ -420,7 +476,7 @@ impl ClipTextEncoder {
             tokenizer: l.tokenizer,
             max_length,
             batch: cfg.batch,
-            device: l.device,
+            staging: Staging::new(&l.device),
             info,
         })
     }
@@ -435,24 +491,29 @@ impl ClipTextEncoder {
         self.tokenizer.encode_batch(texts, self.max_length)
     }
 
+    /// The model inputs of one chunk of captions: ids `[b, t]` up to the furthest
+    /// pooled position, uploaded, and each caption's pooled position.
+    fn prepare_chunk(&self, texts: &[&str]) -> Result<ClipChunk> {
+        let tb = self.tokenize(texts)?;
+        let cfg = self.model.config();
+        let pos: Vec<usize> = (0..tb.len())
+            .map(|i| cfg.pooled_position(tb.row(i)))
+            .collect();
+        let t = pos.iter().copied().max().unwrap_or(0) + 1;
+        let ids: Vec<u32> = (0..tb.len())
+            .flat_map(|i| tb.row(i)[..t].to_vec())
+            .collect();
+        let ids = self
+            .staging
+            .upload(&ids, (texts.len(), t))
+            .map_err(candle("clip_text"))?;
+        Ok(ClipChunk { ids, pos })
+    }
+
     /// `clip_text_pooled` `[B, hidden]`.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        let err = candle("clip_text");
-        let mut out = chunked(texts, self.batch, "clip_text", |c| {
-            let tb = self.tokenize(c)?;
-            let cfg = self.model.config();
-            let pos: Vec<usize> = (0..tb.len())
-                .map(|i| cfg.pooled_position(tb.row(i)))
-                .collect();
-            let t = pos.iter().copied().max().unwrap_or(0) + 1;
-            let _span = tracing::debug_span!("clip_text", batch = c.len(), tokens = t).entered();
-            let ids: Vec<u32> = (0..tb.len())
-                .flat_map(|i| tb.row(i)[..t].to_vec())
-                .collect();
-            let ids = Tensor::from_vec(ids, (c.len(), t), &self.device).map_err(&err)?;
-            Ok(vec![self.model.pooled(&ids, &pos).map_err(&err)?])
-        })?;
-        Ok(out.pop().expect("one output"))
+        let mut out = self.encode(Input::Texts(texts))?;
+        Ok(out.pop().expect("one output").1)
     }
 
     /// The empty caption's `clip_text_pooled` `[hidden]`.
@@ -463,10 +524,42 @@ impl ClipTextEncoder {
     }
 }
 
+/// CLIP text's inputs of one chunk: ids on its device, pooled positions on the host.
+struct ClipChunk {
+    ids: Tensor,
+    pos: Vec<usize>,
+}
+
 impl Encoder for ClipTextEncoder {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
-        let p = self.encode_texts(texts(input, "clip_text")?)?;
-        Ok(vec![(Array::ClipTextPooled, p)])
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
+        let texts = texts(input, "clip_text")?;
+        let chunks = texts
+            .chunks(self.batch.max(1))
+            .map(|c| self.prepare_chunk(c))
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = device_bytes(&chunks.iter().map(|c| &c.ids).collect::<Vec<_>>());
+        Ok(Prepared::new(Feature::ClipText, chunks, texts.len(), bytes))
+    }
+
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        let err = candle("clip_text");
+        let chunks: Vec<ClipChunk> = prepared.take(Feature::ClipText)?;
+        let parts = chunks
+            .iter()
+            .map(|c| {
+                let (b, t) = c.ids.dims2().map_err(&err)?;
+                let _span = tracing::debug_span!("clip_text", batch = b, tokens = t).entered();
+                Ok(vec![self.model.pooled(&c.ids, &c.pos).map_err(&err)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = concat_outputs(&parts, "clip_text")?
+            .pop()
+            .ok_or_else(|| empty_batch("clip_text"))?;
+        Ok(vec![(Array::ClipTextPooled, pooled)])
+    }
+
+    fn device(&self) -> &Device {
+        self.staging.device()
     }
 
     fn info(&self) -> EncoderInfo {

@@ -27,6 +27,7 @@ use serde_json::json;
 use tensorbake_kit::schema::{Array, Feature};
 use tensorbake_nn::clip_vision::{self, CLIP_MEAN, CLIP_STD, ClipVisionWithProjection};
 use tensorbake_nn::loader::{NameMap, WeightFiles, same_names};
+use tensorbake_nn::ops::transfer::Staging;
 use tensorbake_nn::siglip::{self, SiglipVision};
 use tensorbake_nn::vae::{self, VaeEncoder};
 use tensorbake_nn::weights::{ModelDir, fingerprint};
@@ -34,7 +35,8 @@ use tensorbake_nn::{Error as NnError, conv_compute_dtype, parse_device};
 
 use crate::image_ops::{Filter, ImageProcessor, PreprocessorConfig, ResizeRule, RgbImage};
 use crate::{
-    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Result, Rgb8, chunked,
+    ArraySpec, EncodeError, Encoder, EncoderConfig, EncoderInfo, Input, Prepared, Result, Rgb8,
+    concat_outputs, device_bytes,
 };
 
 fn candle_err(encoder: &str) -> impl Fn(candle_core::Error) -> EncodeError + '_ {
@@ -127,18 +129,34 @@ fn model_or_sub(dir: ModelDir, sub: &str) -> ModelDir {
     dir
 }
 
-fn to_batch(
+/// CHW f32 images as a `[B, 3, h, w]` batch in `dtype` on the staging device, cast on
+/// the host (with the device's rounding, to nearest even) so that a half-precision
+/// batch uploads half the bytes.
+fn upload_pixels(
+    staging: &Staging,
     pix: Vec<Vec<f32>>,
     h: usize,
     w: usize,
-    dev: &Device,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
-    let b = pix.len();
+    let shape = (pix.len(), 3, h, w);
     let flat: Vec<f32> = pix.into_iter().flatten().collect();
-    Tensor::from_vec(flat, (b, 3, h, w), &Device::Cpu)?
-        .to_device(dev)?
-        .to_dtype(dtype)
+    match dtype {
+        DType::BF16 => {
+            let v: Vec<half::bf16> = flat.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            staging.upload(&v, shape)
+        }
+        DType::F16 => {
+            let v: Vec<half::f16> = flat.iter().map(|&x| half::f16::from_f32(x)).collect();
+            staging.upload(&v, shape)
+        }
+        DType::F32 => staging.upload(&flat, shape),
+        // a cast on the device would run on the preparing thread's stream, unordered
+        // with the model's
+        other => Err(candle_core::Error::Msg(format!(
+            "image batches are uploaded in f32, bf16 or f16, not {other:?}"
+        ))),
+    }
 }
 
 fn empty_outputs(
@@ -166,7 +184,7 @@ pub struct VaeFeature {
     feature: String,
     model: VaeEncoder,
     resolution: u32,
-    device: Device,
+    staging: Staging,
     dtype: DType,
     batch: usize,
     info: EncoderInfo,
@@ -250,7 +268,7 @@ pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Resu
         feature: feature.name().to_string(),
         model,
         resolution,
-        device,
+        staging: Staging::new(&device),
         dtype,
         batch: cfg.batch,
         info,
@@ -260,40 +278,64 @@ pub fn build_vae(cfg: &EncoderConfig, feature: Feature, resolution: u32) -> Resu
 impl VaeFeature {
     /// The VAE input of one image: shortest side to the resolution and centre crop
     /// (unchanged if already at the resolution).
-    pub fn prepare(&self, img: &Rgb8<'_>) -> RgbImage {
+    pub fn prepare_image(&self, img: &Rgb8<'_>) -> RgbImage {
         crate::image_ops::resize_shortest_side_crop(img, self.resolution, Filter::Bicubic)
     }
 }
 
 impl Encoder for VaeFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
         let imgs = images(&self.feature, input)?;
-        let names: Vec<Array> = self.info.arrays.iter().map(|a| a.array).collect();
-        if imgs.is_empty() {
-            return empty_outputs(&self.info.arrays, self.dtype, &self.device, &self.feature);
-        }
         let n = self.resolution as usize;
-        let outs = chunked(imgs, self.batch, &self.feature, |chunk| {
-            let pix: Vec<Vec<f32>> = chunk
-                .par_iter()
-                .map(|im| {
-                    let r = self.prepare(im);
-                    // HWC u8 -> CHW in [-1, 1]
-                    let mut v = vec![0f32; 3 * n * n];
-                    for (i, px) in r.pixels.chunks_exact(3).enumerate() {
-                        for ch in 0..3 {
-                            v[ch * n * n + i] = f32::from(px[ch]) / 127.5 - 1.0;
+        let chunks = imgs
+            .chunks(self.batch.max(1))
+            .map(|chunk| {
+                let pix: Vec<Vec<f32>> = chunk
+                    .par_iter()
+                    .map(|im| {
+                        let r = self.prepare_image(im);
+                        // HWC u8 -> CHW in [-1, 1]
+                        let mut v = vec![0f32; 3 * n * n];
+                        for (i, px) in r.pixels.chunks_exact(3).enumerate() {
+                            for ch in 0..3 {
+                                v[ch * n * n + i] = f32::from(px[ch]) / 127.5 - 1.0;
+                            }
                         }
-                    }
-                    v
-                })
-                .collect();
-            let x =
-                to_batch(pix, n, n, &self.device, self.dtype).map_err(candle_err(&self.feature))?;
-            let (mean, std) = self.model.forward(&x).map_err(candle_err(&self.feature))?;
-            Ok(vec![mean, std])
-        })?;
+                        v
+                    })
+                    .collect();
+                upload_pixels(&self.staging, pix, n, n, self.dtype)
+                    .map_err(candle_err(&self.feature))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let bytes = device_bytes(&chunks.iter().collect::<Vec<_>>());
+        Ok(Prepared::new(self.info.feature, chunks, imgs.len(), bytes))
+    }
+
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        let names: Vec<Array> = self.info.arrays.iter().map(|a| a.array).collect();
+        if prepared.is_empty() {
+            return empty_outputs(
+                &self.info.arrays,
+                self.dtype,
+                self.staging.device(),
+                &self.feature,
+            );
+        }
+        let chunks: Vec<Tensor> = prepared.take(self.info.feature)?;
+        let parts = chunks
+            .iter()
+            .map(|x| {
+                let (mean, std) = self.model.forward(x).map_err(candle_err(&self.feature))?;
+                Ok(vec![mean, std])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outs = concat_outputs(&parts, &self.feature)?;
         Ok(names.into_iter().zip(outs).collect())
+    }
+
+    fn device(&self) -> &Device {
+        self.staging.device()
     }
 
     fn info(&self) -> EncoderInfo {
@@ -307,7 +349,7 @@ impl Encoder for VaeFeature {
 pub struct SiglipFeature {
     model: SiglipVision,
     processor: ImageProcessor,
-    device: Device,
+    staging: Staging,
     dtype: DType,
     batch: usize,
     info: EncoderInfo,
@@ -373,7 +415,7 @@ pub fn build_siglip(cfg: &EncoderConfig) -> Result<SiglipFeature> {
     Ok(SiglipFeature {
         model,
         processor,
-        device,
+        staging: Staging::new(&device),
         dtype,
         batch: cfg.batch,
         info,
@@ -407,14 +449,14 @@ fn processed_batch(
     p: &ImageProcessor,
     chunk: &[Rgb8<'_>],
     side: usize,
-    dev: &Device,
+    staging: &Staging,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
-    // Preprocessing is CPU work on the encoder's thread: spread it over the rayon
-    // pool so that it does not hold the GPU up (a SigLIP 512 -> 384 resize takes ~6 ms
-    // per image on one core, three times the model's time per image on an H200).
+    // Preprocessing is CPU work: spread it over the rayon pool (a SigLIP 512 -> 384
+    // resize takes ~6 ms per image on one core, three times the model's time per
+    // image on an H200); a pipeline runs it ahead of the model ([`Encoder::prepare`]).
     let pix: Vec<Vec<f32>> = chunk.par_iter().map(|im| p.pixel_values(im)).collect();
-    to_batch(pix, side, side, dev, dtype)
+    upload_pixels(staging, pix, side, side, dtype)
 }
 
 impl SiglipFeature {
@@ -436,8 +478,16 @@ impl SiglipFeature {
 }
 
 impl Encoder for SiglipFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
-        self.encode_images(input)
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
+        self.prepare_images(input)
+    }
+
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        self.run_images(prepared)
+    }
+
+    fn device(&self) -> &Device {
+        self.staging.device()
     }
 
     fn info(&self) -> EncoderInfo {
@@ -451,7 +501,7 @@ impl Encoder for SiglipFeature {
 pub struct ClipVisionFeature {
     model: ClipVisionWithProjection,
     processor: ImageProcessor,
-    device: Device,
+    staging: Staging,
     dtype: DType,
     batch: usize,
     info: EncoderInfo,
@@ -504,7 +554,7 @@ pub fn build_clip_vision(cfg: &EncoderConfig) -> Result<ClipVisionFeature> {
     Ok(ClipVisionFeature {
         model,
         processor,
-        device,
+        staging: Staging::new(&device),
         dtype,
         batch: cfg.batch,
         info,
@@ -530,8 +580,16 @@ impl ClipVisionFeature {
 }
 
 impl Encoder for ClipVisionFeature {
-    fn encode(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
-        self.encode_images(input)
+    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
+        self.prepare_images(input)
+    }
+
+    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        self.run_images(prepared)
+    }
+
+    fn device(&self) -> &Device {
+        self.staging.device()
     }
 
     fn info(&self) -> EncoderInfo {
@@ -546,23 +604,37 @@ trait ProcessedImageFeature {
     const FEATURE: &'static str;
     /// The store array the model output becomes.
     const ARRAY: Array;
-    /// Processor, device, dtype, batch size and info.
-    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo);
+    /// Processor, staging (the device), dtype, batch size and info.
+    fn parts(&self) -> (&ImageProcessor, &Staging, DType, usize, &EncoderInfo);
     /// The model on processed pixel values `[B, 3, S, S]`.
-    fn run(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    fn model_on(&self, pixel_values: &Tensor) -> Result<Tensor>;
 
-    fn encode_images(&self, input: Input<'_>) -> Result<Vec<(Array, Tensor)>> {
-        let (processor, device, dtype, batch, info) = self.parts();
+    fn prepare_images(&self, input: Input<'_>) -> Result<Prepared> {
+        let (processor, staging, dtype, batch, info) = self.parts();
         let imgs = images(Self::FEATURE, input)?;
-        if imgs.is_empty() {
-            return empty_outputs(&info.arrays, dtype, device, Self::FEATURE);
-        }
         let (side, _) = processor.output_size(1, 1);
-        let mut outs = chunked(imgs, batch, Self::FEATURE, |chunk| {
-            let x = processed_batch(processor, chunk, side as usize, device, dtype)
-                .map_err(candle_err(Self::FEATURE))?;
-            Ok(vec![self.run(&x)?])
-        })?;
+        let chunks = imgs
+            .chunks(batch.max(1))
+            .map(|chunk| {
+                processed_batch(processor, chunk, side as usize, staging, dtype)
+                    .map_err(candle_err(Self::FEATURE))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let bytes = device_bytes(&chunks.iter().collect::<Vec<_>>());
+        Ok(Prepared::new(info.feature, chunks, imgs.len(), bytes))
+    }
+
+    fn run_images(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
+        let (_, staging, dtype, _, info) = self.parts();
+        if prepared.is_empty() {
+            return empty_outputs(&info.arrays, dtype, staging.device(), Self::FEATURE);
+        }
+        let chunks: Vec<Tensor> = prepared.take(info.feature)?;
+        let parts = chunks
+            .iter()
+            .map(|x| Ok(vec![self.model_on(x)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs = concat_outputs(&parts, Self::FEATURE)?;
         Ok(vec![(Self::ARRAY, outs.remove(0))])
     }
 }
@@ -570,16 +642,16 @@ trait ProcessedImageFeature {
 impl ProcessedImageFeature for SiglipFeature {
     const FEATURE: &'static str = "siglip";
     const ARRAY: Array = Array::SiglipHidden;
-    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
+    fn parts(&self) -> (&ImageProcessor, &Staging, DType, usize, &EncoderInfo) {
         (
             &self.processor,
-            &self.device,
+            &self.staging,
             self.dtype,
             self.batch,
             &self.info,
         )
     }
-    fn run(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn model_on(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.forward_pixels(pixel_values)
     }
 }
@@ -587,16 +659,16 @@ impl ProcessedImageFeature for SiglipFeature {
 impl ProcessedImageFeature for ClipVisionFeature {
     const FEATURE: &'static str = "clip_vision";
     const ARRAY: Array = Array::ClipImageEmbeds;
-    fn parts(&self) -> (&ImageProcessor, &Device, DType, usize, &EncoderInfo) {
+    fn parts(&self) -> (&ImageProcessor, &Staging, DType, usize, &EncoderInfo) {
         (
             &self.processor,
-            &self.device,
+            &self.staging,
             self.dtype,
             self.batch,
             &self.info,
         )
     }
-    fn run(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn model_on(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.forward_pixels(pixel_values)
     }
 }

@@ -170,7 +170,7 @@ fn preprocessing_matches_the_reference_processors() {
                 assert!(max < 1e-5, "{what} image {i}: max difference {max}");
             }
         }
-        let ours = vae.prepare(&img.view());
+        let ours = vae.prepare_image(&img.view());
         assert_eq!((ours.width, ours.height), (32, 32));
         assert_eq!(
             ours.pixels,
@@ -358,6 +358,22 @@ fn wrong_inputs_and_wrong_models_are_refused() {
     assert!(e.contains("siglip") && e.contains("texts"), "{e}");
     let out = enc.encode(Input::Images(&[])).unwrap();
     assert_eq!(out[0].1.dims(), &[0, 16, 32]);
+    // a batch prepared by one kind of encoder is refused by another, which names itself
+    let imgs = test_images();
+    let views: Vec<_> = imgs.iter().map(RgbImage::view).collect();
+    let prepared = enc.prepare(Input::Images(&views)).unwrap();
+    assert_eq!(prepared.len(), N_IMAGES);
+    assert_eq!(
+        prepared.uploaded_bytes(),
+        0,
+        "nothing is uploaded to the CPU"
+    );
+    let vae = build_encoder(&cfg("sd_vae", &fx.join("sd_vae"), 2), 32).unwrap();
+    let e = vae.run(prepared).unwrap_err().to_string();
+    assert!(
+        e.contains("sd_vae") && e.contains("another kind of encoder") && e.contains("siglip"),
+        "{e}"
+    );
     let e = err_of(build_encoder(&cfg("sd_vae", &fx.join("flux_vae"), 2), 32));
     assert!(e.contains("4 latent channels") && e.contains("16"), "{e}");
     // the tiny VAE downscales by 2

@@ -41,6 +41,8 @@ pub struct GpuReport {
     pub sampler_error: Option<String>,
     /// Feature bytes the writers copied from the GPU to the host.
     pub device_to_host_bytes: u64,
+    /// Model input bytes uploaded from the host to the GPU (pinned staging buffers).
+    pub host_to_device_bytes: u64,
 }
 
 /// The NVML name of CUDA device `cuda_index` under `visible` (`CUDA_VISIBLE_DEVICES`).
@@ -153,6 +155,7 @@ impl BusySampler {
             sample_ms: self.sample_ms,
             sampler_error,
             device_to_host_bytes: 0,
+            host_to_device_bytes: 0,
         }
     }
 }

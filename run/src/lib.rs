@@ -8,9 +8,10 @@
 //! through three overlapping stages joined by bounded queues:
 //!
 //! ```text
-//! ingest (shards in flight, rayon decode) --[encode_queue samples]--> encode (one
-//! thread: every encoder on each batch) --[write_queue batches]--> writers (threads,
-//! one part per shard, committed last)
+//! ingest (shards in flight, rayon decode) --[encode_queue samples]--> prepare (one
+//! thread: preprocessing, tokenizing, uploads) --[one batch]--> encode (one thread:
+//! every model on each batch) --[write_queue batches]--> writers (threads, one part
+//! per shard, committed last)
 //! ```
 //!
 //! Backpressure flows upstream: when the encoders are the bottleneck the decode
@@ -144,15 +145,24 @@ impl Run {
 
     /// The most samples that can be decoded but not yet handed to a part writer at
     /// any moment: the encode queue, a partial batch per shard in flight, the batch
-    /// being encoded, the write queues and the batches being written, and one sample
-    /// per decode thread blocked on the full queue.
+    /// being prepared, the batch the models run, on a GPU the batch before it (held
+    /// until its work is done), the write queues and the batches being written, and
+    /// one sample per decode thread blocked on the full queue.
     pub fn in_flight_bound(&self) -> u64 {
         let o = &self.cfg.options;
         let b = self.batch as u64;
         let shards = self.cfg.ingest.parallel.shards_in_flight.max(1) as u64;
         let writers = o.writers as u64;
         let per_writer = (o.write_queue as u64 / writers).max(1);
-        o.encode_queue as u64 + shards * b + b + writers * (per_writer + 1) * b + shards
+        let held = {
+            let encoders = self.encoders.lock().unwrap_or_else(|e| e.into_inner());
+            u64::from(encode_stage::holds_a_batch(&encoders))
+        };
+        o.encode_queue as u64
+            + shards * b
+            + (2 + held) * b
+            + writers * (per_writer + 1) * b
+            + shards
     }
 
     /// Streams the shards still to do through the encoders into the store and
@@ -230,6 +240,7 @@ impl Run {
                     encoders: &encoders,
                     batch: self.batch,
                     stats: &self.stats,
+                    hold: encode_stage::holds_a_batch(&encoders),
                 };
                 stage.run(enc_rx, write_txs)
             });
@@ -262,6 +273,7 @@ impl Run {
                 },
             };
             g.device_to_host_bytes = self.stats.device_to_host_bytes.load(Ordering::Relaxed);
+            g.host_to_device_bytes = self.stats.host_to_device_bytes.load(Ordering::Relaxed);
             g
         });
         self.stats.finished.store(true, Ordering::SeqCst);

@@ -23,12 +23,15 @@
 //! | `tensorbake_samples_in_flight` / `_high` | gauge | decoded, not yet written (now / most) |
 //! | `tensorbake_bytes_read_total` | counter | bytes read from the sources |
 //! | `tensorbake_retries_total` | counter | requests after the first (resumes, retries) |
-//! | `tensorbake_stage_busy_seconds_total{stage}` | counter | `encode`, `write`: working |
-//! | `tensorbake_stage_wait_seconds_total{stage}` | counter | `encode`, `write`: waiting for input |
+//! | `tensorbake_stage_busy_seconds_total{stage}` | counter | `prepare`, `encode`, `write`: working |
+//! | `tensorbake_stage_wait_seconds_total{stage}` | counter | `prepare`, `encode`, `write`: waiting for input |
 //! | `tensorbake_stage_blocked_seconds_total{stage="ingest"}` | counter | decode threads blocked on a full encode queue |
 //! | `tensorbake_queue_depth{queue}` / `tensorbake_queue_capacity{queue}` | gauge | `encode` (messages), `write` (batches) |
 //! | `tensorbake_encoder_samples_total{encoder}` | counter | samples through each encoder |
-//! | `tensorbake_encoder_busy_seconds_total{encoder}` | counter | seconds inside each encoder |
+//! | `tensorbake_encoder_busy_seconds_total{encoder}` | counter | host seconds running each encoder's model |
+//! | `tensorbake_encoder_prepare_seconds_total{encoder}` | counter | host seconds preparing each encoder's inputs |
+//! | `tensorbake_encoder_gpu_seconds_total{encoder}` | counter | device seconds of each encoder (on a GPU only) |
+//! | `tensorbake_host_to_device_bytes_total` | counter | model input bytes uploaded to a GPU |
 //! | `tensorbake_encoder_samples_per_second{encoder}` | gauge | samples per busy second |
 
 use std::fmt::Write as _;
@@ -187,12 +190,17 @@ pub fn render(labels: &RunLabels, stats: &RunStats) -> String {
         "The most samples in flight at once so far.",
         &one(s.in_flight_high.to_string()),
     );
-    let (enc, wr) = (stats.encode_time(), stats.write.time());
+    let (pre, enc, wr) = (
+        stats.prepare_time(),
+        stats.encode_time(),
+        stats.write.time(),
+    );
     family(
         "tensorbake_stage_busy_seconds_total",
         "counter",
         "Seconds a stage spent working, all its threads together.",
         &[
+            ("stage=\"prepare\"".into(), pre.busy_s.to_string()),
             ("stage=\"encode\"".into(), enc.busy_s.to_string()),
             ("stage=\"write\"".into(), wr.busy_s.to_string()),
         ],
@@ -202,6 +210,7 @@ pub fn render(labels: &RunLabels, stats: &RunStats) -> String {
         "counter",
         "Seconds a stage spent waiting for input, all its threads together.",
         &[
+            ("stage=\"prepare\"".into(), pre.wait_s.to_string()),
             ("stage=\"encode\"".into(), enc.wait_s.to_string()),
             ("stage=\"write\"".into(), wr.wait_s.to_string()),
         ],
@@ -246,8 +255,38 @@ pub fn render(labels: &RunLabels, stats: &RunStats) -> String {
     family(
         "tensorbake_encoder_busy_seconds_total",
         "counter",
-        "Seconds inside each encoder (preprocessing, model, output cast).",
+        "Host seconds running each encoder's model and output cast (on a GPU: queueing the work).",
         &per(&|t| t.busy_s.to_string()),
+    );
+    family(
+        "tensorbake_encoder_prepare_seconds_total",
+        "counter",
+        "Host seconds preparing each encoder's inputs (preprocessing or tokenizing, upload).",
+        &per(&|t| t.prepare_s.to_string()),
+    );
+    let gpu: Vec<(String, String)> = encoders
+        .iter()
+        .filter_map(|(n, t)| Some((format!("encoder=\"{}\"", esc(n)), t.gpu_s?.to_string())))
+        .collect();
+    if !gpu.is_empty() {
+        family(
+            "tensorbake_encoder_gpu_seconds_total",
+            "counter",
+            "Device seconds of each encoder's work on the GPU (CUDA events).",
+            &gpu,
+        );
+    }
+    family(
+        "tensorbake_host_to_device_bytes_total",
+        "counter",
+        "Model input bytes uploaded to the GPU.",
+        &[(
+            String::new(),
+            stats
+                .host_to_device_bytes
+                .load(Ordering::Relaxed)
+                .to_string(),
+        )],
     );
     family(
         "tensorbake_encoder_samples_per_second",
@@ -439,8 +478,13 @@ mod tests {
         stats.written(1);
         stats.shard_committed();
         stats.shard_read(1234, 1);
-        stats.encoder(0).busy(Duration::from_secs(2));
-        stats.encoder(0).samples(10);
+        stats.encoder(0).run.busy(Duration::from_secs(2));
+        stats.encoder(0).run.samples(10);
+        stats.encoder(0).prepared(Duration::from_secs(3));
+        stats.encoder(1).gpu(Duration::from_millis(1500));
+        stats
+            .host_to_device_bytes
+            .fetch_add(4096, std::sync::atomic::Ordering::Relaxed);
         let text = render(&labels(), &stats);
         let m = parse(&text);
         let base = r#"run="nightly \"sa1b\"",rank="2""#;
@@ -489,12 +533,29 @@ mod tests {
             ),
             1.0
         );
-        for stage in ["encode", "write"] {
+        for stage in ["prepare", "encode", "write"] {
             get(
                 "tensorbake_stage_busy_seconds_total",
                 &format!("stage=\"{stage}\""),
             );
         }
+        assert_eq!(
+            get(
+                "tensorbake_encoder_prepare_seconds_total",
+                r#"encoder="siglip""#
+            ),
+            3.0
+        );
+        // device time only where an encoder ran on a GPU
+        assert_eq!(
+            get("tensorbake_encoder_gpu_seconds_total", r#"encoder="t5""#),
+            1.5
+        );
+        assert!(
+            !text.contains(r#"tensorbake_encoder_gpu_seconds_total{run="nightly \"sa1b\"",rank="2",encoder="siglip"}"#),
+            "{text}"
+        );
+        assert_eq!(get("tensorbake_host_to_device_bytes_total", ""), 4096.0);
     }
 
     fn request(addr: SocketAddr, req: &str) -> String {

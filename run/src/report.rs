@@ -80,6 +80,7 @@ impl Run {
             samples_per_s: snap.samples_written as f64 / seconds.max(1e-9),
             stages: Stages {
                 ingest: ingest_time,
+                prepare: self.stats.prepare_time(),
                 encode: self.stats.encode_time(),
                 encoders: self.stats.encoder_times(),
                 write: self.stats.write_time(self.cfg.options.writers.max(1)),
@@ -225,8 +226,16 @@ pub struct IngestTime {
 /// Time of one encoder.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EncoderTime {
-    /// Seconds inside the encoder (preprocessing, model, output cast).
+    /// Host seconds in the model thread running the encoder (model, output cast).
+    /// On a GPU launches return before the work is done: this is the time to queue
+    /// it, and `gpu_s` the time it ran.
     pub busy_s: f64,
+    /// Host seconds preparing the encoder's inputs (preprocessing or tokenizing, the
+    /// upload), on the preparing thread, overlapped with the model thread.
+    pub prepare_s: f64,
+    /// Device seconds of the encoder's work (CUDA events around each batch); `None`
+    /// off a GPU.
+    pub gpu_s: Option<f64>,
     /// Samples encoded.
     pub samples: u64,
     /// Samples per busy second.
@@ -238,8 +247,12 @@ pub struct EncoderTime {
 pub struct Stages {
     /// Streaming, tar, captions, decoding.
     pub ingest: IngestTime,
-    /// All encoders together (one thread); `wait_s` high means decoding is the
+    /// Preparing batches (one thread: preprocessing and uploads, the next batch while
+    /// the models run the current one); `wait_s` high means decoding is the
     /// bottleneck.
+    pub prepare: StageTime,
+    /// Running the models, all encoders together (one thread); `wait_s` high means
+    /// preparing is the bottleneck.
     pub encode: StageTime,
     /// Each encoder.
     pub encoders: BTreeMap<String, EncoderTime>,

@@ -52,6 +52,28 @@ impl StageClock {
     }
 }
 
+/// One encoder's clocks: host time in its `run` (the model thread) with its samples,
+/// host time preparing its inputs, and device time of its work on a GPU.
+#[derive(Debug, Default)]
+pub(crate) struct EncoderClock {
+    pub(crate) run: StageClock,
+    prepare_ns: AtomicU64,
+    gpu_ns: AtomicU64,
+    gpu_spans: AtomicU64,
+}
+
+impl EncoderClock {
+    pub(crate) fn prepared(&self, d: Duration) {
+        self.prepare_ns.fetch_add(nanos(d), Ordering::Relaxed);
+    }
+
+    /// Device time of one batch (measured with CUDA events).
+    pub(crate) fn gpu(&self, d: Duration) {
+        self.gpu_ns.fetch_add(nanos(d), Ordering::Relaxed);
+        self.gpu_spans.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A queue's depth: messages sent and not yet received. Raised after a send and
 /// lowered after a receive, so it can dip below zero for an instant (read as 0).
 #[derive(Debug, Default)]
@@ -97,6 +119,8 @@ pub struct RunStats {
     pub retries: AtomicU64,
     /// Feature bytes the writers copied from a GPU to the host.
     pub device_to_host_bytes: AtomicU64,
+    /// Model input bytes the encoders uploaded to a GPU.
+    pub host_to_device_bytes: AtomicU64,
     /// Samples decoded but not yet written or dropped.
     pub in_flight: AtomicU64,
     /// The most `in_flight` ever was.
@@ -105,10 +129,13 @@ pub struct RunStats {
     pub finished: AtomicBool,
     skipped_by_reason: Mutex<BTreeMap<String, u64>>,
     ingest_blocked_ns: AtomicU64,
+    /// The thread that prepares batches (preprocessing, tokenizing, uploads).
+    pub(crate) prepare: StageClock,
+    /// The thread that runs the models.
     pub(crate) encode: StageClock,
     pub(crate) write: StageClock,
-    /// Per encoder, in manifest order: (feature name, its clock).
-    encoders: Vec<(String, StageClock)>,
+    /// Per encoder, in manifest order: (feature name, its clocks).
+    encoders: Vec<(String, EncoderClock)>,
     pub(crate) encode_queue: Depth,
     pub(crate) write_queue: Depth,
 }
@@ -169,16 +196,18 @@ impl RunStats {
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             device_to_host_bytes: AtomicU64::new(0),
+            host_to_device_bytes: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_high: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             skipped_by_reason: Mutex::new(BTreeMap::new()),
             ingest_blocked_ns: AtomicU64::new(0),
+            prepare: StageClock::default(),
             encode: StageClock::default(),
             write: StageClock::default(),
             encoders: encoders
                 .iter()
-                .map(|n| (n.clone(), StageClock::default()))
+                .map(|n| (n.clone(), EncoderClock::default()))
                 .collect(),
             encode_queue: Depth::default(),
             write_queue: Depth::default(),
@@ -229,8 +258,8 @@ impl RunStats {
         self.shards_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The clock of encoder `i` (manifest order).
-    pub(crate) fn encoder(&self, i: usize) -> &StageClock {
+    /// The clocks of encoder `i` (manifest order).
+    pub(crate) fn encoder(&self, i: usize) -> &EncoderClock {
         &self.encoders[i].1
     }
 
@@ -266,7 +295,17 @@ impl RunStats {
             .clone()
     }
 
-    /// The encode stage's time so far (one thread).
+    /// The preparing thread's time so far: busy preprocessing and uploading, waiting
+    /// for decoded samples.
+    pub fn prepare_time(&self) -> StageTime {
+        StageTime {
+            threads: 1,
+            ..self.prepare.time()
+        }
+    }
+
+    /// The model thread's time so far: busy running the encoders, waiting for a
+    /// prepared batch.
     pub fn encode_time(&self) -> StageTime {
         StageTime {
             threads: 1,
@@ -287,11 +326,14 @@ impl RunStats {
         self.encoders
             .iter()
             .map(|(name, c)| {
-                let t = c.time();
+                let t = c.run.time();
+                let spans = c.gpu_spans.load(Ordering::Relaxed);
                 (
                     name.clone(),
                     EncoderTime {
                         busy_s: t.busy_s,
+                        prepare_s: secs(&c.prepare_ns),
+                        gpu_s: (spans > 0).then(|| secs(&c.gpu_ns)),
                         samples: t.samples,
                         samples_per_s: t.samples_per_s,
                     },
@@ -316,12 +358,18 @@ mod tests {
             BTreeMap::from([("corrupt_image".into(), 2), ("missing_caption".into(), 1)])
         );
         assert_eq!(s.snapshot().samples_skipped, 3);
-        s.encoder(1).busy(Duration::from_millis(500));
-        s.encoder(1).samples(4);
+        s.encoder(1).run.busy(Duration::from_millis(500));
+        s.encoder(1).run.samples(4);
+        s.encoder(1).prepared(Duration::from_millis(250));
+        s.encoder(1).gpu(Duration::from_millis(100));
+        s.encoder(1).gpu(Duration::from_millis(300));
         let t = s.encoder_times();
         assert_eq!(t["siglip"].samples, 0);
+        assert_eq!(t["siglip"].gpu_s, None, "no span: no device time");
         assert_eq!(t["t5"].samples, 4);
         assert!((t["t5"].busy_s - 0.5).abs() < 1e-9);
+        assert!((t["t5"].prepare_s - 0.25).abs() < 1e-9);
+        assert!((t["t5"].gpu_s.unwrap() - 0.4).abs() < 1e-9);
         assert!((t["t5"].samples_per_s - 8.0).abs() < 1e-6);
         s.write.busy(Duration::from_secs(2));
         s.write.wait(Duration::from_secs(1));

@@ -263,15 +263,27 @@ fn run_in(
         s.ingest.samples_per_s, s.ingest.wall_s, s.ingest.blocked_s
     );
     println!(
-        "  encode stage        busy {:.1} s, waiting for decoded images {:.1} s ({:.0}% of the run)",
+        "  prepare             busy {:.1} s, waiting for decoded images {:.1} s ({:.0}% of the run)",
+        s.prepare.busy_s,
+        s.prepare.wait_s,
+        100.0 * s.prepare.wait_s / report.seconds.max(1e-9)
+    );
+    println!(
+        "  models              busy {:.1} s, waiting for a prepared batch or the GPU {:.1} s ({:.0}% of the run)",
         s.encode.busy_s,
         s.encode.wait_s,
         100.0 * s.encode.wait_s / report.seconds.max(1e-9)
     );
     for (name, e) in &s.encoders {
         println!(
-            "    {name:<16}  busy {:.1} s, {:.1} images per busy second",
-            e.busy_s, e.samples_per_s
+            "    {name:<16}  host {:.1} s ({:.1} images per host second), preparing {:.1} s{}",
+            e.busy_s,
+            e.samples_per_s,
+            e.prepare_s,
+            e.gpu_s.map_or_else(String::new, |g| format!(
+                ", GPU {g:.1} s ({:.1} images per GPU second)",
+                e.samples as f64 / g.max(1e-9)
+            ))
         );
     }
     println!(
@@ -280,7 +292,7 @@ fn run_in(
     );
     match &report.gpu {
         Some(g) => println!(
-            "  GPU {}            busy {} ({} samples){}; {:.1} MB copied back",
+            "  GPU {}            busy {} ({} samples){}; {:.1} MB uploaded, {:.1} MB copied back",
             g.nvml_device,
             g.busy_fraction
                 .map_or_else(|| "-".into(), |b| format!("{:.1}%", 100.0 * b)),
@@ -289,6 +301,7 @@ fn run_in(
                 .as_ref()
                 .map(|e| format!(" [{e}]"))
                 .unwrap_or_default(),
+            g.host_to_device_bytes as f64 / 1e6,
             g.device_to_host_bytes as f64 / 1e6
         ),
         None => println!("  GPU                 none (CPU encoders)"),

@@ -14,6 +14,7 @@
 //! | [`gated_gelu_tanh`] | T5's `gelu_tanh(a) · g` on the stacked `[a, g]` | composite; on CUDA without a gradient one kernel |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
 //! | [`flops::count`] | FLOPs performed by `linear`, `conv2d` and `attention` (benchmarks) | - |
+//! | [`transfer`] | uploads through pinned memory; fences and device-time spans across threads | - |
 //! | [`stochastic_round_bf16`] | f32 to bf16, rounding up with the remainder's probability (bf16 master weights) | none (an optimizer op) |
 //!
 //! Each function has a plain candle implementation that is the reference: the CPU
@@ -34,6 +35,7 @@ pub mod frozen;
 mod gated;
 pub mod group_norm;
 pub mod rounding;
+pub mod transfer;
 
 pub use rounding::stochastic_round_bf16;
 
