@@ -8,7 +8,8 @@
 #
 # Here (no GPU needed):
 #   scripts/build-cuda.sh setup && FEATURES=cuda,cudnn scripts/build-cuda.sh build   # .gpu/tensorbake.xz + .gpu/wheels
-#   (cudnn: candle's cuDNN convolutions, 27 TFLOP/s bf16 on the H200 against 15 without)
+#   (cudnn: the channels-last cuDNN convolution of nn::ops::cudnn_conv; candle's own
+#   cuDNN convolution, NCHW, measured 27 TFLOP/s bf16 on the H200 against 15 without)
 # On the GPU machine (the device tool), from a clean working tree:
 #   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
 # The steps' limits add up to 470 s (under 8 minutes in the worst case).
@@ -18,7 +19,7 @@
 #     TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
 #
 # Results: $OUT (the device tool's folder; else /tmp/gpu-check): summary.txt (every
-# table, also on stdout), kernels.txt and a .json per step (7 files: the tool brings
+# table, also on stdout), kernels.txt and a .json per step (8 files: the tool brings
 # back 8 at most); each step's progress (.err) stays in $WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -91,21 +92,25 @@ fi
 step tiny 30 --preset tiny --check --no-torch --warmup 1 --iters 1 --rounds 1 --batch 3
 # 2. image encoders at full size, checked, beside PyTorch; torch.compile in its default
 #    mode (max-autotune on the VAE alone takes minutes; COMPILE_MODE overrides)
-step image 120 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
+step image 110 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --encoder clip_vision \
   ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"}
 # 3. text encoders: T5-XXL at 120 tokens and CLIP text beside both peers
 step text 100 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
 # 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
-step more 80 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+step more 60 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+# 5. the convolution choices side by side: the SD VAE with candle's own cuDNN
+#    convolution (NCHW, heuristic algorithm) against the image step's channels-last
+#    path (ops::cudnn_conv: NHWC, algorithm found once per shape)
+TENSORBAKE_CONV=candle step conv 40 --preset "$PRESET" --encoder sd_vae --no-torch
 
-# 5. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
+# 6. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
 #    (full-size random weights), a store on local disk; the GPU's busy fraction
 STEPS_RUN=${GPU_CHECK_RUN_ARGS:---shards 6 --images-per-shard 64}
 t0=$SECONDS
-echo "== run (limit 100s)" >&2
+echo "== run (limit 90s)" >&2
 MODELS=full; [ "$PRESET" = tiny ] && MODELS=tiny
 # shellcheck disable=SC2086
-timeout --kill-after=10 100 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
+timeout --kill-after=10 90 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
   $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$WORK/run.txt" 2>"$WORK/run.err"
 rc=$?
 case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
@@ -115,7 +120,7 @@ STEPS+=("run: $why ($((SECONDS - t0)) s)")
 {
   echo
   for s in "${STEPS[@]}"; do echo "$s"; done
-  for name in tiny image text more run; do
+  for name in tiny image text more conv run; do
     [ -s "$WORK/$name.txt" ] && { echo; cat "$WORK/$name.txt"; }
   done
 } | tee -a "$OUT/summary.txt"

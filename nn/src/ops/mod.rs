@@ -4,7 +4,7 @@
 //! | op | what | gradient path |
 //! |---|---|---|
 //! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]) |
-//! | [`conv2d`] | 2-D convolution + bias | candle's |
+//! | [`conv2d`] | 2-D convolution + bias | candle's; on CUDA without a gradient cuDNN channels-last, the algorithm found once per shape ([`cudnn_conv`]) |
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
 //! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite; on CUDA without a gradient candle's fused kernel |
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
@@ -30,6 +30,7 @@
 //! its weights to the input's dtype (a no-op when they agree), so the cast is part of
 //! the graph and the gradient reaches the f32 variable.
 
+pub mod cudnn_conv;
 pub mod flops;
 pub mod frozen;
 mod gated;
@@ -111,24 +112,50 @@ pub fn conv2d(
     cfg: &candle_nn::Conv2dConfig,
 ) -> Result<Tensor> {
     let w = cast_like(w, x)?;
-    let y = x.conv2d_with_algo(
-        &w,
-        cfg.padding,
-        cfg.stride,
-        cfg.dilation,
-        cfg.groups,
-        cfg.cudnn_fwd_algo,
-    )?;
+    let y = match fast_conv2d(x, &w, cfg)? {
+        Some(y) => y,
+        None => x.conv2d_with_algo(
+            &w,
+            cfg.padding,
+            cfg.stride,
+            cfg.dilation,
+            cfg.groups,
+            cfg.cudnn_fwd_algo,
+        )?,
+    };
     // each output value: C/groups · kh · kw multiply-adds
     let (_, c_per_group, kh, kw) = w.dims4()?;
     flops::add(flops::matmul(y.elem_count(), c_per_group * kh, kw));
     match b {
-        None => Ok(y),
+        // the fast path's result is an NCHW view of NHWC memory
+        None => y.contiguous(),
         Some(b) => {
             let n = b.dims1()?;
             y.broadcast_add(&cast_like(b, &y)?.reshape((1, n, 1, 1))?)
         }
     }
+}
+
+/// The CUDA fast path of [`conv2d`]: cuDNN channels-last ([`cudnn_conv`]) when no
+/// gradient is needed, the convolution is not grouped and no algorithm was forced;
+/// `None` for candle's convolution.
+#[cfg(feature = "cudnn")]
+fn fast_conv2d(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Option<Tensor>> {
+    if x.device().is_cuda()
+        && cfg.groups == 1
+        && cfg.cudnn_fwd_algo.is_none()
+        && !needs_grad(&[x, w])
+        && cudnn_conv::enabled()
+    {
+        return cudnn_conv::try_conv2d(x, w, cudnn_conv::geometry(cfg));
+    }
+    Ok(None)
+}
+
+#[cfg(not(feature = "cudnn"))]
+#[allow(clippy::unnecessary_wraps)]
+fn fast_conv2d(_: &Tensor, _: &Tensor, _: &candle_nn::Conv2dConfig) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// The dtype norms take their statistics in: f32 for half types, else the input's.
