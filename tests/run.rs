@@ -301,26 +301,27 @@ fn a_second_run_of_a_complete_store_does_nothing_and_changes_nothing() {
     assert_eq!(before, store_files(&dir.path().join("store"), &[]));
 }
 
-#[test]
-fn a_killed_run_resumes_and_ends_equal_to_an_uninterrupted_one() {
-    let dir = tempdir();
-    let n = 5;
-    let layout = write_webdataset(&dir.path().join("shards"), "shard", n, 6, (96, 80), 9).unwrap();
-    models(dir.path());
-    let server = FileServer::start(dir.path().join("shards")).unwrap();
-    // One shard at a time; parts write a Zarr shard every 2 samples, so the part in
-    // progress has files on disk when the process dies. Shard 3 stalls for 6 s half
-    // way (the stream waits it out: stall timeout 30 s): the kill lands there.
-    let stalled = "shard-000003.tar";
+/// `n` shards of 6 samples served with shard 3 stalling for 6 s half way, and a job
+/// that reads one shard at a time, decodes each sample as it comes and writes a Zarr
+/// shard every 2 samples: a run is in the middle of shard 3 (its part has files on
+/// disk) for those 6 seconds.
+fn stalled_job(dir: &Path, n: usize) -> (PathBuf, FileServer) {
+    let layout = write_webdataset(&dir.join("shards"), "shard", n, 6, (96, 80), 9).unwrap();
+    models(dir);
+    let server = FileServer::start(dir.join("shards")).unwrap();
     let half = std::fs::metadata(&layout.shards[3]).unwrap().len() / 2;
-    server.inject(stalled, Fault::StallAfter(half, Duration::from_secs(6)), 1);
-    let manifest = dir.path().join("job.toml");
+    server.inject(
+        "shard-000003.tar",
+        Fault::StallAfter(half, Duration::from_secs(6)),
+        1,
+    );
+    let manifest = dir.join("job.toml");
     std::fs::write(
         &manifest,
         format!(
-            "name = \"kill\"\nstore = \"store\"\n[source]\nkind = \"webdataset\"\n\
+            "name = \"stall\"\nstore = \"store\"\n[source]\nkind = \"webdataset\"\n\
              urls = [\"{}/shard-{{000000..{:06}}}.tar\"]\n[preprocess]\nresolution = {RES}\n\
-             [ingest]\nshards_in_flight = 1\n[network]\nstall_timeout_s = 30\n\
+             [ingest]\nshards_in_flight = 1\ndecode_batch = 1\n[network]\nstall_timeout_s = 30\n\
              [zarr]\nmax_shard_samples = 2\n[run]\npreflight = false\n{}",
             server.base_url(),
             n - 1,
@@ -328,6 +329,43 @@ fn a_killed_run_resumes_and_ends_equal_to_an_uninterrupted_one() {
         ),
     )
     .unwrap();
+    (manifest, server)
+}
+
+/// Waits (up to 60 s) until the store at `store` has shard 3's part in progress and
+/// `committed` parts; `child` must still be running.
+fn wait_for_shard_3_in_progress(store: &Path, committed: usize, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = StoreReader::open(&Location::from(store))
+            && r.parts().len() >= committed
+            && r.uncommitted_parts().iter().any(|p| p.contains("000003"))
+        {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before shard 3 was in progress"
+        );
+        assert!(Instant::now() < deadline, "shard 3 never got under way");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_killed_run_resumes_and_ends_equal_to_an_uninterrupted_one() {
+    let dir = tempdir();
+    let n = 5;
+    // the kill lands while shard 3 stalls (the stream waits it out: stall timeout 30 s)
+    let (manifest, _server) = stalled_job(dir.path(), n);
     let m = manifest.to_str().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
         .args(["run", m])
@@ -337,21 +375,7 @@ fn a_killed_run_resumes_and_ends_equal_to_an_uninterrupted_one() {
         .spawn()
         .unwrap();
     let store = dir.path().join("store");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = StoreReader::open(&Location::from(store.as_path()))
-            && r.parts().len() == 3
-            && r.uncommitted_parts().len() == 1
-        {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "no partial part appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_shard_3_in_progress(&store, 3, &mut child);
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let killed = reader(&store);
@@ -375,6 +399,96 @@ fn a_killed_run_resumes_and_ends_equal_to_an_uninterrupted_one() {
         &["run", m, "--output", "reference"],
     ));
     assert_same_store(&store, &dir.path().join("reference"), &["committed_at"]);
+}
+
+/// SIGTERM (a scheduler preempting the job) drains a run: the shard in flight
+/// finishes and commits, no other starts, and the report says what was left (exit 1);
+/// the same command again does the rest.
+#[test]
+fn sigterm_drains_a_run_and_the_same_command_finishes_it() {
+    let dir = tempdir();
+    let (manifest, _server) = stalled_job(dir.path(), 5);
+    let m = manifest.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
+        .args(["run", m, "--progress-interval", "600"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = dir.path().join("store");
+    wait_for_shard_3_in_progress(&store, 3, &mut child);
+    sigterm(child.id());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "drained, not killed: {stderr}");
+    assert!(
+        stderr.contains("finishing the shards in flight"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shards = &report["shards"];
+    assert_eq!(
+        (
+            &shards["committed"],
+            &shards["failed"],
+            &shards["not_started"]
+        ),
+        (&4.into(), &0.into(), &1.into()),
+        "{report:#}"
+    );
+    let drained = reader(&store);
+    assert_eq!(drained.parts().len(), 4);
+    assert!(drained.uncommitted_parts().is_empty(), "shard 3 finished");
+    assert_eq!(drained.len(), 24);
+    let report = ok(&tensorbake(dir.path(), &["run", m]));
+    assert_eq!(report["shards"]["already_committed"], 4, "{report:#}");
+    assert_eq!(report["shards"]["committed"], 1);
+    assert_eq!(reader(&store).len(), 30);
+}
+
+/// SIGTERM to the `--devices` parent alone (what Kubernetes sends a container's first
+/// process) reaches each worker once: they drain as a single run does.
+#[test]
+fn sigterm_to_the_devices_parent_drains_its_workers() {
+    let dir = tempdir();
+    // worker 0 has shards 0, 2, 4; worker 1 has 1, 3, 5 and stalls in 3
+    let (manifest, _server) = stalled_job(dir.path(), 6);
+    let m = manifest.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
+        .args(["run", m, "--devices", "0,1", "--progress-interval", "600"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_shard_3_in_progress(&dir.path().join("store"), 1, &mut child);
+    sigterm(child.id());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[gpu 1] run: interrupted: finishing the shards in flight"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let w1 = &report["workers"][1];
+    // drained (exit 1, a shard left), not stopped at once by a second signal (130)
+    assert_eq!(w1["exit_code"], 1, "{report:#}");
+    let shards = &w1["report"]["shards"];
+    assert_eq!(
+        (&shards["committed"], &shards["not_started"]),
+        (&2.into(), &1.into()),
+        "{report:#}"
+    );
+    let store = reader(&dir.path().join("store"));
+    assert!(store.uncommitted_parts().is_empty());
+    let report = ok(&tensorbake(dir.path(), &["run", m]));
+    assert_eq!(
+        report["shards"]["committed"].as_u64().unwrap()
+            + report["shards"]["already_committed"].as_u64().unwrap(),
+        6
+    );
 }
 
 #[test]

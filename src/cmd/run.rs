@@ -6,6 +6,12 @@
 //! exit code is 0 when every shard this rank had to do was committed, 1 otherwise
 //! (failed shards are listed; the same command again retries only them).
 //!
+//! SIGINT or SIGTERM (Ctrl-C, a scheduler's preemption) drains the run: no new shard
+//! is started, the shards in flight finish and commit, the report is written (exit 1:
+//! not every shard was done); a second signal exits at once (committed parts are kept
+//! either way, and the same command again does the rest). With `--devices` the parent
+//! passes each signal on to its workers, which run in a process group of their own.
+//!
 //! `--metrics ADDR` serves the run's counters as Prometheus text at
 //! `http://ADDR/metrics` while it runs (and `--metrics-hold` seconds after, so the
 //! last scrape sees the final numbers); `--metrics-file PATH` writes the same text
@@ -22,6 +28,12 @@ use anyhow::{Context, Result};
 use tensorbake_run::metrics::MetricsEndpoint;
 
 use crate::manifest::Manifest;
+
+/// Set by the first SIGINT or SIGTERM: the run drains ([`tensorbake_run::Run::run`]).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The `--devices` parent's workers, to pass signals on to.
+static WORKERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
 /// Stream a manifest's shards through its encoders into a Zarr store.
 #[derive(Debug, clap::Args)]
@@ -188,7 +200,18 @@ pub fn build_and_run(
         let addr = ep.local_addr().context("--metrics")?;
         eprintln!("run: metrics on http://{addr}/metrics");
     }
-    let stop = AtomicBool::new(false);
+    let stop = &STOP;
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!(
+                "run: interrupted again: exiting now (committed parts are kept; the same command again does the rest)"
+            );
+            std::process::exit(130);
+        }
+        eprintln!(
+            "run: interrupted: finishing the shards in flight and starting no more (again to exit now)"
+        );
+    });
     let done = AtomicBool::new(false);
     let text = || run.metrics_text();
     let write_file = |path: &Path| {
@@ -206,7 +229,7 @@ pub fn build_and_run(
             scope.spawn(move || ep.serve(&text, stop));
         }
         let worker = scope.spawn(|| {
-            let r = run.run(&stop);
+            let r = run.run(stop);
             done.store(true, Ordering::SeqCst);
             r
         });
@@ -238,7 +261,11 @@ pub fn build_and_run(
                 "run: serving the final metrics for {:.0} s",
                 metrics.hold.as_secs_f64()
             );
-            std::thread::sleep(metrics.hold);
+            // a signal ends the hold early
+            let until = Instant::now() + metrics.hold;
+            while !STOP.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+            }
         }
         report
     });
@@ -349,6 +376,7 @@ fn per_worker_addr(addr: &str, i: usize) -> Result<String> {
 /// their stderr lines prefixed with the device, their reports gathered into one.
 fn run_devices(args: &Args, outer: tensorbake_kit::rank::Rank) -> Result<ExitCode> {
     use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
 
     let n = args.devices.len();
@@ -368,9 +396,25 @@ fn run_devices(args: &Args, outer: tensorbake_kit::rank::Rank) -> Result<ExitCod
         args.devices.join(",")
     );
     let exe = std::env::current_exe().context("finding this executable")?;
-    // Ctrl-C reaches the workers too (one process group): each stops at its own pace
-    // and the parent waits for them instead of leaving them behind.
-    let _ = ctrlc::set_handler(|| eprintln!("run: interrupted; waiting for the workers"));
+    // The workers run in a process group of their own, so that a signal reaches each
+    // of them once: from here. A scheduler's SIGTERM to this process alone (what
+    // Kubernetes sends the container's first process) drains them; a second signal
+    // makes them exit at once. The parent waits for them either way.
+    let _ = ctrlc::set_handler(|| {
+        let again = STOP.swap(true, Ordering::SeqCst);
+        eprintln!(
+            "run: interrupted{}: passing it on to the workers and waiting for them",
+            if again { " again" } else { "" }
+        );
+        let pids = WORKERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for pid in pids {
+            // a worker that has finished is gone: nothing to say about it
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    });
     let mut workers = Vec::with_capacity(n);
     for (i, device) in args.devices.iter().enumerate() {
         let (rank, world) = worker_rank(outer, i, n);
@@ -384,7 +428,8 @@ fn run_devices(args: &Args, outer: tensorbake_kit::rank::Rank) -> Result<ExitCod
             .env("LOCAL_RANK", i.to_string())
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
         if let Some(o) = &args.output {
             c.args(["--output", o]);
         }
@@ -403,6 +448,10 @@ fn run_devices(args: &Args, outer: tensorbake_kit::rank::Rank) -> Result<ExitCod
         let mut child = c
             .spawn()
             .with_context(|| format!("starting the worker for GPU {device}"))?;
+        WORKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
         let stderr = child.stderr.take();
         let tag = format!("[gpu {device}] ");
         let relay = std::thread::spawn(move || {
