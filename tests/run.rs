@@ -352,12 +352,32 @@ fn wait_for_shard_3_in_progress(store: &Path, committed: usize, child: &mut std:
     }
 }
 
-fn sigterm(pid: u32) {
+/// Starts `tensorbake run MANIFEST extra...` in `dir` (report and progress piped; no
+/// progress lines), waits until shard 3 is under way with `committed` parts in the
+/// store, sends it SIGTERM and returns how it ended, with its stderr.
+fn sigterm_during_shard_3(
+    dir: &Path,
+    manifest: &str,
+    extra: &[&str],
+    committed: usize,
+) -> (std::process::Output, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
+        .args(["run", manifest, "--progress-interval", "600"])
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_shard_3_in_progress(&dir.join("store"), committed, &mut child);
     let st = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
 }
 
 #[test]
@@ -409,18 +429,8 @@ fn sigterm_drains_a_run_and_the_same_command_finishes_it() {
     let dir = tempdir();
     let (manifest, _server) = stalled_job(dir.path(), 5);
     let m = manifest.to_str().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
-        .args(["run", m, "--progress-interval", "600"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let store = dir.path().join("store");
-    wait_for_shard_3_in_progress(&store, 3, &mut child);
-    sigterm(child.id());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = sigterm_during_shard_3(dir.path(), m, &[], 3);
     assert_eq!(out.status.code(), Some(1), "drained, not killed: {stderr}");
     assert!(
         stderr.contains("finishing the shards in flight"),
@@ -455,17 +465,7 @@ fn sigterm_to_the_devices_parent_drains_its_workers() {
     // worker 0 has shards 0, 2, 4; worker 1 has 1, 3, 5 and stalls in 3
     let (manifest, _server) = stalled_job(dir.path(), 6);
     let m = manifest.to_str().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tensorbake"))
-        .args(["run", m, "--devices", "0,1", "--progress-interval", "600"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_shard_3_in_progress(&dir.path().join("store"), 1, &mut child);
-    sigterm(child.id());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = sigterm_during_shard_3(dir.path(), m, &["--devices", "0,1"], 1);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("[gpu 1] run: interrupted: finishing the shards in flight"),

@@ -477,24 +477,6 @@ impl SiglipFeature {
     }
 }
 
-impl Encoder for SiglipFeature {
-    fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
-        self.prepare_images(input)
-    }
-
-    fn run(&self, prepared: Prepared) -> Result<Vec<(Array, Tensor)>> {
-        self.run_images(prepared)
-    }
-
-    fn device(&self) -> &Device {
-        self.staging.device()
-    }
-
-    fn info(&self) -> EncoderInfo {
-        self.info.clone()
-    }
-}
-
 // ---------------------------------------------------------------- CLIP
 
 /// `clip_vision`: CLIP's projected image embedding.
@@ -579,7 +561,8 @@ impl ClipVisionFeature {
     }
 }
 
-impl Encoder for ClipVisionFeature {
+/// SigLIP and CLIP are encoders through [`ProcessedImageFeature`].
+impl<F: ProcessedImageFeature + Send + Sync> Encoder for F {
     fn prepare(&self, input: Input<'_>) -> Result<Prepared> {
         self.prepare_images(input)
     }
@@ -589,16 +572,16 @@ impl Encoder for ClipVisionFeature {
     }
 
     fn device(&self) -> &Device {
-        self.staging.device()
+        self.parts().1.device()
     }
 
     fn info(&self) -> EncoderInfo {
-        self.info.clone()
+        self.parts().4.clone()
     }
 }
 
 /// The image features that run the model's own image processor on every image
-/// (SigLIP, CLIP): one shared `encode`, the parts differ.
+/// (SigLIP, CLIP): one shared `prepare` and `run`, the parts differ.
 trait ProcessedImageFeature {
     /// Feature name (errors, empty outputs).
     const FEATURE: &'static str;
