@@ -218,3 +218,52 @@ fn a_written_full_size_vae_loads_as_the_pipeline_loads_it() {
     .to_string();
     assert!(e.contains("clip_text"), "{e}");
 }
+
+/// On a GPU: every encoder on CUDA in bf16 gives its f32 CPU result within bf16's
+/// tolerance, on the tiny fixtures (all six, T5 masked) and at full size with random
+/// weights (the three image encoders, one item each: the CPU reference of a full VAE
+/// is a TFLOP). Without a GPU it says why it skipped.
+#[test]
+fn every_encoder_on_cuda_in_bf16_matches_the_cpu_in_f32() {
+    const NAME: &str = "every_encoder_on_cuda_in_bf16_matches_the_cpu_in_f32";
+    if !cfg!(feature = "cuda") {
+        eprintln!("{NAME}: skipped: built without the `cuda` feature");
+        return;
+    }
+    if let Err(e) = candle_core::Device::new_cuda(0) {
+        eprintln!("{NAME}: skipped: no CUDA device ({e})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut small = tiny(
+        &[
+            "sd_vae",
+            "flux_vae",
+            "siglip",
+            "clip_vision",
+            "clip_text",
+            "t5@24",
+        ],
+        DType::Bf16,
+        true,
+    );
+    small.device = "cuda:0".into();
+    let mut full = EncodeBenchConfig {
+        encoders: ["sd_vae", "siglip", "clip_vision"]
+            .iter()
+            .flat_map(|n| BenchEncoder::parse(n).unwrap())
+            .collect(),
+        preset: Preset::Full,
+        batch: Some(1),
+        ..small.clone()
+    };
+    full.rounds = 1;
+    for cfg in [small, full] {
+        let report = run_encode_bench(&cfg, dir.path()).unwrap();
+        assert!(!report.failed(), "{}", report.table());
+        for r in &report.rows {
+            let c = r.check.as_ref().expect("checked");
+            assert!(c.pass && c.rel_err > 0.0, "{}: {c:?}", r.encoder);
+        }
+    }
+}
