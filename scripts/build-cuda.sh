@@ -58,11 +58,14 @@ case "${1:-}" in
     cargo check --workspace --all-targets --features "$FEATURES"
     # the kernels NVRTC compiles at run time (the ops seam's `const KERNEL` sources),
     # compiled here by nvcc for sm_90 so that a kernel error shows before a GPU run
+    # (each after the element access they share, `const BF16_IO` of ops/mod.rs)
     mkdir -p "$CARGO_TARGET_DIR/kernels"
+    io="$CARGO_TARGET_DIR/kernels/bf16_io.cuh"
+    sed -n '/const BF16_IO: &str = r#"/,/^"#;/p' nn/src/ops/mod.rs | sed '1d;$d' > "$io"
     for f in nn/src/ops/*.rs; do
       grep -q 'const KERNEL: &str = r#"' "$f" || continue
       cu="$CARGO_TARGET_DIR/kernels/$(basename "$f" .rs).cu"
-      sed -n '/const KERNEL: &str = r#"/,/^"#;/p' "$f" | sed '1d;$d' > "$cu"
+      { cat "$io"; sed -n '/const KERNEL: &str = r#"/,/^"#;/p' "$f" | sed '1d;$d'; } > "$cu"
       nvcc -ptx -arch=compute_90 "$cu" -o "${cu%.cu}.ptx"
       echo "kernel $f: $(grep -c '^\.visible \.entry' "${cu%.cu}.ptx") entry points compile"
     done ;;

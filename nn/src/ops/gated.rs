@@ -38,17 +38,6 @@ fn out_shape(l: &Layout) -> Result<(Shape, usize)> {
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-__device__ __forceinline__ float tb_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float tb_load(const unsigned short* p, long long i) {
-  return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void tb_store(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void tb_store(unsigned short* p, long long i, float v) {
-  unsigned int bits = __float_as_uint(v);
-  if (isnan(v)) { p[i] = (unsigned short)((bits >> 16) | 0x40u); return; }
-  unsigned int lsb = (bits >> 16) & 1u;
-  p[i] = (unsigned short)((bits + 0x7FFFu + lsb) >> 16);
-}
 
 template <typename T>
 __device__ void tb_gated_gelu(const T* h, T* y, long long d, long long n) {
@@ -155,7 +144,10 @@ mod tests {
     /// The kernel's source compiles with NVRTC (no GPU needed).
     #[test]
     fn gated_gelu_kernel_compiles() {
-        let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(super::KERNEL).unwrap();
+        let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(crate::ops::kernel_source(
+            super::KERNEL,
+        ))
+        .unwrap();
         let src = ptx.to_src();
         assert!(src.contains("tb_gated_gelu_f32") && src.contains("tb_gated_gelu_bf16"));
     }

@@ -90,17 +90,6 @@ fn f32s(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
 
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
-__device__ __forceinline__ float tb_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float tb_load(const unsigned short* p, long long i) {
-  return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void tb_store(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void tb_store(unsigned short* p, long long i, float v) {
-  unsigned int bits = __float_as_uint(v);
-  if (isnan(v)) { p[i] = (unsigned short)((bits >> 16) | 0x40u); return; }
-  unsigned int lsb = (bits >> 16) & 1u;
-  p[i] = (unsigned short)((bits + 0x7FFFu + lsb) >> 16);
-}
 
 // the block's sum of `v` (every thread gets it); blockDim.x a multiple of 32, <= 1024
 __device__ float tb_block_sum(float v, float* shared) {
@@ -152,8 +141,8 @@ extern "C" __global__ void tb_group_norm_bf16(const unsigned short* x, const flo
 
 /// The kernel source, for compiling it without a GPU (`nvrtc` alone).
 #[cfg(feature = "cuda")]
-pub fn kernel_source() -> &'static str {
-    KERNEL
+pub fn kernel_source() -> String {
+    super::kernel_source(KERNEL)
 }
 
 impl CustomOp3 for FusedGroupNorm {

@@ -10,7 +10,7 @@
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
 //! | [`group_norm()`] | GroupNorm, optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)) |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
-//! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite |
+//! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite; on CUDA without a gradient or a bias the softmax (scale, f32, cast back) as one kernel ([`softmax`](mod@softmax)) |
 //! | [`gated_gelu_tanh`] | T5's `gelu_tanh(a) · g` on the stacked `[a, g]` | composite; on CUDA without a gradient one kernel |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
 //! | [`flops::count`] | FLOPs performed by `linear`, `conv2d` and `attention` (benchmarks) | - |
@@ -36,14 +36,42 @@ pub mod frozen;
 mod gated;
 pub mod group_norm;
 pub mod rounding;
+mod softmax;
 pub mod transfer;
 
 pub use rounding::stochastic_round_bf16;
 
 use candle_core::{D, DType, Result, Tensor};
 
-/// The PTX of an NVRTC kernel `source` (module `module`, named in the error),
-/// compiled once per process: `cache` keeps it, or the compiler's error.
+/// The element access every kernel of the seam shares: `tb_load` reads f32 or bf16
+/// (as its bits, an unsigned short) into f32, `tb_store` rounds f32 to nearest even
+/// into either (NaN kept a quiet NaN), as candle's casts do. Prepended to each
+/// kernel's source ([`kernel_source`]).
+#[cfg(feature = "cuda")]
+const BF16_IO: &str = r#"
+__device__ __forceinline__ float tb_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float tb_load(const unsigned short* p, long long i) {
+  return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void tb_store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void tb_store(unsigned short* p, long long i, float v) {
+  unsigned int bits = __float_as_uint(v);
+  if (isnan(v)) { p[i] = (unsigned short)((bits >> 16) | 0x40u); return; }
+  unsigned int lsb = (bits >> 16) & 1u;
+  p[i] = (unsigned short)((bits + 0x7FFFu + lsb) >> 16);
+}
+"#;
+
+/// The whole CUDA source of a seam kernel: the shared element access, then `kernel`.
+#[cfg(feature = "cuda")]
+#[must_use]
+pub fn kernel_source(kernel: &str) -> String {
+    [BF16_IO, kernel].concat()
+}
+
+/// The PTX of an NVRTC kernel `source` (module `module`, named in the error; the
+/// shared element access prepended), compiled once per process: `cache` keeps it, or
+/// the compiler's error.
 #[cfg(feature = "cuda")]
 pub(crate) fn nvrtc_ptx(
     cache: &'static std::sync::OnceLock<std::result::Result<String, String>>,
@@ -52,7 +80,7 @@ pub(crate) fn nvrtc_ptx(
 ) -> Result<&'static str> {
     cache
         .get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source)
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(kernel_source(source))
                 .map(|p| p.to_src())
                 .map_err(|e| e.to_string())
         })
@@ -320,6 +348,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
         ),
     );
     let mut logits = q.matmul(&k.t()?)?;
+    // on CUDA without a gradient or a bias: scale, softmax (in f32) and the cast back
+    // as one kernel that reads the logits once
+    if opts.bias.is_none()
+        && !logits.device().is_cpu()
+        && matches!(logits.dtype(), DType::F32 | DType::BF16)
+        && !needs_grad(&[q, k, v])
+    {
+        let op = softmax::ScaledSoftmax {
+            scale: opts.scale.unwrap_or(1.0) as f32,
+        };
+        let probs = logits.contiguous()?.apply_op1_no_bwd(&op)?;
+        return probs.to_dtype(v.dtype())?.matmul(v);
+    }
     if let Some(s) = opts.scale {
         logits = (logits * s)?;
     }
