@@ -56,7 +56,7 @@ __device__ void tb_softmax(const T* x, T* y, long long rows, int cols, float sca
   int lane = threadIdx.x & 31;
   if (row >= rows) return;  // the whole warp: `row` is the warp's
   long long base = row * cols;
-  float m = -INFINITY;
+  float m = __int_as_float(0xff800000);  // -inf (NVRTC has no INFINITY)
   for (int j = lane; j < cols; j += 32) m = fmaxf(m, tb_load(x, base + j) * scale);
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float s = 0.0f;
