@@ -10,8 +10,9 @@
 //! on CUDA when no gradient is needed.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape};
-use half::bf16;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+#[cfg(feature = "cuda")]
+use {candle_core::DType, half::bf16};
 
 /// The op on `[.., 2·d]`, giving `[.., d]`.
 pub(crate) struct GatedGelu;
@@ -66,14 +67,7 @@ impl CustomOp1 for GatedGelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (shape, d) = out_shape(l)?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("gated gelu: the input is not contiguous")
-        };
-        let h: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[a..b].to_vec(),
-            CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-            other => candle_core::bail!("gated gelu: {:?} input (f32 or bf16)", other.dtype()),
-        };
+        let h = super::cpu_f32s(s, l, "gated gelu: the input")?;
         let y: Vec<f32> = h
             .chunks_exact(2 * d.max(1))
             .flat_map(|row| {
@@ -81,11 +75,7 @@ impl CustomOp1 for GatedGelu {
                 a.iter().zip(g).map(|(&a, &g)| gelu_tanh(a) * g)
             })
             .collect();
-        let out = match s.dtype() {
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-            _ => CpuStorage::F32(y),
-        };
-        Ok((out, shape))
+        Ok((super::cpu_storage(y, s.dtype()), shape))
     }
 
     // the one unsafe block of this op: allocating the output and launching the kernel

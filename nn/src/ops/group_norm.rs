@@ -17,6 +17,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+#[cfg(feature = "cuda")]
 use half::bf16;
 
 /// The op: groups, epsilon, SiLU after.
@@ -75,17 +76,6 @@ fn reference(
         }
     }
     y
-}
-
-fn f32s(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused group_norm: {what} is not contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        other => candle_core::bail!("fused group_norm: {what} is {:?}", other.dtype()),
-    })
 }
 
 #[cfg(feature = "cuda")]
@@ -160,9 +150,9 @@ impl CustomOp3 for FusedGroupNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
-        let x = f32s(s1, l1, "input")?;
-        let w = f32s(s2, l2, "weight")?;
-        let b = f32s(s3, l3, "bias")?;
+        let x = super::cpu_f32s(s1, l1, "fused group_norm: the input")?;
+        let w = super::cpu_f32s(s2, l2, "fused group_norm: the weight")?;
+        let b = super::cpu_f32s(s3, l3, "fused group_norm: the bias")?;
         if w.len() != dims.1 || b.len() != dims.1 {
             candle_core::bail!(
                 "fused group_norm: weight and bias must have {} values, got {} and {}",
@@ -172,11 +162,7 @@ impl CustomOp3 for FusedGroupNorm {
             );
         }
         let y = reference(self, &x, &w, &b, dims);
-        let out = match s1.dtype() {
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-            _ => CpuStorage::F32(y),
-        };
-        Ok((out, l1.shape().clone()))
+        Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
 
     // the one unsafe block of this op: allocating the output and launching the kernel

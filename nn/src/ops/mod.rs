@@ -88,6 +88,38 @@ pub(crate) fn nvrtc_ptx(
         .map_err(|e| candle_core::Error::Msg(format!("kernel {module}: {e}")))
 }
 
+/// The f32 values of a contiguous f32 or bf16 CPU tensor (the kernels'
+/// transcriptions read their inputs so); errors name `what` (`"gated gelu: the
+/// input"`).
+pub(crate) fn cpu_f32s(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<Vec<f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} is not contiguous")
+    };
+    Ok(match s {
+        candle_core::CpuStorage::F32(v) => v[a..b].to_vec(),
+        candle_core::CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!(
+            "{what} is {:?} (f32 or bf16)",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    })
+}
+
+/// `y` as CPU storage of `dtype` (bf16 rounded to nearest even, as the kernels
+/// store; else f32).
+pub(crate) fn cpu_storage(y: Vec<f32>, dtype: DType) -> candle_core::CpuStorage {
+    match dtype {
+        DType::BF16 => {
+            candle_core::CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect())
+        }
+        _ => candle_core::CpuStorage::F32(y),
+    }
+}
+
 /// Whether any of `xs` is a variable or depends on one, i.e. whether an op on them
 /// must record its backward.
 #[must_use]

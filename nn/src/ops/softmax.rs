@@ -17,8 +17,9 @@
 //! before the softmax.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape};
-use half::bf16;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+#[cfg(feature = "cuda")]
+use {candle_core::DType, half::bf16};
 
 /// `softmax(scale · x)` over the last axis.
 pub(crate) struct ScaledSoftmax {
@@ -84,23 +85,12 @@ impl CustomOp1 for ScaledSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, cols) = rows_cols(l)?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("scaled softmax: the input is not contiguous")
-        };
-        let x: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[a..b].to_vec(),
-            CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-            other => candle_core::bail!("scaled softmax: {:?} input (f32 or bf16)", other.dtype()),
-        };
+        let x = super::cpu_f32s(s, l, "scaled softmax: the input")?;
         let mut y = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
             softmax_row(xr, self.scale, yr);
         }
-        let out = match s.dtype() {
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect()),
-            _ => CpuStorage::F32(y),
-        };
-        Ok((out, l.shape().clone()))
+        Ok((super::cpu_storage(y, s.dtype()), l.shape().clone()))
     }
 
     // the one unsafe block of this op: allocating the output and launching the kernel
@@ -166,7 +156,7 @@ impl CustomOp1 for ScaledSoftmax {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Tensor};
+    use candle_core::{D, DType, Device, Tensor};
 
     fn logits(dev: &Device) -> Result<Tensor> {
         // [2, 3, 5, 37] rows wider than a warp, values of either sign and some spread
