@@ -140,17 +140,17 @@ fn upload_pixels(
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
     let shape = (pix.len(), 3, h, w);
-    let flat: Vec<f32> = pix.into_iter().flatten().collect();
+    let values = pix.iter().flatten().copied();
     match dtype {
         DType::BF16 => {
-            let v: Vec<half::bf16> = flat.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let v: Vec<half::bf16> = values.map(half::bf16::from_f32).collect();
             staging.upload(&v, shape)
         }
         DType::F16 => {
-            let v: Vec<half::f16> = flat.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let v: Vec<half::f16> = values.map(half::f16::from_f32).collect();
             staging.upload(&v, shape)
         }
-        DType::F32 => staging.upload(&flat, shape),
+        DType::F32 => staging.upload(&values.collect::<Vec<f32>>(), shape),
         // a cast on the device would run on the preparing thread's stream, unordered
         // with the model's
         other => Err(candle_core::Error::Msg(format!(

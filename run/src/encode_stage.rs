@@ -242,7 +242,13 @@ impl EncodeStage<'_> {
     ) {
         let stats = self.stats;
         let hold = self.hold;
-        let devices: Vec<&Device> = self.encoders.iter().map(|l| l.encoder.device()).collect();
+        // one fence event per device, however many encoders share it
+        let mut devices: Vec<&Device> = Vec::new();
+        for d in self.encoders.iter().map(|l| l.encoder.device()) {
+            if !devices.iter().any(|k| k.same_device(d)) {
+                devices.push(d);
+            }
+        }
         let mut failed: HashMap<usize, StageError> = HashMap::new();
         let mut held: Option<Held> = None;
         let send = |shard: usize, msg: ToWrite| {
