@@ -176,11 +176,20 @@ mod tests {
         assert_eq!(cuda_index("cuda:x"), None);
     }
 
+    /// A fake nvidia-smi, written by a child shell rather than by this process: a
+    /// write descriptor held here, even for a moment, is inherited by whatever another
+    /// test thread forks meanwhile, and exec-ing the file then fails with "Text file
+    /// busy" (ETXTBSY) until that child has exec-ed in turn.
     fn script(dir: &std::path::Path, body: &str) -> OsString {
-        use std::os::unix::fs::PermissionsExt;
         let path = dir.join("fake-nvidia-smi");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg("printf '#!/bin/sh\\n%s\\n' \"$1\" > \"$0\" && chmod 755 \"$0\"")
+            .arg(&path)
+            .arg(body)
+            .status()
+            .unwrap();
+        assert!(status.success(), "writing {}: {status}", path.display());
         path.into_os_string()
     }
 
