@@ -28,6 +28,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+use tensorbake_kit::measure::median;
 
 use candle_core::{DType as CDType, Device, Tensor};
 use serde::Serialize;
@@ -807,16 +808,6 @@ fn check(
         batch: n,
         pass: rel_err.is_finite() && rel_err <= tolerance,
     })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
 }
 
 /// Ours: build, check, warm up (counting FLOPs), time.

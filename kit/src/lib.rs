@@ -15,6 +15,7 @@
 //!   and photo-like JPEGs.
 
 pub mod dtype;
+pub mod measure;
 pub mod rank;
 pub mod rng;
 pub mod schema;

@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use tensorbake_kit::measure::median;
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -415,12 +416,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 /// The values of one synthetic feature.

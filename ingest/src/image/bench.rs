@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+use tensorbake_kit::measure::median;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -182,12 +183,6 @@ impl DecodeBenchReport {
         }
         out
     }
-}
-
-fn median(rates: &[f64]) -> f64 {
-    let mut r = rates.to_vec();
-    r.sort_by(f64::total_cmp);
-    r[r.len() / 2]
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
