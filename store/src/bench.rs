@@ -142,8 +142,9 @@ impl BenchReport {
     }
 }
 
-/// Seeded values with the spread of real embeddings: approximately N(0, 1).
-fn fill(buf: &mut Vec<u8>, dtype: DType, n: usize, state: &mut u64) {
+/// Appends `n` seeded values of `dtype` (little-endian) with the spread of real
+/// embeddings, approximately N(0, 1), to `buf`; `state` is the xorshift state (not 0).
+pub fn fill(buf: &mut Vec<u8>, dtype: DType, n: usize, state: &mut u64) {
     let mut next = || {
         *state ^= *state << 13;
         *state ^= *state >> 7;

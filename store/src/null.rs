@@ -266,7 +266,8 @@ impl Store {
                 ));
             }
             let bytes = tensor_to_le_bytes(tensor, *dtype)
-                .map_err(|r| null_err(backend, name, format!("tensor {r}")))?;
+                .map_err(|r| null_err(backend, name, format!("tensor {r}")))?
+                .to_vec();
             encoded.push((name.clone(), kind, bytes));
         }
         let mut to_write = Vec::new();

@@ -438,74 +438,133 @@ impl std::fmt::Debug for PartWriter {
     }
 }
 
-/// Converts `tensor` to the little-endian bytes of `dtype` (on the CPU).
+/// A tensor's values as the little-endian bytes of a store dtype.
+pub(crate) enum LeBytes {
+    /// A contiguous CPU tensor in the store dtype on a little-endian host: its storage
+    /// is read in place ([`LeBytes::view`]), no copy at all.
+    Tensor(Tensor),
+    /// Bytes made by a conversion (uint16 from u32 values, or a big-endian host).
+    Bytes(Vec<u8>),
+}
+
+/// The bytes of a [`LeBytes`], borrowed (for a tensor: under its storage's read lock).
+pub(crate) enum LeView<'a> {
+    Slice(&'a [u8]),
+    Storage(candle_core::StorageRef<'a>, usize, usize),
+}
+
+impl LeView<'_> {
+    /// The bytes, little-endian.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        use candle_core::{CpuStorage, Storage};
+        match self {
+            Self::Slice(b) => b,
+            Self::Storage(storage, start, end) => match &**storage {
+                Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(&v[*start..*end]),
+                Storage::Cpu(CpuStorage::F16(v)) => bytemuck::cast_slice(&v[*start..*end]),
+                Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(&v[*start..*end]),
+                Storage::Cpu(CpuStorage::U32(v)) => bytemuck::cast_slice(&v[*start..*end]),
+                // `tensor_to_le_bytes` makes `LeBytes::Tensor` of CPU tensors of these
+                // four dtypes only
+                _ => &[],
+            },
+        }
+    }
+}
+
+impl LeBytes {
+    /// Borrows the bytes.
+    pub(crate) fn view(&self) -> LeView<'_> {
+        match self {
+            Self::Tensor(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let (start, end) = layout.contiguous_offsets().unwrap_or((0, 0));
+                LeView::Storage(storage, start, end)
+            }
+            Self::Bytes(b) => LeView::Slice(b),
+        }
+    }
+
+    /// Owned bytes (a copy).
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        self.view().bytes().to_vec()
+    }
+}
+
+/// Converts `tensor` to the little-endian values of `dtype` (on the CPU): in place
+/// when it already is one (contiguous, on the CPU, in `dtype`), else one conversion.
 pub(crate) fn tensor_to_le_bytes(
     tensor: &Tensor,
     dtype: DType,
-) -> std::result::Result<Vec<u8>, String> {
-    let t = tensor.to_device(&Device::Cpu).map_err(|e| e.to_string())?;
-    let t = t.flatten_all().map_err(|e| e.to_string())?;
-    let src = t.dtype();
+) -> std::result::Result<LeBytes, String> {
     let err = |e: candle_core::Error| e.to_string();
-    if dtype.is_float() {
+    let t = tensor.to_device(&Device::Cpu).map_err(err)?;
+    // contiguous from here on: flattening copies a strided view
+    let t = t.flatten_all().map_err(err)?;
+    let src = t.dtype();
+    let t = if dtype.is_float() {
         if !src.is_float() {
             return Err(format!(
                 "is {src:?}, a {dtype} feature needs a float tensor"
             ));
         }
-        let t = if src == dtype.candle() {
+        if src == dtype.candle() {
             t
         } else {
             t.to_dtype(dtype.candle()).map_err(err)?
-        };
-        return Ok(match dtype {
-            DType::Bf16 => t
-                .to_vec1::<half::bf16>()
-                .map_err(err)?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            DType::F16 => t
-                .to_vec1::<half::f16>()
-                .map_err(err)?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            _ => t
-                .to_vec1::<f32>()
-                .map_err(err)?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        });
-    }
-    let values: Vec<u32> = match src {
-        candle_core::DType::U32 => t.to_vec1::<u32>().map_err(err)?,
-        candle_core::DType::U8 => t
-            .to_vec1::<u8>()
-            .map_err(err)?
-            .into_iter()
-            .map(u32::from)
-            .collect(),
-        other => {
+        }
+    } else {
+        if !matches!(src, candle_core::DType::U32 | candle_core::DType::U8) {
             return Err(format!(
-                "is {other:?}, a {dtype} feature needs a U32 or U8 tensor"
+                "is {src:?}, a {dtype} feature needs a U32 or U8 tensor"
             ));
         }
+        let t = t.to_dtype(candle_core::DType::U32).map_err(err)?;
+        if dtype == DType::U16 {
+            return t
+                .to_vec1::<u32>()
+                .map_err(err)?
+                .iter()
+                .map(|&v| {
+                    u16::try_from(v)
+                        .map(u16::to_le_bytes)
+                        .map_err(|_| format!("value {v} does not fit uint16"))
+                })
+                .collect::<std::result::Result<Vec<[u8; 2]>, String>>()
+                .map(|v| LeBytes::Bytes(v.concat()));
+        }
+        t
     };
-    if dtype == DType::U16 {
-        values
-            .iter()
-            .map(|&v| {
-                u16::try_from(v)
-                    .map(u16::to_le_bytes)
-                    .map_err(|_| format!("value {v} does not fit uint16"))
-            })
-            .collect::<std::result::Result<Vec<[u8; 2]>, String>>()
-            .map(|v| v.concat())
-    } else {
-        Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    if cfg!(target_endian = "little") {
+        return Ok(LeBytes::Tensor(t));
     }
+    let bytes = match dtype {
+        DType::Bf16 => t
+            .to_vec1::<half::bf16>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U32 | DType::U16 => t
+            .to_vec1::<u32>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    };
+    Ok(LeBytes::Bytes(bytes))
 }
 
 impl PartWriter {
@@ -543,25 +602,14 @@ impl PartWriter {
             orig_size,
             mut features,
         } = record;
-        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(self.spec.features.len());
+        let mut encoded: Vec<LeBytes> = Vec::with_capacity(self.spec.features.len());
         for (name, f) in &self.spec.features {
-            let value = features.remove(name).ok_or_else(|| {
-                self.bad(
-                    &key,
-                    format!(
-                        "feature {name} is missing (the store has {})",
-                        self.spec
-                            .features
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?;
+            let value = features
+                .remove(name)
+                .ok_or_else(|| self.bad(&key, self.missing(name)))?;
             let expected = usize::try_from(f.sample_bytes()).unwrap_or(usize::MAX);
             let bytes = match value {
-                FeatureValue::Bytes(b) => b,
+                FeatureValue::Bytes(b) => LeBytes::Bytes(b),
                 FeatureValue::Tensor(t) => {
                     let dims: Vec<u64> = t.dims().iter().map(|&d| d as u64).collect();
                     if dims != f.shape {
@@ -577,14 +625,13 @@ impl PartWriter {
                         .map_err(|r| self.bad(&key, format!("tensor {name} {r}")))?
                 }
             };
-            if bytes.len() != expected {
+            let got = bytes.view().bytes().len();
+            if got != expected {
                 return Err(self.bad(
                     &key,
                     format!(
-                        "feature {name} has {} bytes, expected {expected} ({} x {:?})",
-                        bytes.len(),
-                        f.dtype,
-                        f.shape
+                        "feature {name} has {got} bytes, expected {expected} ({} x {:?})",
+                        f.dtype, f.shape
                     ),
                 ));
             }
@@ -593,17 +640,59 @@ impl PartWriter {
         if let Some(extra) = features.keys().next() {
             return Err(self.bad(&key, format!("feature {extra} is not in the store spec")));
         }
-        let orig: Vec<u8> = orig_size.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut encoded = encoded.into_iter();
+        let views: Vec<LeView<'_>> = encoded.iter().map(LeBytes::view).collect();
+        let rows: Vec<&[u8]> = views.iter().map(LeView::bytes).collect();
+        self.push_rows(
+            SampleMeta {
+                key,
+                caption,
+                caption_raw,
+                orig_size,
+            },
+            &rows,
+        )
+    }
+
+    /// "feature `name` is missing (the store has ...)".
+    fn missing(&self, name: &str) -> String {
+        format!(
+            "feature {name} is missing (the store has {})",
+            self.spec
+                .features
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// Buffers one checked sample: `rows` are its feature bytes in spec order. Each
+    /// array's shard buffer is reserved whole on first use and kept across its shards,
+    /// so samples are copied once, into place, and no shard regrows its buffer.
+    fn push_rows(&mut self, meta: SampleMeta, rows: &[&[u8]]) -> Result<()> {
+        let orig: Vec<u8> = meta
+            .orig_size
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut rows = rows.iter();
         for a in &mut self.arrays {
             match a.name.as_str() {
-                "key" => a.strings.push(key.clone()),
-                "caption" => a.strings.push(caption.clone()),
-                "caption_raw" => a.strings.push(caption_raw.clone()),
-                "orig_size" => a.fixed.extend_from_slice(&orig),
-                _ => a
-                    .fixed
-                    .extend_from_slice(&encoded.next().unwrap_or_default()),
+                "key" => a.strings.push(meta.key.clone()),
+                "caption" => a.strings.push(meta.caption.clone()),
+                "caption_raw" => a.strings.push(meta.caption_raw.clone()),
+                name => {
+                    let row: &[u8] = if name == "orig_size" {
+                        &orig
+                    } else {
+                        rows.next().copied().unwrap_or_default()
+                    };
+                    if a.fixed.capacity() == 0 {
+                        let shard = usize::try_from(a.shard_samples).unwrap_or(1);
+                        a.fixed.reserve_exact(row.len().saturating_mul(shard));
+                    }
+                    a.fixed.extend_from_slice(row);
+                }
             }
             a.buffered += 1;
         }
@@ -617,7 +706,8 @@ impl PartWriter {
     }
 
     /// Adds a batch: `meta[i]` and row `i` of every feature tensor (`[B, ...shape]`,
-    /// batch-major, any device) form sample `i`.
+    /// batch-major, any device) form sample `i`. Each tensor is read once; its rows
+    /// go straight into the shard buffers.
     ///
     /// # Errors
     /// As [`PartWriter::push`]; also a tensor whose first dimension is not `meta.len()`.
@@ -628,13 +718,19 @@ impl PartWriter {
     ) -> Result<()> {
         let n = meta.len();
         let first_key = meta.first().map(|m| m.key.clone()).unwrap_or_default();
-        let mut rows: BTreeMap<String, (Vec<u8>, usize)> = BTreeMap::new();
-        for (name, t) in features {
-            let Some(f) = self.spec.features.get(name) else {
-                return Err(self.bad(
-                    &first_key,
-                    format!("feature {name} is not in the store spec"),
-                ));
+        if let Some(extra) = features
+            .keys()
+            .find(|k| !self.spec.features.contains_key(*k))
+        {
+            return Err(self.bad(
+                &first_key,
+                format!("feature {extra} is not in the store spec"),
+            ));
+        }
+        let mut columns: Vec<(LeBytes, usize)> = Vec::with_capacity(self.spec.features.len());
+        for (name, f) in &self.spec.features {
+            let Some(t) = features.get(name) else {
+                return Err(self.bad(&first_key, self.missing(name)));
             };
             let dims: Vec<u64> = t.dims().iter().map(|&d| d as u64).collect();
             let mut want = vec![n as u64];
@@ -648,25 +744,17 @@ impl PartWriter {
             let bytes = tensor_to_le_bytes(t, f.dtype)
                 .map_err(|r| self.bad(&first_key, format!("tensor {name} {r}")))?;
             let row = usize::try_from(f.sample_bytes()).unwrap_or(usize::MAX);
-            rows.insert(name.clone(), (bytes, row));
+            columns.push((bytes, row));
         }
+        let views: Vec<(LeView<'_>, usize)> =
+            columns.iter().map(|(b, row)| (b.view(), *row)).collect();
+        let whole: Vec<(&[u8], usize)> = views.iter().map(|(v, row)| (v.bytes(), *row)).collect();
         for (i, m) in meta.into_iter().enumerate() {
-            let features = rows
+            let rows: Vec<&[u8]> = whole
                 .iter()
-                .map(|(name, (bytes, row))| {
-                    (
-                        name.clone(),
-                        FeatureValue::Bytes(bytes[i * row..(i + 1) * row].to_vec()),
-                    )
-                })
+                .map(|(bytes, row)| &bytes[i * row..(i + 1) * row])
                 .collect();
-            self.push(Record {
-                key: m.key,
-                caption: m.caption,
-                caption_raw: m.caption_raw,
-                orig_size: m.orig_size,
-                features,
-            })?;
+            self.push_rows(m, &rows)?;
         }
         Ok(())
     }
@@ -703,10 +791,11 @@ impl PartWriter {
         indices[0] = shard;
         let bytes = match &a.kind {
             ArrayKind::Fixed { .. } => {
+                // borrowed: the buffer (reserved for a whole shard) is kept for the next
                 let row = usize::try_from(a.kind.sample_bytes()).unwrap_or(usize::MAX);
-                let mut data = std::mem::take(&mut a.fixed);
-                data.resize(row * usize::try_from(s).unwrap_or(usize::MAX), 0);
-                ArrayBytes::new_flen(data)
+                a.fixed
+                    .resize(row * usize::try_from(s).unwrap_or(usize::MAX), 0);
+                ArrayBytes::new_flen(&a.fixed[..])
             }
             ArrayKind::Str => {
                 let mut strings = std::mem::take(&mut a.strings);
@@ -731,6 +820,7 @@ impl PartWriter {
             .store_chunk_opt(&indices, bytes, &options)
             .map_err(array_err)?;
         tracing::trace!(part = %part, array = %a.name, shard, samples = a.buffered, "wrote shard");
+        a.fixed.clear();
         a.buffered = 0;
         a.shards_written += 1;
         Ok(())

@@ -143,8 +143,22 @@ fn tensors_and_batches_are_cast_and_split() {
         }
         w.push(r).unwrap();
     }
-    // The other 6 as one batch-major batch, in the stored dtypes.
+    // The other 6 as one batch-major batch, in the stored dtypes, each tensor a view
+    // the writer must not read as if it were its whole storage: one row into a larger
+    // tensor (an offset), or, with 2 or more dims per sample, transposed twice (strides).
     let rest = &samples[4..];
+    let view = |t: Tensor, i: usize| -> Tensor {
+        if i % 2 == 1 && t.rank() >= 3 {
+            let r = t.rank();
+            let v = t.transpose(r - 2, r - 1).unwrap().contiguous().unwrap();
+            let v = v.transpose(r - 2, r - 1).unwrap();
+            assert!(!v.is_contiguous());
+            v
+        } else {
+            let padded = Tensor::cat(&[&t.narrow(0, 0, 1).unwrap(), &t], 0).unwrap();
+            padded.narrow(0, 1, t.dim(0).unwrap()).unwrap()
+        }
+    };
     let meta: Vec<SampleMeta> = rest
         .iter()
         .map(|e| SampleMeta {
@@ -168,7 +182,7 @@ fn tensors_and_batches_are_cast_and_split() {
         } else {
             Tensor::from_raw_buffer(&bytes, f.dtype.candle(), &shape, &Device::Cpu).unwrap()
         };
-        batch.insert(name.clone(), t);
+        batch.insert(name.clone(), view(t, batch.len()));
     }
     w.push_batch(meta, &batch).unwrap();
     w.commit().unwrap();
