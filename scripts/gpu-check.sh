@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of the encoders in one command, for a lent GPU machine: the device
 # checks (each encoder in bf16 against the same weights on the CPU in f32, on the tiny
-# fixtures and at full size), `tensorbake bench encode` beside PyTorch and
-# `tensorbake bench run` (the pipeline end to end), in under 8 minutes, ending with one
+# fixtures and at full size), `tensorbake bench encode` beside PyTorch, `tensorbake
+# bench write` (the run's writers alone) and `tensorbake bench run` (the pipeline end
+# to end), in under 8 minutes, ending with one
 # table. Each step has its own time limit, so a step that hangs or fails costs its
 # limit and the table still comes.
 #
@@ -14,8 +15,9 @@
 #   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
 # The steps' limits add up to 470 s (under 8 minutes in the worst case).
 # A dry run of the whole flow on this machine's CPU, tiny models:
-#   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f16 \
+#   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f32 \
 #     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
+#     GPU_CHECK_WRITE_ARGS='--parts 2 --samples-per-part 8 --rounds 1' \
 #     TENSORBAKE_PYTHON=.venv-test/bin/python bash scripts/gpu-check.sh
 #
 # Results: $OUT (the device tool's folder; else /tmp/gpu-check): summary.txt (every
@@ -60,19 +62,26 @@ export TENSORBAKE_PYTHON=$PY
 } | tee "$OUT/summary.txt"
 
 declare -a STEPS
-# step NAME LIMIT_S ARGS...: one `tensorbake bench encode` run
-step() {
+# limited NAME LIMIT_S COMMAND...: COMMAND under a time limit, its table to
+# $WORK/NAME.txt, its progress to $WORK/NAME.err, its outcome to STEPS
+limited() {
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)" >&2
-  timeout --kill-after=10 "$limit" "$BIN" bench encode --device "$DEVICE" --dtype "$DTYPE" \
-    --json "$OUT/$name.json" "$@" >"$WORK/$name.txt" 2>"$WORK/$name.err"
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.txt" 2>"$WORK/$name.err"
   local rc=$?
   local why=ok
   case $rc in 0) ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
   STEPS+=("$name: $why ($((SECONDS - t0)) s)")
   [ "$why" = ok ] || tail -4 "$WORK/$name.err" >&2
+}
+# step NAME LIMIT_S ARGS...: one `tensorbake bench encode` run
+step() {
+  local name=$1 limit=$2
+  shift 2
+  limited "$name" "$limit" "$BIN" bench encode --device "$DEVICE" --dtype "$DTYPE" \
+    --json "$OUT/$name.json" "$@"
 }
 
 # 0. the seam's kernels (GroupNorm, gated GELU, RMS norm, stochastic rounding) against
@@ -99,30 +108,34 @@ step image 110 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --en
 # 3. text encoders: T5-XXL at 120 tokens and CLIP text beside both peers
 step text 100 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
 # 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
-step more 60 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
+step more 45 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
 # 5. the convolution choices side by side: the SD VAE with candle's own cuDNN
 #    convolution (NCHW, heuristic algorithm) against the image step's channels-last
 #    path (ops::cudnn_conv: NHWC, algorithm found once per shape)
-TENSORBAKE_CONV=candle step conv 40 --preset "$PRESET" --encoder sd_vae --no-torch
+TENSORBAKE_CONV=candle step conv 30 --preset "$PRESET" --encoder sd_vae --no-torch
 
-# 6. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
+# 6. the writers alone at the run's mix (sd_vae + siglip + t5: 2.79 MB an image), the
+#    batches on the GPU so that the copies back are in: MB/s, MB per CPU-second, the
+#    cores 170 images/s takes (beside tensorstore where the machine has it); its JSON
+#    stays in $WORK (the 8 files of $OUT are taken)
+WRITE_PEER=(--no-tensorstore)
+"$PY" -c 'import tensorstore, ml_dtypes' 2>/dev/null && WRITE_PEER=(--python "$PY")
+# shellcheck disable=SC2086
+limited write 25 "$BIN" bench write --device "$DEVICE" --writers 4 \
+  ${GPU_CHECK_WRITE_ARGS:---parts 8 --samples-per-part 128} "${WRITE_PEER[@]}" --json "$WORK/write.json"
+
+# 7. the pipeline end to end: SA-1B-sized JPEGs over loopback, sd_vae + siglip + t5
 #    (full-size random weights), a store on local disk; the GPU's busy fraction
-STEPS_RUN=${GPU_CHECK_RUN_ARGS:---shards 6 --images-per-shard 64}
-t0=$SECONDS
-echo "== run (limit 90s)" >&2
 MODELS=full; [ "$PRESET" = tiny ] && MODELS=tiny
 # shellcheck disable=SC2086
-timeout --kill-after=10 90 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
-  $STEPS_RUN --workdir /tmp/gpu-check-run --json "$OUT/run.json" >"$WORK/run.txt" 2>"$WORK/run.err"
-rc=$?
-case $rc in 0) why=ok ;; 124|137) why="TIMED OUT" ;; *) why="FAILED rc=$rc" ;; esac
-STEPS+=("run: $why ($((SECONDS - t0)) s)")
-[ "$why" = ok ] || tail -4 "$WORK/run.err" >&2
+limited run 90 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS" \
+  ${GPU_CHECK_RUN_ARGS:---shards 6 --images-per-shard 64} --workdir /tmp/gpu-check-run \
+  --json "$OUT/run.json"
 
 {
   echo
   for s in "${STEPS[@]}"; do echo "$s"; done
-  for name in tiny image text more conv run; do
+  for name in tiny image text more conv write run; do
     [ -s "$WORK/$name.txt" ] && { echo; cat "$WORK/$name.txt"; }
   done
 } | tee -a "$OUT/summary.txt"

@@ -285,3 +285,85 @@ fn bench_run_streams_encodes_and_writes_every_image() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("clip_text"));
 }
+
+/// `bench write` at a small size: the run's write stage and tensorstore write the same
+/// feature bytes (the production mix, 2.79 MB an image), the table and the JSON agree,
+/// and bad settings end in one error line naming them.
+#[test]
+fn bench_write_times_the_writers_beside_tensorstore() {
+    let dir = tempdir();
+    let python = std::env::var("TENSORBAKE_PYTHON").ok();
+    let mut args = vec![
+        "bench",
+        "write",
+        "--parts",
+        "3",
+        "--samples-per-part",
+        "6",
+        "--batch",
+        "4",
+        "--rounds",
+        "2",
+        "--json",
+        "w.json",
+    ];
+    match &python {
+        Some(p) => args.extend(["--python", p.as_str()]),
+        None => {
+            eprintln!("bench write: TENSORBAKE_PYTHON is not set, tensorstore not run");
+            args.push("--no-tensorstore");
+        }
+    }
+    let out = tensorbake(dir.path(), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| tensorbake |"), "{stdout}");
+    let report = json(&dir.path().join("w.json"));
+    assert_eq!(
+        report["sample_bytes"],
+        2 * 65536 + 729 * 1152 * 2 + 120 * 4096 * 2 + 4
+    );
+    assert_eq!(report["samples"], 18);
+    assert_eq!(report["rounds"], 2);
+    let rows = report["rows"].as_array().unwrap();
+    let bytes = 18 * report["sample_bytes"].as_u64().unwrap();
+    assert!(rows.iter().all(|r| r["bytes"] == bytes), "{report:#}");
+    assert!(rows.iter().all(|r| r["mb_s"].as_f64().unwrap() > 0.0));
+    assert!(report["compression_ratio"].as_f64().unwrap() > 1.0);
+    if python.is_some() {
+        assert_eq!(rows.len(), 2, "{report:#}");
+        assert_eq!(rows[1]["writer"], "tensorstore");
+        assert!(stdout.contains("tensorbake / tensorstore:"), "{stdout}");
+    }
+
+    for (bad, names) in [
+        (
+            vec!["bench", "write", "--writers", "0", "--no-tensorstore"],
+            "writers",
+        ),
+        (
+            vec![
+                "bench",
+                "write",
+                "--parts",
+                "1",
+                "--samples-per-part",
+                "1",
+                "--python",
+                "/nonexistent/python",
+            ],
+            "/nonexistent/python",
+        ),
+    ] {
+        let out = tensorbake(dir.path(), &bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?}");
+        let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{bad:?}: {stderr}");
+        assert!(errors[0].contains(names), "{bad:?}: {stderr}");
+    }
+}

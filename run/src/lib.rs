@@ -52,6 +52,7 @@ mod report;
 mod stats;
 #[cfg(test)]
 mod wiring_tests;
+pub mod write_bench;
 mod write_stage;
 
 pub use config::{RunConfig, RunError, RunOptions, part_for, resolve_weights};

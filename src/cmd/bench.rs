@@ -39,6 +39,51 @@ enum BenchCommand {
     /// shards over loopback, full-size random-weight encoders, a store on local disk;
     /// images/s, the GPU's busy fraction, where the time went.
     Run(super::bench_run::RunArgs),
+    /// The run's write stage alone at production sizes (docs/run.md, Writers): the
+    /// arrays of sd_vae + siglip + t5 for each image, zstd, crc32c and fsync through
+    /// the run's own part writers; MB/s, MB per CPU-second and the cores 170 images/s
+    /// takes, beside tensorstore writing the same bytes into the same layout.
+    Write(WriteArgs),
+}
+
+#[derive(Debug, Args)]
+struct WriteArgs {
+    /// Part writer threads (the manifest's `writers`).
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
+    /// Parts (source shards) to write (default: 2 per writer).
+    #[arg(long)]
+    parts: Option<usize>,
+    /// Images per part.
+    #[arg(long, default_value_t = 128)]
+    samples_per_part: usize,
+    /// Images per batch handed to the writers (the encoders' batch).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Batches that may wait per writer (the manifest's `write_queue / writers`).
+    #[arg(long, default_value_t = 2)]
+    queue_per_writer: usize,
+    /// zstd level of the inner chunks (the store's default: 3).
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+    /// Where the batches sit (cpu | cuda | cuda:N); on CUDA the writers copy them back.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Python with tensorstore (else $TENSORBAKE_PYTHON, else python3).
+    #[arg(long, env = "TENSORBAKE_PYTHON")]
+    python: Option<PathBuf>,
+    /// Skip the tensorstore run.
+    #[arg(long)]
+    no_tensorstore: bool,
+    /// Timed rounds of each writer, alternating (the table shows medians).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Write the stores here instead of a temporary directory (kept afterwards).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +268,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Sample(args) => sample(args),
         BenchCommand::Encode(args) => encode(args),
         BenchCommand::Run(args) => super::bench_run::run(args),
+        BenchCommand::Write(args) => write(args),
     }
+}
+
+fn write(args: WriteArgs) -> anyhow::Result<ExitCode> {
+    use tensorbake_run::write_bench::{WriteBenchConfig, run_write_bench};
+    let (dir, keep) = workdir(args.workdir, "write")?;
+    let cfg = WriteBenchConfig {
+        dir: dir.clone(),
+        writers: args.writers,
+        parts: args.parts.unwrap_or(2 * args.writers.max(1)),
+        samples_per_part: args.samples_per_part,
+        batch: args.batch,
+        queue_per_writer: args.queue_per_writer,
+        zstd_level: args.zstd_level,
+        device: tensorbake_nn::parse_device(&args.device)?,
+        rounds: args.rounds,
+        python: (!args.no_tensorstore)
+            .then(|| args.python.unwrap_or_else(|| PathBuf::from("python3"))),
+    };
+    let report = run_write_bench(&cfg);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report.map_err(|e| anyhow::anyhow!("bench write: {e}"))?;
+    print!("{}", report.table());
+    write_json(args.json.as_ref(), &report)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
