@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // The whole chain, outermost first: "what failed: because: because".
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cmd::error_line(&err));
             ExitCode::FAILURE
         }
     }
