@@ -380,8 +380,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
         ),
     );
     let mut logits = q.matmul(&k.t()?)?;
-    // on CUDA without a gradient or a bias: scale, softmax (in f32) and the cast back
-    // as one kernel that reads the logits once
+    // on CUDA without a gradient: scale, softmax (in f32) and the cast back as one
+    // kernel that reads the logits once
     if opts.bias.is_none()
         && !logits.device().is_cpu()
         && matches!(logits.dtype(), DType::F32 | DType::BF16)
@@ -391,6 +391,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
             scale: opts.scale.unwrap_or(1.0) as f32,
         };
         let probs = logits.contiguous()?.apply_op1_no_bwd(&op)?;
+        return probs.to_dtype(v.dtype())?.matmul(v);
+    }
+    // with a bias (T5's position bias and mask, CLIP text's masks): the same pass,
+    // the bias read in place through its strides
+    if let Some(bias) = opts.bias
+        && !logits.device().is_cpu()
+        && logits.rank() == 4
+        && matches!(
+            (logits.dtype(), bias.dtype()),
+            (DType::F32, DType::F32) | (DType::BF16, DType::F32 | DType::BF16)
+        )
+        && !needs_grad(&[q, k, v, bias])
+    {
+        let op = softmax::ScaledBiasSoftmax {
+            scale: opts.scale.unwrap_or(1.0) as f32,
+        };
+        let bias = bias.broadcast_as(logits.shape())?;
+        let probs = logits.contiguous()?.apply_op2_no_bwd(&bias, &op)?;
         return probs.to_dtype(v.dtype())?.matmul(v);
     }
     if let Some(s) = opts.scale {
