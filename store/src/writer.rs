@@ -390,6 +390,8 @@ impl Store {
                 shard_samples,
                 array,
                 fixed: Vec::new(),
+                filled: 0,
+                dirty: 0,
                 strings: Vec::new(),
                 buffered: 0,
                 shards_written: 0,
@@ -412,7 +414,13 @@ struct ArrayWriter {
     kind: ArrayKind,
     shard_samples: u64,
     array: Array<dyn ReadableWritableListableStorageTraits>,
+    /// The shard being filled (fixed-size arrays): allocated zeroed, a whole shard
+    /// long, on the first sample; `filled` bytes of it hold this shard's samples and
+    /// `dirty` bytes were written by any shard so far (the rest are still the
+    /// allocator's untouched zero pages).
     fixed: Vec<u8>,
+    filled: usize,
+    dirty: usize,
     strings: Vec<String>,
     buffered: u64,
     shards_written: u64,
@@ -687,11 +695,15 @@ impl PartWriter {
                     } else {
                         rows.next().copied().unwrap_or_default()
                     };
-                    if a.fixed.capacity() == 0 {
+                    if a.fixed.is_empty() {
+                        // zeroed by the allocator (fresh zero pages): a partial last
+                        // shard's padding is never written, only read
                         let shard = usize::try_from(a.shard_samples).unwrap_or(1);
-                        a.fixed.reserve_exact(row.len().saturating_mul(shard));
+                        a.fixed = vec![0; row.len().saturating_mul(shard)];
                     }
-                    a.fixed.extend_from_slice(row);
+                    a.fixed[a.filled..a.filled + row.len()].copy_from_slice(row);
+                    a.filled += row.len();
+                    a.dirty = a.dirty.max(a.filled);
                 }
             }
             a.buffered += 1;
@@ -791,10 +803,13 @@ impl PartWriter {
         indices[0] = shard;
         let bytes = match &a.kind {
             ArrayKind::Fixed { .. } => {
-                // borrowed: the buffer (reserved for a whole shard) is kept for the next
-                let row = usize::try_from(a.kind.sample_bytes()).unwrap_or(usize::MAX);
-                a.fixed
-                    .resize(row * usize::try_from(s).unwrap_or(usize::MAX), 0);
+                // a partial (last) shard: the fill value after its samples, where an
+                // earlier shard of the part left bytes; beyond them the zero pages are
+                // still the allocator's. Borrowed: the buffer is kept for the next shard.
+                if a.dirty > a.filled {
+                    a.fixed[a.filled..a.dirty].fill(0);
+                    a.dirty = a.filled;
+                }
                 ArrayBytes::new_flen(&a.fixed[..])
             }
             ArrayKind::Str => {
@@ -820,7 +835,7 @@ impl PartWriter {
             .store_chunk_opt(&indices, bytes, &options)
             .map_err(array_err)?;
         tracing::trace!(part = %part, array = %a.name, shard, samples = a.buffered, "wrote shard");
-        a.fixed.clear();
+        a.filled = 0;
         a.buffered = 0;
         a.shards_written += 1;
         Ok(())
