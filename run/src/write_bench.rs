@@ -473,6 +473,14 @@ pub fn run_write_bench(cfg: &WriteBenchConfig) -> Result<WriteBenchReport, Strin
     };
     let pool = make_pool(&arrays, cfg.batch);
     let batches = pool_tensors(&arrays, &pool, cfg.batch, &cfg.device)?;
+    // the uploads ran on this thread's stream; the writers copy back on their own
+    // (as the run's model thread waits on a fence before handing a batch over)
+    cfg.device.synchronize().map_err(|e| {
+        format!(
+            "waiting for the uploads to {}: {e}",
+            device_name(&cfg.device)
+        )
+    })?;
     let samples = (cfg.parts * cfg.samples_per_part) as u64;
     let bytes = samples * sample_bytes;
 
