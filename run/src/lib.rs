@@ -198,15 +198,13 @@ impl Run {
             .map(|s| (s.index, s.name.as_str()))
             .collect();
 
-        let write = WriteStage {
-            store: &self.store,
-            shards: self
-                .todo
+        let write = WriteStage::new(
+            &self.store,
+            self.todo
                 .iter()
-                .map(|s| (s.index, (s, self.part_of[&s.index].as_str())))
-                .collect(),
-            stats: &self.stats,
-        };
+                .map(|s| (s, self.part_of[&s.index].as_str())),
+            &self.stats,
+        );
         let (summary, outcomes) = std::thread::scope(|scope| {
             let ingest = scope.spawn(|| {
                 let tx = enc_tx;

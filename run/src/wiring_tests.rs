@@ -159,15 +159,11 @@ fn whole_shards_commit(hold: bool) {
         arrays: vec![(Array::ClipImageEmbeds, DType::F32)],
     }];
     let stats = RunStats::new(4, &["clip_vision".to_string()]);
-    let write = WriteStage {
-        store: &store,
-        shards: shards
-            .iter()
-            .zip(&parts)
-            .map(|(s, p)| (s.index, (s, p.as_str())))
-            .collect(),
-        stats: &stats,
-    };
+    let write = WriteStage::new(
+        &store,
+        shards.iter().zip(parts.iter().map(String::as_str)),
+        &stats,
+    );
     // shard 0: 5 samples, shard 1: 3, shard 2: 2 with the second poisoned for the
     // model, shard 3: 2 with the first unpreparable; interleaved
     let mut inputs = Vec::new();

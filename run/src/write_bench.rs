@@ -391,15 +391,11 @@ fn tensorbake_round(
         .collect();
     let parts: Vec<String> = (0..cfg.parts).map(|i| format!("part-{i:04}")).collect();
     let stats = RunStats::new(cfg.parts as u64, &[]);
-    let stage = WriteStage {
-        store: &store,
-        shards: shards
-            .iter()
-            .zip(&parts)
-            .map(|(s, p)| (s.index, (s, p.as_str())))
-            .collect(),
-        stats: &stats,
-    };
+    let stage = WriteStage::new(
+        &store,
+        shards.iter().zip(parts.iter().map(String::as_str)),
+        &stats,
+    );
     let cpu0 = process_cpu_seconds()?;
     let t0 = Instant::now();
     let outcomes = feed(cfg, &stage, &shards, batches);

@@ -26,7 +26,23 @@ pub(crate) struct WriteStage<'a> {
     pub(crate) stats: &'a RunStats,
 }
 
-impl WriteStage<'_> {
+impl<'a> WriteStage<'a> {
+    /// The write stage of `shards`, each with the name of its part.
+    pub(crate) fn new(
+        store: &'a Store,
+        shards: impl IntoIterator<Item = (&'a Shard, &'a str)>,
+        stats: &'a RunStats,
+    ) -> Self {
+        Self {
+            store,
+            shards: shards
+                .into_iter()
+                .map(|(s, part)| (s.index, (s, part)))
+                .collect(),
+            stats,
+        }
+    }
+
     /// Runs until `rx` closes; its times go to the run's stats.
     pub(crate) fn run(&self, rx: Receiver<ToWrite>) -> Vec<PartOutcome> {
         let mut parts: HashMap<usize, PartWriter> = HashMap::new();
