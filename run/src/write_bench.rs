@@ -575,7 +575,11 @@ fn tensorstore_peer(
     let mut request_arrays = Vec::new();
     for ((a, dtype, shape), bufs) in arrays.iter().zip(pool) {
         let file = dir.join(format!("{}.bin", a.name()));
-        std::fs::write(&file, bufs.concat()).map_err(io(&file))?;
+        // the same pool every round: written once
+        let len: usize = bufs.iter().map(Vec::len).sum();
+        if std::fs::metadata(&file).map_or(true, |m| m.len() != len as u64) {
+            std::fs::write(&file, bufs.concat()).map_err(io(&file))?;
+        }
         let per: u64 = shape.iter().product::<u64>() * dtype.size() as u64;
         request_arrays.push(serde_json::json!({
             "name": a.name(),
