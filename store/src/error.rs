@@ -83,6 +83,10 @@ pub enum StoreError {
     /// The spec itself is unusable (bad feature name, empty shape, ...).
     #[error("invalid store spec: {0}")]
     InvalidSpec(String),
+    /// A writer layout setting ([`crate::StoreOptions`], a manifest's `[layout]`) is
+    /// out of range: the message names the key.
+    #[error("invalid store layout: {0}")]
+    InvalidLayout(String),
     /// The part is committed; committed parts are never rewritten.
     #[error(
         "part {part} of store {location} is already committed (source {source_url}); committed parts are never rewritten"

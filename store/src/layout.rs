@@ -73,6 +73,29 @@ impl Default for StoreOptions {
 }
 
 impl StoreOptions {
+    /// Checks each setting's range, naming the key of the first one outside it.
+    ///
+    /// # Errors
+    /// A sentence such as "zstd_level 30 is outside zstd's levels -131072..=22".
+    pub fn validate(&self) -> Result<(), String> {
+        let levels = zstd::compression_level_range();
+        if !levels.contains(&self.zstd_level) {
+            return Err(format!(
+                "zstd_level {} is outside zstd's levels {}..={} (default 3)",
+                self.zstd_level,
+                levels.start(),
+                levels.end()
+            ));
+        }
+        if self.shard_bytes == 0 {
+            return Err("shard_bytes is 0 (default 134217728, 128 MiB)".into());
+        }
+        if self.max_shard_samples == 0 {
+            return Err("max_shard_samples is 0 (default 1024)".into());
+        }
+        Ok(())
+    }
+
     /// Samples per shard for an array whose samples take `sample_bytes` uncompressed.
     #[must_use]
     pub fn shard_samples(&self, sample_bytes: u64) -> u64 {

@@ -247,6 +247,7 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Self> {
         spec.validate()?;
+        options.validate().map_err(StoreError::InvalidLayout)?;
         let backend = Backend::open(location, true, 0)?;
         let stored = if let Some(stored) = read_root(&backend)? {
             stored

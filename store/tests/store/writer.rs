@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use tensorbake_store::writer::SampleMeta;
-use tensorbake_store::{DType, FeatureValue, Location, Store, StoreError, StoreReader};
+use tensorbake_store::{
+    DType, FeatureValue, Location, Store, StoreError, StoreOptions, StoreReader,
+};
 
 use crate::common::{self, expected, options, record, spec, tensor_bytes};
 
@@ -248,6 +250,62 @@ fn bad_samples_are_refused_naming_the_feature() {
     let reader = StoreReader::open(&loc).unwrap();
     assert_eq!(reader.len(), 1);
     check_sample(&reader, 0, &e);
+}
+
+/// Layout settings out of range are refused naming the key, before anything is written.
+#[test]
+fn a_layout_out_of_range_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.zarr");
+    let loc = Location::Local(path.clone());
+    let bad = [
+        (
+            StoreOptions {
+                zstd_level: 30,
+                ..options()
+            },
+            "zstd_level 30",
+        ),
+        (
+            StoreOptions {
+                shard_bytes: 0,
+                ..options()
+            },
+            "shard_bytes",
+        ),
+        (
+            StoreOptions {
+                max_shard_samples: 0,
+                ..options()
+            },
+            "max_shard_samples",
+        ),
+    ];
+    for (o, names) in bad {
+        let err = Store::create_or_open_with(&loc, spec(), o)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid store layout") && err.contains(names),
+            "{err}"
+        );
+        assert!(!path.exists(), "{names}: something was written");
+    }
+    // zstd's own range holds: one of its fast negative levels and its highest write
+    // and read back
+    for level in [-5, 22] {
+        let o = StoreOptions {
+            zstd_level: level,
+            ..options()
+        };
+        let loc = Location::Local(dir.path().join(format!("l{level}.zarr")));
+        let store = Store::create_or_open_with(&loc, spec(), o).unwrap();
+        let mut w = store.part_writer("p", "p").unwrap();
+        let e = expected(5, 0);
+        w.push(record(&e)).unwrap();
+        w.commit().unwrap();
+        check_sample(&StoreReader::open(&loc).unwrap(), 0, &e);
+    }
 }
 
 #[test]
