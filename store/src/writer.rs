@@ -87,6 +87,37 @@ pub struct Store {
     pub(crate) backend: Arc<Backend>,
     pub(crate) spec: Arc<StoreSpec>,
     pub(crate) options: StoreOptions,
+    buffers: Arc<ShardBuffers>,
+}
+
+/// Shard buffers of finished parts, kept for the next parts of the same store: a
+/// part takes one per fixed-size array (a shard long) and gives it back when it is
+/// committed or dropped, so that a run's later parts write into memory already paged
+/// in rather than fault a fresh 100 MB buffer in per array and part. Holds at most
+/// what the parts open at one time used.
+#[derive(Debug, Default)]
+struct ShardBuffers {
+    /// (buffer, bytes of it that may be non-zero)
+    free: std::sync::Mutex<Vec<(Vec<u8>, usize)>>,
+}
+
+impl ShardBuffers {
+    /// A buffer of exactly `len` bytes and how much of it may be non-zero: a kept one
+    /// of that length, else a fresh zeroed one.
+    fn take(&self, len: usize) -> (Vec<u8>, usize) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        match free.iter().position(|(b, _)| b.len() == len) {
+            Some(i) => free.swap_remove(i),
+            None => (vec![0; len], 0),
+        }
+    }
+
+    fn give_back(&self, buffer: Vec<u8>, dirty: usize) {
+        if !buffer.is_empty() {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.push((buffer, dirty));
+        }
+    }
 }
 
 pub(crate) fn group_json(attr: &str, value: serde_json::Value) -> Vec<u8> {
@@ -284,6 +315,7 @@ impl Store {
             backend: Arc::new(backend),
             spec: Arc::new(stored),
             options,
+            buffers: Arc::default(),
         })
     }
 
@@ -302,6 +334,7 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Option<Self>> {
         spec.validate()?;
+        options.validate().map_err(StoreError::InvalidLayout)?;
         if let Location::Local(path) = location
             && !path.is_dir()
         {
@@ -323,6 +356,7 @@ impl Store {
             backend: Arc::new(backend),
             spec: Arc::new(stored),
             options,
+            buffers: Arc::default(),
         }))
     }
 
@@ -401,6 +435,7 @@ impl Store {
         tracing::debug!(part, source, "part writer started");
         Ok(PartWriter {
             backend: self.backend.clone(),
+            buffers: self.buffers.clone(),
             spec: self.spec.clone(),
             part: part.to_string(),
             source: source.to_string(),
@@ -415,10 +450,10 @@ struct ArrayWriter {
     kind: ArrayKind,
     shard_samples: u64,
     array: Array<dyn ReadableWritableListableStorageTraits>,
-    /// The shard being filled (fixed-size arrays): allocated zeroed, a whole shard
-    /// long, on the first sample; `filled` bytes of it hold this shard's samples and
-    /// `dirty` bytes were written by any shard so far (the rest are still the
-    /// allocator's untouched zero pages).
+    /// The shard being filled (fixed-size arrays), a whole shard long, taken on the
+    /// first sample from the store's kept buffers or allocated zeroed; `filled` bytes
+    /// of it hold this shard's samples and at most `dirty` bytes are not zero (the
+    /// rest of a fresh one are still the allocator's untouched zero pages).
     fixed: Vec<u8>,
     filled: usize,
     dirty: usize,
@@ -430,11 +465,22 @@ struct ArrayWriter {
 /// Writes one part. Not `Sync`: one writer per part, on one thread.
 pub struct PartWriter {
     backend: Arc<Backend>,
+    buffers: Arc<ShardBuffers>,
     spec: Arc<StoreSpec>,
     part: String,
     source: String,
     arrays: Vec<ArrayWriter>,
     samples: u64,
+}
+
+impl Drop for PartWriter {
+    /// Gives the shard buffers back to the store, committed or not.
+    fn drop(&mut self) {
+        for a in &mut self.arrays {
+            self.buffers
+                .give_back(std::mem::take(&mut a.fixed), a.dirty);
+        }
+    }
 }
 
 impl std::fmt::Debug for PartWriter {
@@ -685,6 +731,7 @@ impl PartWriter {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         let mut rows = rows.iter();
+        let buffers = &self.buffers;
         for a in &mut self.arrays {
             match a.name.as_str() {
                 "key" => a.strings.push(meta.key.clone()),
@@ -697,10 +744,10 @@ impl PartWriter {
                         rows.next().copied().unwrap_or_default()
                     };
                     if a.fixed.is_empty() {
-                        // zeroed by the allocator (fresh zero pages): a partial last
-                        // shard's padding is never written, only read
+                        // a fresh one is zeroed by the allocator (zero pages): a partial
+                        // last shard's padding is then never written, only read
                         let shard = usize::try_from(a.shard_samples).unwrap_or(1);
-                        a.fixed = vec![0; row.len().saturating_mul(shard)];
+                        (a.fixed, a.dirty) = buffers.take(row.len().saturating_mul(shard));
                     }
                     a.fixed[a.filled..a.filled + row.len()].copy_from_slice(row);
                     a.filled += row.len();

@@ -520,3 +520,37 @@ fn the_same_samples_make_the_same_bytes_every_time() {
         }
     }
 }
+
+/// A part written into the shard buffers an earlier part of the store gave back (full
+/// of that part's samples) has the same shard files as the same part written alone:
+/// its partial shards' padding is fill value again, stored as absent inner chunks.
+#[test]
+fn a_part_in_reused_buffers_writes_what_a_fresh_one_does() {
+    let write_b = |store: &Store| {
+        let mut w = store.part_writer("b", "b").unwrap();
+        for i in 0..3 {
+            w.push(record(&expected(41, i))).unwrap();
+        }
+        w.commit().unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("alone.zarr");
+    write_b(
+        &Store::create_or_open_with(&Location::Local(alone.clone()), spec(), options()).unwrap(),
+    );
+    let after = dir.path().join("after.zarr");
+    let loc = Location::Local(after.clone());
+    let store = Store::create_or_open_with(&loc, spec(), options()).unwrap();
+    let mut a = store.part_writer("a", "a").unwrap();
+    for i in 0..12 {
+        a.push(record(&expected(40, i))).unwrap();
+    }
+    a.commit().unwrap();
+    write_b(&store);
+    let files = |root: &std::path::Path| shard_files(&root.join("parts/b"));
+    assert_eq!(files(&alone), files(&after));
+    let reader = StoreReader::open(&loc).unwrap();
+    for i in 0..3 {
+        check_sample(&reader, 12 + i, &expected(41, i));
+    }
+}
