@@ -46,6 +46,30 @@ fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / cols, cols))
 }
 
+/// The module's PTX (compiled once per process for both ops) and the launch of
+/// `rows` rows, one warp each, 8 warps a block; errors name `op`.
+#[cfg(feature = "cuda")]
+fn warp_per_row(
+    rows: usize,
+    op: &str,
+) -> Result<(
+    &'static str,
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig,
+)> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    const WARPS: usize = 8;
+    let blocks = u32::try_from(rows.div_ceil(WARPS))
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: {rows} rows")))?;
+    let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_softmax")?;
+    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32 * WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((ptx, cfg))
+}
+
 /// The kernels in Rust over one row: `softmax(scale · x + bias(j))`.
 fn softmax_row(x: &[f32], scale: f32, bias: impl Fn(usize) -> f32, y: &mut [f32]) {
     let z = |j: usize| x[j] * scale + bias(j);
@@ -134,9 +158,6 @@ impl CustomOp2 for ScaledBiasSoftmax {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
-        const WARPS: usize = 8;
         let (heads, tq) = check_bias(lx, lb)?;
         let (rows, cols) = rows_cols(lx)?;
         let Some(span) = lx.contiguous_offsets() else {
@@ -153,14 +174,7 @@ impl CustomOp2 for ScaledBiasSoftmax {
         );
         let st = lb.stride();
         let strides = [st[0], st[1], st[2], st[3]].map(|v| v as i64);
-        let blocks = u32::try_from(rows.div_ceil(WARPS))
-            .map_err(|_| candle_core::Error::Msg(format!("scaled bias softmax: {rows} rows")))?;
-        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_softmax")?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (ptx, cfg) = warp_per_row(rows, "scaled bias softmax")?;
         struct Args<'a> {
             span: (usize, usize),
             bias_start: usize,
@@ -330,23 +344,13 @@ impl CustomOp1 for ScaledSoftmax {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
-        const WARPS: usize = 8;
         let (rows, cols) = rows_cols(l)?;
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("scaled softmax: the input is not contiguous")
         };
         let cols_i = i32::try_from(cols)
             .map_err(|_| candle_core::Error::Msg(format!("scaled softmax: {cols} columns")))?;
-        let blocks = u32::try_from(rows.div_ceil(WARPS))
-            .map_err(|_| candle_core::Error::Msg(format!("scaled softmax: {rows} rows")))?;
-        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_softmax")?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (ptx, cfg) = warp_per_row(rows, "scaled softmax")?;
         // one launch for either dtype: the kernel `tb_softmax_{f32,bf16}`
         fn launch<T: CudaDType + DeviceRepr>(
             s: &candle_core::CudaStorage,
