@@ -147,6 +147,12 @@ impl Conv2d {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// `forward(x) + residual` (a skip connection), in one pass on the GPU
+    /// ([`ops::conv2d_add`]).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        ops::conv2d_add(x, &self.weight, self.bias.as_ref(), residual, &self.cfg)
+    }
 }
 
 impl Module for Conv2d {

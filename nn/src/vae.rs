@@ -23,7 +23,7 @@
 //! the latent scaling first: `z / scaling_factor + shift_factor`) and returns the image
 //! unclamped, roughly in [-1, 1], as diffusers' `decode(z).sample`.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::layers::{Conv2d, GroupNorm, Linear};
@@ -448,11 +448,12 @@ impl ResnetBlock {
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
-        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
-        match &self.shortcut {
-            Some(s) => x.apply(s)? + h,
-            None => x + h,
-        }
+        let h = self.norm2.forward_silu(&h)?;
+        let skip = match &self.shortcut {
+            Some(s) => x.apply(s)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_add(&h, &skip)
     }
 }
 
@@ -482,11 +483,11 @@ impl SpatialAttention {
 impl Module for SpatialAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        // tokens [B, HW, C]: no copy when the activation is channels-last
         let t = x
             .apply(&self.norm)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .permute((0, 2, 3, 1))?
+            .reshape((b, h * w, c))?;
         let q = t.apply(&self.q)?;
         let k = t.apply(&self.k)?;
         let v = t.apply(&self.v)?;
@@ -497,8 +498,9 @@ impl Module for SpatialAttention {
             softmax_f32: true,
         };
         let o = ops::attention(&q, &k, &v, &opts)?.apply(&self.out)?;
-        let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
-        x + o
+        // back to [B, C, H, W] as a channels-last view
+        let o = o.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+        ops::add(x, &o)
     }
 }
 
@@ -516,10 +518,7 @@ impl Module for DownBlock {
         }
         if let Some(d) = &self.downsample {
             // asymmetric zero padding (right and bottom) then a stride-2 conv
-            x = x
-                .pad_with_zeros(D::Minus1, 0, 1)?
-                .pad_with_zeros(D::Minus2, 0, 1)?;
-            x = x.apply(d)?;
+            x = ops::zero_pad2d(&x, [0, 1, 0, 1])?.apply(d)?;
         }
         Ok(x)
     }
@@ -606,8 +605,8 @@ impl VaeEncoder {
         h = h.apply(&self.mid_res2)?;
         h = self.norm_out.forward_silu(&h)?.apply(&self.conv_out)?;
         match &self.quant_conv {
-            Some(q) => h.apply(q),
-            None => Ok(h),
+            Some(q) => h.apply(q)?.contiguous(),
+            None => h.contiguous(),
         }
     }
 
@@ -741,13 +740,63 @@ impl VaeDecoder {
         for u in &self.up {
             h = h.apply(u)?;
         }
-        self.norm_out.forward_silu(&h)?.apply(&self.conv_out)
+        self.norm_out
+            .forward_silu(&h)?
+            .apply(&self.conv_out)?
+            .contiguous()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layout the GPU path runs the VAE in, checked on the CPU: a channels-last
+    /// image keeps every activation channels-last (the seam's layout-keeping paths:
+    /// the NHWC GroupNorm, convolutions, the residual, the padding, the attention's
+    /// tokens), and the moments are those of the NCHW run. Widths of 32 and 64 in 8
+    /// groups, so that every GroupNorm takes the channels-last kernels' path.
+    #[test]
+    fn a_channels_last_image_stays_channels_last_and_encodes_the_same() -> Result<()> {
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        let cfg = Config {
+            block_out_channels: vec![32, 64],
+            down_block_types: vec!["DownEncoderBlock2D".into(); 2],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 2],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            ..Config::sd_vae_ft_ema()
+        };
+        let (vb, _) = crate::random::random_var_builder(DType::F32, &dev);
+        let enc = VaeEncoder::new(vb.clone(), &cfg)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 12), &dev)?;
+        let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2));
+        let is_nhwc = |t: &Tensor| !t.is_contiguous() && ops::channels_last(t).is_some();
+        let xl = nhwc(&x)?;
+        // block by block, as `moments` runs them
+        let mut h = xl.apply(&enc.conv_in)?;
+        assert!(is_nhwc(&h), "conv_in");
+        for (i, d) in enc.down.iter().enumerate() {
+            h = h.apply(d)?;
+            assert!(is_nhwc(&h), "down block {i}");
+        }
+        h = h.apply(&enc.mid_res1)?;
+        assert!(is_nhwc(&h), "mid resnet");
+        h = h.apply(enc.mid_attn.as_ref().expect("configured"))?;
+        assert!(is_nhwc(&h), "mid attention");
+        let want = enc.moments(&x)?;
+        let got = enc.moments(&xl)?;
+        assert!(got.is_contiguous(), "the moments come out NCHW");
+        let e = crate::testing::rel_err(&got, &want)?;
+        assert!(e < 1e-5, "channels-last vs NCHW moments: {e}");
+        // the decoder the same way
+        let dec = VaeDecoder::new(vb, &cfg)?;
+        let z = Tensor::randn(0f32, 1.0, (1, 4, 4, 3), &dev)?;
+        let e = crate::testing::rel_err(&dec.decode(&nhwc(&z)?)?, &dec.decode(&z)?)?;
+        assert!(e < 1e-5, "channels-last vs NCHW decode: {e}");
+        Ok(())
+    }
 
     #[test]
     fn ldm_names_map_every_encoder_part() {

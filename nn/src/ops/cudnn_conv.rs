@@ -15,11 +15,15 @@
 //!   PyTorch), plain FMA for f32 (no TF32: an f32 encoder keeps f32 accuracy);
 //! - one workspace per thread and device, grown to the largest need, is reused.
 //!
-//! [`try_conv2d`] is what [`super::conv2d`] calls for NCHW tensors: it copies the
-//! input to NHWC, convolves, and hands back an NCHW view of the NHWC output; the
-//! caller's bias add then writes the result contiguous NCHW, so one copy (the
-//! input's) is the price of the layout. A shape or dtype this cuDNN refuses falls back
-//! to candle's convolution, logged once per shape.
+//! [`try_conv2d`] is what [`super::conv2d`] calls: it takes the input as NHWC (a
+//! copy for an NCHW input, none for a channels-last one, [`super::channels_last`]),
+//! convolves, and hands back the NHWC output as a channels-last NCHW view, to which
+//! the caller adds the bias in that layout: a VAE's activations stay NHWC from one
+//! convolution to the next. [`try_conv2d_onto`] ([`super::conv2d_add`]) accumulates
+//! the convolution onto an NHWC buffer holding `residual + bias` (`beta = 1`, the
+//! sum taken in f32 and rounded once), in place of a separate residual add. A shape
+//! or dtype this cuDNN refuses falls back to candle's convolution, logged once per
+//! shape.
 
 use candle_core::{Result, Tensor};
 #[cfg(feature = "cudnn")]
@@ -96,7 +100,7 @@ pub fn enabled() -> bool {
 }
 
 #[cfg(feature = "cudnn")]
-pub(crate) use cuda::try_conv2d;
+pub(crate) use cuda::{try_conv2d, try_conv2d_onto};
 
 /// The cuDNN side (built with the `cudnn` feature).
 #[cfg(feature = "cudnn")]
@@ -129,6 +133,38 @@ mod cuda {
     /// # Errors
     /// Errors other than cuDNN's refusal (copies, shapes).
     pub(crate) fn try_conv2d(x: &Tensor, w: &Tensor, g: Geometry) -> Result<Option<Tensor>> {
+        refusable(x, w, g, |x_nhwc, w_krsc| {
+            x_nhwc.apply_op2_no_bwd(w_krsc, &CudnnConv(g))
+        })
+    }
+
+    /// [`super::super::conv2d_add`]'s CUDA path: the convolution of NCHW `x` by `w`
+    /// accumulated onto `acc`, a contiguous NHWC tensor of the output's shape that the
+    /// caller made for it (`residual + bias`), returned as its channels-last view; or
+    /// `None` when cuDNN refuses this shape (logged once).
+    ///
+    /// # Errors
+    /// `acc` not of the output's shape or not contiguous; copies.
+    pub(crate) fn try_conv2d_onto(
+        x: &Tensor,
+        w: &Tensor,
+        g: Geometry,
+        acc: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        refusable(x, w, g, |x_nhwc, w_krsc| {
+            acc.inplace_op3(x_nhwc, w_krsc, &CudnnConvOnto(g))?;
+            Ok(acc.clone())
+        })
+    }
+
+    /// Runs `conv` on `x` as NHWC and `w` as KRSC, the result as a channels-last NCHW
+    /// view; `None` (and the shape remembered) when cuDNN refuses the shape.
+    fn refusable(
+        x: &Tensor,
+        w: &Tensor,
+        g: Geometry,
+        conv: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
         let key = format!("{:?} {:?} {:?} {g:?}", x.dtype(), x.dims(), w.dims());
         let refused = |k: &str| {
             REFUSED
@@ -140,9 +176,10 @@ mod cuda {
         if refused(&key) {
             return Ok(None);
         }
+        // free for a channels-last `x`
         let x_nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
         let w_krsc = w.permute((0, 2, 3, 1))?.contiguous()?;
-        match x_nhwc.apply_op2_no_bwd(&w_krsc, &CudnnConv(g)) {
+        match conv(&x_nhwc, &w_krsc) {
             Ok(y) => Ok(Some(y.permute((0, 3, 1, 2))?)),
             Err(e) => {
                 tracing::warn!(
@@ -200,6 +237,84 @@ mod cuda {
                 ))),
             }
         }
+    }
+
+    /// The convolution accumulated onto the tensor it is applied to (`beta = 1`).
+    pub(super) struct CudnnConvOnto(pub(super) Geometry);
+
+    impl candle_core::InplaceOp3 for CudnnConvOnto {
+        fn name(&self) -> &'static str {
+            "cudnn-conv2d-nhwc-onto"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<()> {
+            Err(candle_core::Error::Msg(
+                "cudnn-conv2d-nhwc-onto runs on CUDA only".into(),
+            ))
+        }
+
+        fn cuda_fwd(
+            &self,
+            y: &mut CudaStorage,
+            yl: &Layout,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> Result<()> {
+            fn onto<T: CudnnType>(
+                g: Geometry,
+                y: &mut CudaStorage,
+                yl: &Layout,
+                (x, xl, w, wl): (&CudaStorage, &Layout, &CudaStorage, &Layout),
+            ) -> Result<()> {
+                let out = output_shape(g, xl, wl)?;
+                let Some((a, z)) = yl.contiguous_offsets() else {
+                    return Err(candle_core::Error::Msg(
+                        "cudnn-conv2d-nhwc-onto: the accumulator is not contiguous".into(),
+                    ));
+                };
+                if yl.shape() != &out {
+                    return Err(candle_core::Error::Msg(format!(
+                        "cudnn-conv2d-nhwc-onto: the accumulator is {:?}, the output {:?}",
+                        yl.shape().dims(),
+                        out.dims()
+                    )));
+                }
+                let dev = x.device().clone();
+                let mut ys = y.as_cuda_slice_mut::<T>()?.slice_mut(a..z);
+                convolve::<T, _>(g, &dev, (x, xl, w, wl), &mut ys, 1.0)
+            }
+            let inputs = (x, xl, w, wl);
+            match x.dtype() {
+                DType::BF16 => onto::<half::bf16>(self.0, y, yl, inputs),
+                DType::F16 => onto::<half::f16>(self.0, y, yl, inputs),
+                DType::F32 => onto::<f32>(self.0, y, yl, inputs),
+                d => Err(candle_core::Error::Msg(format!(
+                    "cudnn-conv2d-nhwc-onto takes bf16, f16 or f32, not {d:?}"
+                ))),
+            }
+        }
+    }
+
+    /// The NHWC output shape `[N, P, Q, K]` of NHWC `x` by KRSC `w`.
+    fn output_shape(g: Geometry, xl: &Layout, wl: &Layout) -> Result<Shape> {
+        let (n, h, wd, _) = xl.shape().dims4()?;
+        let (k, r, s, _) = wl.shape().dims4()?;
+        let (Some(p), Some(q)) = (g.out(0, h, r), g.out(1, wd, s)) else {
+            return Err(candle_core::Error::Msg(
+                "cudnn-conv2d-nhwc: no output".into(),
+            ));
+        };
+        Ok(Shape::from((n, p, q, k)))
     }
 
     /// cuDNN's name of a dtype.
@@ -271,6 +386,7 @@ mod cuda {
             RefCell::new(HashMap::new());
     }
 
+    /// The convolution into a fresh NHWC buffer.
     #[allow(unsafe_code)]
     fn launch<T: CudnnType>(
         g: Geometry,
@@ -280,6 +396,23 @@ mod cuda {
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
+        let shape = output_shape(g, xl, wl)?;
+        // SAFETY: cuDNN writes every output element (beta = 0: none is read)
+        let mut out = unsafe { dev.alloc::<T>(shape.elem_count()) }?;
+        convolve::<T, _>(g, &dev, (x, xl, w, wl), &mut out, 0.0)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+
+    /// `y = conv(x, w) + beta · y` for NHWC `x`, KRSC `w` and NHWC `y` of the output's
+    /// shape, through this thread's plan of the shape (found on first use).
+    #[allow(unsafe_code)]
+    fn convolve<T: CudnnType, Y: DevicePtrMut<T>>(
+        g: Geometry,
+        dev: &candle_core::CudaDevice,
+        (x, xl, w, wl): (&CudaStorage, &Layout, &CudaStorage, &Layout),
+        out: &mut Y,
+        beta: f32,
+    ) -> Result<()> {
         let (Some((xa, xz)), Some((wa, wz))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
         else {
             return Err(candle_core::Error::Msg(
@@ -288,11 +421,14 @@ mod cuda {
         };
         let (n, h, wd, c) = xl.shape().dims4()?;
         let (k, r, s, _) = wl.shape().dims4()?;
-        let (Some(p), Some(q)) = (g.out(0, h, r), g.out(1, wd, s)) else {
-            return Err(candle_core::Error::Msg(
-                "cudnn-conv2d-nhwc: no output".into(),
-            ));
-        };
+        let (_, p, q, _) = output_shape(g, xl, wl)?.dims4()?;
+        if out.len() != n * p * q * k {
+            return Err(candle_core::Error::Msg(format!(
+                "cudnn-conv2d-nhwc: an output of {} values for {:?}",
+                out.len(),
+                [n, p, q, k]
+            )));
+        }
         let int = |v: usize| {
             i32::try_from(v)
                 .map_err(|_| candle_core::Error::Msg(format!("{v} exceeds cuDNN's int")))
@@ -300,7 +436,6 @@ mod cuda {
         let stream = dev.cuda_stream();
         let xs = x.as_cuda_slice::<T>()?.slice(xa..xz);
         let ws = w.as_cuda_slice::<T>()?.slice(wa..wz);
-        let mut out = unsafe { dev.alloc::<T>(n * p * q * k) }?;
         STATE.with(|state| -> Result<()> {
             let mut state = state.borrow_mut();
             let st = match state.entry(dev.id()) {
@@ -341,14 +476,15 @@ mod cuda {
                 st.workspace = Some(unsafe { dev.alloc::<u8>(plan.workspace.max(1)) }?);
             }
             let workspace = st.workspace.as_mut().expect("allocated above");
-            let (alpha, beta) = (1f32, 0f32);
+            let alpha = 1f32;
             let (xp, _gx) = xs.device_ptr(&stream);
             let (wp, _gw) = ws.device_ptr(&stream);
             let (yp, _gy) = out.device_ptr_mut(&stream);
             let (bp, _gb) = workspace.device_ptr_mut(&stream);
             // SAFETY: the descriptors describe these buffers (NHWC x and y, KRSC w) in
             // `T`; the scaling factors are f32 for every dtype here (cuDNN's rule for
-            // half and bfloat16 data); the workspace holds at least the plan's need
+            // half and bfloat16 data); the workspace holds at least the plan's need;
+            // with beta 1 `y` holds the values to accumulate onto
             unsafe {
                 result::convolution_forward(
                     st.handle,
@@ -367,9 +503,7 @@ mod cuda {
                 )
             }?;
             Ok(())
-        })?;
-        let shape = Shape::from((n, p, q, k));
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+        })
     }
 
     #[allow(unsafe_code)]
@@ -576,7 +710,25 @@ mod tests {
                             "one search per shape"
                         );
                         let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-                        for y in [got, again] {
+                        // accumulated onto a buffer: conv + acc, the buffer returned
+                        let acc =
+                            random(&[n, want.dim(2)?, want.dim(3)?, k], 3, dev)?.to_dtype(dtype)?;
+                        let sum = (&want + acc.permute((0, 3, 1, 2))?)?;
+                        let onto = super::cuda::try_conv2d_onto(&x, &f, g, &acc)?
+                            .expect("cuDNN takes the shape");
+                        let e = crate::testing::rel_err(
+                            &onto.to_dtype(DType::F32)?,
+                            &sum.to_dtype(DType::F32)?,
+                        )?;
+                        assert!(e < tol, "onto {dtype:?} {:?} {g:?}: {e}", (n, c, h, w));
+                        // a channels-last input is taken as is
+                        let xl = x
+                            .permute((0, 2, 3, 1))?
+                            .contiguous()?
+                            .permute((0, 3, 1, 2))?;
+                        let from_nhwc = try_conv2d(&xl, &f, g)?.expect("cuDNN takes the shape");
+                        assert!(!from_nhwc.is_contiguous());
+                        for y in [got, again, from_nhwc] {
                             let e = crate::testing::rel_err(
                                 &y.to_dtype(DType::F32)?,
                                 &want.to_dtype(DType::F32)?,

@@ -14,6 +14,24 @@
 //! the tests hold the composite against, and the definition of what the kernel
 //! computes. [`super::group_norm`] takes this path only on CUDA when no input needs a
 //! gradient (the op records no backward).
+//!
+//! **Channels-last** ([`FusedGroupNormNhwc`]): a group is then `C/groups` adjacent
+//! channels of every pixel, scattered through the image, so a block per group would
+//! read a few bytes of each row. Instead one thread per channel walks a chunk of rows
+//! (the warp reads whole rows, coalesced), in two kernels:
+//!
+//! 1. statistics: a block per (image, chunk of rows) takes each channel's moments over
+//!    its rows (sums shifted by the channel's first value, so no cancellation),
+//!    merges the channels of each group (Chan's parallel formula, a butterfly over the
+//!    group's adjacent lanes) and writes the chunk's moments; the last block of an
+//!    image to finish (an atomic count) merges the chunks into the group's mean and
+//!    `1/sqrt(var + eps)`;
+//! 2. apply: the same grid, each thread normalising its channel down its rows.
+//!
+//! Two reads and one write of the activation, where the NCHW kernel makes three
+//! reads: one launch more, the price of a grid-wide reduction without a cooperative
+//! launch. It takes `C` a multiple of 32 up to 1024 with a power-of-two `C/groups` up
+//! to 32 (the VAEs: 128-512 channels in 32 groups); [`nhwc_takes`] says which.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -78,6 +96,116 @@ fn reference(
     y
 }
 
+/// The most chunks of rows an image is split into by the channels-last kernels, and
+/// the fewest rows a chunk has.
+const NHWC_MAX_CHUNKS: usize = 64;
+const NHWC_MIN_ROWS: usize = 256;
+
+/// `(chunks, rows per chunk)` of an image of `hw` pixels (rows) for the channels-last
+/// kernels.
+fn nhwc_chunking(hw: usize) -> (usize, usize) {
+    let rows = hw
+        .div_ceil(NHWC_MAX_CHUNKS)
+        .max(NHWC_MIN_ROWS)
+        .min(hw)
+        .max(1);
+    (hw.div_ceil(rows).max(1), rows)
+}
+
+/// Whether the channels-last kernels take `c` channels in `groups` groups.
+#[must_use]
+pub(crate) fn nhwc_takes(c: usize, groups: usize) -> bool {
+    groups > 0
+        && c.is_multiple_of(32)
+        && c <= 1024
+        && c.is_multiple_of(groups)
+        && (c / groups).is_power_of_two()
+        && c / groups <= 32
+}
+
+/// Count, mean and sum of squared deviations of some values (f32, as the kernel).
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    n: f32,
+    mean: f32,
+    m2: f32,
+}
+
+impl Moments {
+    /// The moments of `values`, from sums shifted by the first value.
+    fn of(values: impl Iterator<Item = f32>) -> Self {
+        let mut values = values.peekable();
+        let Some(&k) = values.peek() else {
+            return Self::default();
+        };
+        let (mut n, mut s1, mut s2) = (0f32, 0f32, 0f32);
+        for v in values {
+            let d = v - k;
+            n += 1.0;
+            s1 += d;
+            s2 += d * d;
+        }
+        Self {
+            n,
+            mean: k + s1 / n,
+            m2: (s2 - s1 * s1 / n).max(0.0),
+        }
+    }
+
+    /// Chan's merge of `other` into `self`.
+    fn merge(&mut self, o: Self) {
+        let n = self.n + o.n;
+        if n == 0.0 {
+            return;
+        }
+        let d = o.mean - self.mean;
+        let f = o.n / n;
+        self.mean += d * f;
+        self.m2 += o.m2 + d * d * self.n * f;
+        self.n = n;
+    }
+}
+
+/// The channels-last kernels in Rust over `f32` values: `x` `[B, HW, C]`, `w`, `b` `[C]`.
+fn reference_nhwc(
+    op: &FusedGroupNormNhwc,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (n, hw, c): (usize, usize, usize),
+) -> Vec<f32> {
+    let groups = op.0.groups;
+    let cpg = c / groups;
+    let (chunks, rows) = nhwc_chunking(hw);
+    let mut y = vec![0f32; x.len()];
+    for img in 0..n {
+        let xs = &x[img * hw * c..(img + 1) * hw * c];
+        let mut stats = vec![Moments::default(); groups];
+        for chunk in 0..chunks {
+            let (r0, r1) = (chunk * rows, ((chunk + 1) * rows).min(hw));
+            for (g, s) in stats.iter_mut().enumerate() {
+                let mut m = Moments::default();
+                for ch in g * cpg..(g + 1) * cpg {
+                    m.merge(Moments::of((r0..r1).map(|r| xs[r * c + ch])));
+                }
+                s.merge(m);
+            }
+        }
+        for (k, &v) in xs.iter().enumerate() {
+            let ch = k % c;
+            let s = stats[ch / cpg];
+            let rstd = 1.0 / (s.m2 / s.n + op.0.eps).sqrt();
+            let out = (v - s.mean) * rstd * w[ch] + bias[ch];
+            y[img * hw * c + k] = if op.0.silu { silu(out) } else { out };
+        }
+    }
+    y
+}
+
+/// The PTX of [`KERNEL`] (both layouts' kernels), compiled once.
+#[cfg(feature = "cuda")]
+static PTX: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+
 #[cfg(feature = "cuda")]
 const KERNEL: &str = r#"
 
@@ -117,6 +245,117 @@ __device__ void tb_group_norm(const T* x, const float* w, const float* b, T* y, 
     if (silu) v = v / (1.0f + __expf(-v));
     tb_store(y, base + k, v);
   }
+}
+
+// Chan's merge of the moments (nb, mb, qb) into (n, mean, m2)
+__device__ __forceinline__ void tb_moments_merge(float& n, float& mean, float& m2,
+                                                 float nb, float mb, float qb) {
+  float t = n + nb;
+  if (t == 0.0f) return;
+  float d = mb - mean, f = nb / t;
+  mean += d * f;
+  m2 += qb + d * d * n * f;
+  n = t;
+}
+
+// channels-last pass 1: block (image, chunk of rows), thread = channel (blockDim.x = C)
+template <typename T>
+__device__ void tb_gn_nhwc_stats(const T* x, float* part, float* stats, unsigned int* done,
+                                 long long hw, int groups, int chunks, long long rows,
+                                 float eps) {
+  int c = blockDim.x, ch = threadIdx.x;
+  int img = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  int cpg = c / groups;
+  long long r0 = (long long)chunk * rows, r1 = min(r0 + rows, hw);
+  long long base = (long long)img * hw * c + ch;
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+  if (r0 < r1) {
+    float k = tb_load(x, base + r0 * c), s1 = 0.0f, s2 = 0.0f;
+    for (long long r = r0; r < r1; ++r) {
+      float d = tb_load(x, base + r * c) - k;
+      s1 += d;
+      s2 += d * d;
+    }
+    n = (float)(r1 - r0);
+    mean = k + s1 / n;
+    m2 = fmaxf(s2 - s1 * s1 / n, 0.0f);
+  }
+  // the group's cpg adjacent lanes (a power of two <= 32: inside one warp)
+  for (int o = 1; o < cpg; o <<= 1) {
+    float nb = __shfl_xor_sync(0xffffffffu, n, o);
+    float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+    float qb = __shfl_xor_sync(0xffffffffu, m2, o);
+    tb_moments_merge(n, mean, m2, nb, mb, qb);
+  }
+  if (ch % cpg == 0) {
+    float* p = part + (((long long)img * chunks + chunk) * groups + ch / cpg) * 3;
+    p[0] = n; p[1] = mean; p[2] = m2;
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(done + img, 1u) == (unsigned int)(chunks - 1);
+  __syncthreads();
+  if (!last) return;
+  // the image's last block: a warp per group merges the chunks
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int g = warp; g < groups; g += warps) {
+    float tn = 0.0f, tm = 0.0f, tq = 0.0f;
+    for (int k = lane; k < chunks; k += 32) {
+      const volatile float* p = part + (((long long)img * chunks + k) * groups + g) * 3;
+      tb_moments_merge(tn, tm, tq, p[0], p[1], p[2]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      float nb = __shfl_xor_sync(0xffffffffu, tn, o);
+      float mb = __shfl_xor_sync(0xffffffffu, tm, o);
+      float qb = __shfl_xor_sync(0xffffffffu, tq, o);
+      tb_moments_merge(tn, tm, tq, nb, mb, qb);
+    }
+    if (lane == 0) {
+      stats[((long long)img * groups + g) * 2] = tm;
+      stats[((long long)img * groups + g) * 2 + 1] = rsqrtf(tq / tn + eps);
+    }
+  }
+}
+
+// channels-last pass 2: the same grid; each thread normalises its channel down its rows
+template <typename T>
+__device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b,
+                                 const float* stats, T* y, long long hw, int groups,
+                                 int chunks, long long rows, int silu) {
+  int c = blockDim.x, ch = threadIdx.x;
+  int img = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  int g = ch / (c / groups);
+  float mean = stats[((long long)img * groups + g) * 2];
+  float rstd = stats[((long long)img * groups + g) * 2 + 1];
+  float wc = w[ch], bc = b[ch];
+  long long r0 = (long long)chunk * rows, r1 = min(r0 + rows, hw);
+  long long base = (long long)img * hw * c + ch;
+  for (long long r = r0; r < r1; ++r) {
+    float v = (tb_load(x, base + r * c) - mean) * rstd * wc + bc;
+    if (silu) v = v / (1.0f + __expf(-v));
+    tb_store(y, base + r * c, v);
+  }
+}
+
+extern "C" __global__ void tb_gn_nhwc_stats_f32(const float* x, float* part, float* stats,
+    unsigned int* done, long long hw, int groups, int chunks, long long rows, float eps) {
+  tb_gn_nhwc_stats<float>(x, part, stats, done, hw, groups, chunks, rows, eps);
+}
+extern "C" __global__ void tb_gn_nhwc_stats_bf16(const unsigned short* x, float* part,
+    float* stats, unsigned int* done, long long hw, int groups, int chunks, long long rows,
+    float eps) {
+  tb_gn_nhwc_stats<unsigned short>(x, part, stats, done, hw, groups, chunks, rows, eps);
+}
+extern "C" __global__ void tb_gn_nhwc_apply_f32(const float* x, const float* w,
+    const float* b, const float* stats, float* y, long long hw, int groups, int chunks,
+    long long rows, int silu) {
+  tb_gn_nhwc_apply<float>(x, w, b, stats, y, hw, groups, chunks, rows, silu);
+}
+extern "C" __global__ void tb_gn_nhwc_apply_bf16(const unsigned short* x, const float* w,
+    const float* b, const float* stats, unsigned short* y, long long hw, int groups,
+    int chunks, long long rows, int silu) {
+  tb_gn_nhwc_apply<unsigned short>(x, w, b, stats, y, hw, groups, chunks, rows, silu);
 }
 
 extern "C" __global__ void tb_group_norm_f32(const float* x, const float* w, const float* b,
@@ -181,8 +420,6 @@ impl CustomOp3 for FusedGroupNorm {
             CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
         };
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
         let (n, c, hw) = self.dims(l1)?;
         let offsets = |l: &Layout, what: &str| {
             l.contiguous_offsets().ok_or_else(|| {
@@ -239,6 +476,187 @@ impl CustomOp3 for FusedGroupNorm {
         };
         Ok((out, l1.shape().clone()))
     }
+}
+
+/// The channels-last op: the input is the NHWC tensor `[B, H, W, C]` (or any
+/// `[B, ..., C]`), contiguous; the output has its shape.
+pub(crate) struct FusedGroupNormNhwc(pub(crate) FusedGroupNorm);
+
+impl FusedGroupNormNhwc {
+    /// `(images, pixels, channels)` of a contiguous `[B, ..., C]` input the kernels take.
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
+        let dims = l.shape().dims();
+        if dims.len() < 3 {
+            candle_core::bail!(
+                "fused group_norm (NHWC): input rank must be at least 3, got {dims:?}"
+            );
+        }
+        let c = dims[dims.len() - 1];
+        if !nhwc_takes(c, self.0.groups) {
+            candle_core::bail!(
+                "fused group_norm (NHWC): {c} channels in {} groups (a multiple of 32 up to 1024, \
+                 in groups of a power of two up to 32)",
+                self.0.groups
+            );
+        }
+        Ok((dims[0], dims[1..dims.len() - 1].iter().product(), c))
+    }
+}
+
+impl CustomOp3 for FusedGroupNormNhwc {
+    fn name(&self) -> &'static str {
+        "fused-group-norm-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l1)?;
+        let x = super::cpu_f32s(s1, l1, "fused group_norm (NHWC): the input")?;
+        let w = super::cpu_f32s(s2, l2, "fused group_norm (NHWC): the weight")?;
+        let b = super::cpu_f32s(s3, l3, "fused group_norm (NHWC): the bias")?;
+        if w.len() != dims.2 || b.len() != dims.2 {
+            candle_core::bail!(
+                "fused group_norm (NHWC): weight and bias must have {} values, got {} and {}",
+                dims.2,
+                w.len(),
+                b.len()
+            );
+        }
+        let y = reference_nhwc(self, &x, &w, &b, dims);
+        Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
+    }
+
+    // the unsafe blocks of this op: allocating scratch and output, the two launches
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        let (n, hw, c) = self.dims(l1)?;
+        let offsets = |l: &Layout, what: &str| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "fused group_norm (NHWC): {what} is not contiguous"
+                ))
+            })
+        };
+        let (a, z) = offsets(l1, "input")?;
+        let (wa, wz) = offsets(l2, "weight")?;
+        let (ba, bz) = offsets(l3, "bias")?;
+        if wz - wa != c || bz - ba != c {
+            candle_core::bail!("fused group_norm (NHWC): weight and bias must have {c} values");
+        }
+        let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
+        let (chunks, rows) = nhwc_chunking(hw);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * chunks) as u32, 1, 1),
+            block_dim: (c as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        fn typed<T: CudaDType + DeviceRepr>(
+            op: &FusedGroupNormNhwc,
+            [s1, s2, s3]: [&candle_core::CudaStorage; 3],
+            [(a, z), (wa, wz), (ba, bz)]: [(usize, usize); 3],
+            (n, hw, chunks, rows): (usize, usize, usize, usize),
+            (suffix, ptx, cfg): (&str, &str, LaunchConfig),
+        ) -> Result<candle_core::CudaStorage> {
+            let dev = s1.device().clone();
+            let groups = op.0.groups;
+            let x = s1.as_cuda_slice::<T>()?.slice(a..z);
+            let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
+            let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
+            let stats_fn = dev.get_or_load_custom_func(
+                &format!("tb_gn_nhwc_stats_{suffix}"),
+                "tensorbake_group_norm",
+                ptx,
+            )?;
+            let apply_fn = dev.get_or_load_custom_func(
+                &format!("tb_gn_nhwc_apply_{suffix}"),
+                "tensorbake_group_norm",
+                ptx,
+            )?;
+            // SAFETY: scratch the first kernel writes whole before reading it: every
+            // (image, chunk, group) of `part` by the group's first lane, every (image,
+            // group) of `stats` by the image's last block
+            let part = unsafe { dev.alloc::<f32>(n * chunks * groups * 3)? };
+            let stats = unsafe { dev.alloc::<f32>(n * groups * 2)? };
+            let done = dev.alloc_zeros::<u32>(n)?;
+            // SAFETY: the second kernel writes every element of `y` (each block its
+            // chunk's rows of every channel) before anything reads it
+            let y = unsafe { dev.alloc::<T>(z - a)? };
+            let (hwi, gi, ci, ri) = (hw as i64, groups as i32, chunks as i32, rows as i64);
+            let si = i32::from(op.0.silu);
+            let mut args = stats_fn.builder();
+            args.arg(&x).arg(&part).arg(&stats).arg(&done);
+            args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&op.0.eps);
+            // SAFETY: n·chunks blocks of C threads, each reading its rows' C values of
+            // one image inside `x`, writing its groups' moments inside `part`; the last
+            // block of an image writes that image's `stats`
+            unsafe { args.launch(cfg) }.w()?;
+            let mut args = apply_fn.builder();
+            args.arg(&x).arg(&w).arg(&b).arg(&stats).arg(&y);
+            args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&si);
+            // SAFETY: the same grid, reading what the first kernel wrote (same stream)
+            // and writing each block's rows of `y`
+            unsafe { args.launch(cfg) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        let storages = [s1, s2, s3];
+        let spans = [(a, z), (wa, wz), (ba, bz)];
+        let grid = (n, hw, chunks, rows);
+        let out = match s1.dtype() {
+            DType::F32 => typed::<f32>(self, storages, spans, grid, ("f32", ptx, cfg))?,
+            DType::BF16 => typed::<bf16>(self, storages, spans, grid, ("bf16", ptx, cfg))?,
+            d => candle_core::bail!("fused group_norm (NHWC): {d:?} input (f32 or bf16 only)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// GroupNorm (+ SiLU) of a channels-last `x` `[B, C, H, W]` (f32 or bf16; see
+/// [`super::channels_last`]), channels-last out: the two channels-last kernels
+/// ([`FusedGroupNormNhwc`]). No backward.
+///
+/// # Errors
+/// `x` not channels-last, channels the kernels do not take ([`nhwc_takes`]), another
+/// dtype, affine parameters of the wrong length.
+pub(crate) fn fused_group_norm_nhwc(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let Some(t) = super::channels_last(x) else {
+        candle_core::bail!(
+            "fused group_norm (NHWC): the input {:?} is not channels-last",
+            x.dims()
+        );
+    };
+    let w = weight.to_dtype(DType::F32)?.contiguous()?;
+    let b = bias.to_dtype(DType::F32)?.contiguous()?;
+    let op = FusedGroupNormNhwc(FusedGroupNorm {
+        groups,
+        eps: eps as f32,
+        silu,
+    });
+    super::nchw_view(&t.apply_op3_no_bwd(&w, &b, &op)?)
 }
 
 /// GroupNorm (+ SiLU) of a contiguous `x` (f32 or bf16) in one pass per group:

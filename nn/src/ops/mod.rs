@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]) |
 //! | [`conv2d`] | 2-D convolution + bias | candle's; on CUDA without a gradient cuDNN channels-last, the algorithm found once per shape ([`cudnn_conv`]) |
+//! | [`conv2d_add`] | 2-D convolution + bias + a residual | composite; on CUDA without a gradient the residual accumulated by cuDNN (`beta = 1`) |
+//! | [`add`], [`zero_pad2d`] | residual add, zero padding | candle's; a channels-last (first) operand keeps its layout |
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
 //! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite; on CUDA without a gradient candle's fused kernel |
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
@@ -25,6 +27,15 @@
 //! convolutions, fused norms and attention) plug in here, behind `cfg(feature =
 //! "cuda")` and a device check, in one module that alone may use `unsafe`
 //! (`docs/architecture.md`); model files never change for them.
+//!
+//! **Channels-last.** A channels-last tensor is an NCHW tensor whose memory is NHWC
+//! (strides `[H·W·C, 1, W·C, C]`: [`channels_last`]). Without a gradient, [`conv2d`],
+//! [`conv2d_add`], [`group_norm()`], [`add`] and [`zero_pad2d`] give a channels-last
+//! result for a channels-last input, on every device, and the cuDNN convolution makes
+//! one from any input: so a VAE's activations stay NHWC from its first convolution to
+//! its last, where the NCHW kernels would transpose around every convolution. The
+//! model code does not see it (shapes are NCHW either way); ops that want another
+//! layout copy, as candle does for any strided tensor.
 //!
 //! Parameters may be f32 master weights while activations are bf16: every op casts
 //! its weights to the input's dtype (a no-op when they agree), so the cast is part of
@@ -164,6 +175,55 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// The NHWC tensor `[B, H, W, C]` whose memory a rank-4 `x` `[B, C, H, W]` is, when
+/// `x` is channels-last (its NHWC permutation contiguous); `None` otherwise. A
+/// contiguous NCHW tensor with one channel or one pixel is both.
+#[must_use]
+pub fn channels_last(x: &Tensor) -> Option<Tensor> {
+    if x.rank() != 4 {
+        return None;
+    }
+    let t = x.permute((0, 2, 3, 1)).ok()?;
+    t.is_contiguous().then_some(t)
+}
+
+/// Whether `x` is channels-last and not also contiguous NCHW (the case where the
+/// layout-keeping paths differ from candle's).
+fn strictly_channels_last(x: &Tensor) -> bool {
+    !x.is_contiguous() && channels_last(x).is_some()
+}
+
+/// The NCHW view `[B, C, H, W]` of an NHWC tensor `[B, H, W, C]` (no copy).
+fn nchw_view(nhwc: &Tensor) -> Result<Tensor> {
+    nhwc.permute((0, 3, 1, 2))
+}
+
+/// `a + b` of equal shapes, in `a`'s layout: channels-last when `a` is (candle's add
+/// writes NCHW whatever its inputs).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match channels_last(a) {
+        Some(an) if strictly_channels_last(a) && a.rank() == b.rank() => {
+            nchw_view(&(an + b.permute((0, 2, 3, 1))?)?)
+        }
+        _ => a + b,
+    }
+}
+
+/// Zero padding of `x` `[B, C, H, W]`: `[top, bottom, left, right]` rows and
+/// columns; a channels-last `x` gives a channels-last result.
+pub fn zero_pad2d(x: &Tensor, [top, bottom, left, right]: [usize; 4]) -> Result<Tensor> {
+    if strictly_channels_last(x)
+        && let Some(t) = channels_last(x)
+    {
+        let t = t
+            .pad_with_zeros(1, top, bottom)?
+            .pad_with_zeros(2, left, right)?;
+        return nchw_view(&t);
+    }
+    x.pad_with_zeros(D::Minus2, top, bottom)?
+        .pad_with_zeros(D::Minus1, left, right)
+}
+
 /// 2-D convolution of `x` `[B, C, H, W]` with `w` `[O, C/groups, kh, kw]`, plus `b` `[O]`.
 pub fn conv2d(
     x: &Tensor,
@@ -172,10 +232,61 @@ pub fn conv2d(
     cfg: &candle_nn::Conv2dConfig,
 ) -> Result<Tensor> {
     let w = cast_like(w, x)?;
-    let y = match fast_conv2d(x, &w, cfg)? {
+    let y = convolve(x, &w, cfg)?;
+    match b {
+        None => Ok(y),
+        Some(b) => add_channel_bias(&y, &cast_like(b, &y)?),
+    }
+}
+
+/// `conv2d(x, w, b) + residual`, `residual` of the output's shape (a ResNet block's
+/// second convolution and its skip connection). On CUDA without a gradient cuDNN
+/// adds the convolution onto `residual + b` in place of a separate residual add
+/// (one pass over the output fewer, the sum rounded once); else the composite.
+pub fn conv2d_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Tensor> {
+    let w = cast_like(w, x)?;
+    if let Some(y) = fast_conv2d_add(x, &w, b, residual, cfg)? {
+        count_conv_flops(&y, &w)?;
+        return Ok(y);
+    }
+    add(&conv2d(x, &w, b, cfg)?, residual)
+}
+
+/// `y + b` with `b` `[C]` per channel of `y` `[B, C, H, W]`, written in `y`'s layout
+/// when it is channels-last (candle's broadcast add would write NCHW).
+fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = b.dims1()?;
+    match channels_last(y) {
+        Some(t) if strictly_channels_last(y) => {
+            nchw_view(&t.broadcast_add(&b.reshape((1, 1, 1, n))?)?)
+        }
+        _ => y.broadcast_add(&b.reshape((1, n, 1, 1))?),
+    }
+}
+
+/// The convolution of [`conv2d`] without its bias, its FLOPs counted: cuDNN
+/// channels-last on CUDA ([`fast_conv2d`]); without a gradient a channels-last input
+/// keeps its layout on the CPU too ([`cudnn_conv::conv2d_nhwc`]'s CPU reference);
+/// else candle's.
+fn convolve(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
+    let y = match fast_conv2d(x, w, cfg)? {
         Some(y) => y,
+        None if layout_keeping(x, w, cfg) => {
+            let (xn, wn) = (channels_last(x).expect("checked"), w.permute((0, 2, 3, 1))?);
+            nchw_view(&cudnn_conv::conv2d_nhwc(
+                &xn,
+                &wn,
+                cudnn_conv::geometry(cfg),
+            )?)?
+        }
         None => x.conv2d_with_algo(
-            &w,
+            w,
             cfg.padding,
             cfg.stride,
             cfg.dilation,
@@ -183,38 +294,87 @@ pub fn conv2d(
             cfg.cudnn_fwd_algo,
         )?,
     };
-    // each output value: C/groups · kh · kw multiply-adds
-    let (_, c_per_group, kh, kw) = w.dims4()?;
-    flops::add(flops::matmul(y.elem_count(), c_per_group * kh, kw));
-    match b {
-        // the fast path's result is an NCHW view of NHWC memory
-        None => y.contiguous(),
-        Some(b) => {
-            let n = b.dims1()?;
-            y.broadcast_add(&cast_like(b, &y)?.reshape((1, n, 1, 1))?)
-        }
-    }
+    count_conv_flops(&y, w)?;
+    Ok(y)
 }
 
-/// The CUDA fast path of [`conv2d`]: cuDNN channels-last ([`cudnn_conv`]) when no
-/// gradient is needed, the convolution is not grouped and no algorithm was forced;
-/// `None` for candle's convolution.
+/// Counts the FLOPs of a convolution by `w` that gave `y`: each output value takes
+/// `C/groups · kh · kw` multiply-adds.
+fn count_conv_flops(y: &Tensor, w: &Tensor) -> Result<()> {
+    let (_, c_per_group, kh, kw) = w.dims4()?;
+    flops::add(flops::matmul(y.elem_count(), c_per_group * kh, kw));
+    Ok(())
+}
+
+/// Whether [`convolve`] keeps a channels-last `x` channels-last itself (not on CUDA,
+/// whose fast path decides): no gradient, no groups, no forced algorithm.
+fn layout_keeping(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> bool {
+    !x.device().is_cuda()
+        && cfg.groups == 1
+        && cfg.cudnn_fwd_algo.is_none()
+        && strictly_channels_last(x)
+        && !needs_grad(&[x, w])
+}
+
+/// Whether a convolution may take the cuDNN path: on CUDA, no gradient, no groups,
+/// no forced algorithm, not switched off.
 #[cfg(feature = "cudnn")]
-fn fast_conv2d(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Option<Tensor>> {
-    if x.device().is_cuda()
+fn cudnn_eligible(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> bool {
+    x.device().is_cuda()
         && cfg.groups == 1
         && cfg.cudnn_fwd_algo.is_none()
         && !needs_grad(&[x, w])
         && cudnn_conv::enabled()
-    {
+}
+
+/// The CUDA fast path of [`conv2d`]: cuDNN channels-last ([`cudnn_conv`]) when
+/// [`cudnn_eligible`]; `None` for candle's convolution.
+#[cfg(feature = "cudnn")]
+fn fast_conv2d(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Option<Tensor>> {
+    if cudnn_eligible(x, w, cfg) {
         return cudnn_conv::try_conv2d(x, w, cudnn_conv::geometry(cfg));
     }
     Ok(None)
 }
 
+/// The CUDA fast path of [`conv2d_add`]: `residual + b` made NHWC, the convolution
+/// accumulated onto it by cuDNN; `None` for the composite.
+#[cfg(feature = "cudnn")]
+fn fast_conv2d_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Option<Tensor>> {
+    if !cudnn_eligible(x, w, cfg) || needs_grad(&[residual]) || residual.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    let r = residual.permute((0, 2, 3, 1))?;
+    // a fresh NHWC buffer the convolution may write into: the bias added on the way
+    let acc = match b {
+        Some(b) => r.broadcast_add(&cast_like(b, x)?.reshape((1, 1, 1, b.dims1()?))?)?,
+        None if r.is_contiguous() => r.copy()?,
+        None => r.contiguous()?,
+    };
+    cudnn_conv::try_conv2d_onto(x, w, cudnn_conv::geometry(cfg), &acc)
+}
+
 #[cfg(not(feature = "cudnn"))]
 #[allow(clippy::unnecessary_wraps)]
 fn fast_conv2d(_: &Tensor, _: &Tensor, _: &candle_nn::Conv2dConfig) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "cudnn"))]
+#[allow(clippy::unnecessary_wraps)]
+fn fast_conv2d_add(
+    _: &Tensor,
+    _: &Tensor,
+    _: Option<&Tensor>,
+    _: &Tensor,
+    _: &candle_nn::Conv2dConfig,
+) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
@@ -317,11 +477,15 @@ pub fn group_norm(
     if groups == 0 || !c.is_multiple_of(groups) {
         candle_core::bail!("group_norm: {c} channels are not divisible into {groups} groups");
     }
-    if !x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && !needs_grad(&[x, weight, bias])
-    {
-        return group_norm::fused_group_norm(x, groups, weight, bias, eps, silu);
+    if matches!(x.dtype(), DType::F32 | DType::BF16) && !needs_grad(&[x, weight, bias]) {
+        // channels-last stays channels-last (on the CPU through the kernel's
+        // transcription, so the layout is the same on every device)
+        if strictly_channels_last(x) && group_norm::nhwc_takes(c, groups) {
+            return group_norm::fused_group_norm_nhwc(x, groups, weight, bias, eps, silu);
+        }
+        if !x.device().is_cpu() {
+            return group_norm::fused_group_norm(x, groups, weight, bias, eps, silu);
+        }
     }
     let hidden = dims[2..].iter().product::<usize>() * c / groups;
     let x_dtype = x.dtype();

@@ -345,7 +345,16 @@ fn group_norm_kernel_compiles() {
         candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(super::group_norm::kernel_source())
             .unwrap();
     let src = ptx.to_src();
-    assert!(src.contains("tb_group_norm_f32") && src.contains("tb_group_norm_bf16"));
+    for entry in [
+        "tb_group_norm_f32",
+        "tb_group_norm_bf16",
+        "tb_gn_nhwc_stats_f32",
+        "tb_gn_nhwc_stats_bf16",
+        "tb_gn_nhwc_apply_f32",
+        "tb_gn_nhwc_apply_bf16",
+    ] {
+        assert!(src.contains(entry), "{entry} missing from the PTX");
+    }
 }
 
 /// On a GPU, T5's RMS norm without a gradient is candle's one kernel: the CPU
@@ -418,4 +427,203 @@ fn gated_gelu_kernel_matches_the_cpu_on_cuda() -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// `x` as a channels-last tensor: the same values and shape, NHWC memory.
+fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+}
+
+fn assert_strictly_channels_last(t: &Tensor, what: &str) {
+    assert!(
+        !t.is_contiguous() && channels_last(t).is_some(),
+        "{what}: {:?} strides {:?} is not channels-last",
+        t.dims(),
+        t.stride()
+    );
+}
+
+/// The channels-last GroupNorm's transcription (shifted sums per channel and chunk,
+/// Chan's merge) against the composite: several chunks with a short last one, groups
+/// of 1 to 32 channels, activations far from zero (where `E[x²] - E[x]²` would
+/// cancel), f32 and bf16; and what it refuses, by name.
+#[test]
+fn channels_last_group_norm_matches_the_composite() -> Result<()> {
+    use super::group_norm::fused_group_norm_nhwc;
+    let dev = Device::Cpu;
+    // 33 x 17 = 561 pixels: chunks of 256, 256 and 49 rows
+    for (shape, groups) in [
+        (vec![2, 64, 33, 17], 16),
+        (vec![1, 32, 9, 40], 1),
+        (vec![2, 128, 4, 4], 32),
+        (vec![1, 64, 3, 5], 2),
+    ] {
+        let c = shape[1];
+        let x = seeded(&shape, 41, DType::F32, &dev)?.affine(3.0, 100.0)?;
+        let w = seeded(&[c], 42, DType::F32, &dev)?;
+        let b = seeded(&[c], 43, DType::F32, &dev)?;
+        let xl = to_channels_last(&x)?;
+        for silu in [false, true] {
+            let want = group_norm(&x, groups, &w, &b, 1e-6, silu)?;
+            let got = fused_group_norm_nhwc(&xl, groups, &w, &b, 1e-6, silu)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_strictly_channels_last(&got, "the NHWC group norm");
+            let e = rel_err(&got, &want)?;
+            assert!(e < 1e-5, "{shape:?} groups {groups} silu {silu}: {e}");
+            // the seam takes this path itself for a channels-last input
+            let seam = group_norm(&xl, groups, &w, &b, 1e-6, silu)?;
+            assert_strictly_channels_last(&seam, "the seam's group norm");
+            assert_eq!(rel_err(&seam, &got)?, 0.0);
+            let xb = to_channels_last(&x.to_dtype(DType::BF16)?)?;
+            let got = fused_group_norm_nhwc(&xb, groups, &w, &b, 1e-6, silu)?;
+            assert_eq!(got.dtype(), DType::BF16);
+            let e = rel_err(
+                &got,
+                &group_norm(&x.to_dtype(DType::BF16)?, groups, &w, &b, 1e-6, silu)?,
+            )?;
+            assert!(e < 2e-2, "{shape:?} silu {silu} bf16: {e}");
+        }
+    }
+    // 48 channels: not a multiple of 32; groups of 3: not a power of two
+    for (c, groups) in [(48, 4), (96, 32)] {
+        let x = to_channels_last(&seeded(&[1, c, 2, 2], 1, DType::F32, &dev)?)?;
+        let w = seeded(&[c], 2, DType::F32, &dev)?;
+        let e = fused_group_norm_nhwc(&x, groups, &w, &w, 1e-6, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{c} channels in {groups} groups")),
+            "{e}"
+        );
+        // the seam keeps the composite for them (an NCHW result, the same values)
+        let y = group_norm(&x, groups, &w, &w, 1e-6, false)?;
+        assert!(y.is_contiguous());
+    }
+    let nchw = seeded(&[1, 32, 2, 3], 1, DType::F32, &dev)?;
+    let w = seeded(&[32], 2, DType::F32, &dev)?;
+    let e = fused_group_norm_nhwc(&nchw, 8, &w, &w, 1e-6, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[1, 32, 2, 3]") && e.contains("not channels-last"),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// Without a gradient the seam keeps a channels-last input channels-last through
+/// `conv2d` (with and without a bias), `conv2d_add`, `add` and `zero_pad2d`, with
+/// the values of the NCHW computation; with a gradient it takes the composite and
+/// the gradient arrives.
+#[test]
+fn channels_last_stays_channels_last_through_the_seam() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = seeded(&[2, 5, 7, 6], 51, DType::F32, &dev)?;
+    let xl = to_channels_last(&x)?;
+    assert_strictly_channels_last(&xl, "the input");
+    let w = seeded(&[4, 5, 3, 3], 52, DType::F32, &dev)?;
+    let b = seeded(&[4], 53, DType::F32, &dev)?;
+    for (padding, stride) in [(1, 1), (0, 2)] {
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        for bias in [None, Some(&b)] {
+            let want = conv2d(&x, &w, bias, &cfg)?;
+            assert!(want.is_contiguous(), "an NCHW input stays NCHW");
+            let got = conv2d(&xl, &w, bias, &cfg)?;
+            assert_strictly_channels_last(&got, "conv2d");
+            let e = rel_err(&got, &want)?;
+            assert!(e < 1e-6, "conv2d pad {padding} stride {stride}: {e}");
+            // onto a residual of either layout
+            let r = seeded(want.dims(), 54, DType::F32, &dev)?;
+            let sum = (&want + &r)?;
+            for res in [r.clone(), to_channels_last(&r)?] {
+                let got = conv2d_add(&xl, &w, bias, &res, &cfg)?;
+                assert_strictly_channels_last(&got, "conv2d_add");
+                assert!(rel_err(&got, &sum)? < 1e-6);
+            }
+            assert!(rel_err(&conv2d_add(&x, &w, bias, &r, &cfg)?, &sum)? < 1e-6);
+        }
+    }
+    let y = seeded(&[2, 5, 7, 6], 55, DType::F32, &dev)?;
+    let sum = add(&xl, &to_channels_last(&y)?)?;
+    assert_strictly_channels_last(&sum, "add");
+    assert_eq!(rel_err(&sum, &(&x + &y)?)?, 0.0);
+    // the first operand's layout decides
+    let mixed = add(&xl, &y)?;
+    assert_strictly_channels_last(&mixed, "add onto NCHW");
+    assert_eq!(rel_err(&mixed, &(&x + &y)?)?, 0.0);
+    assert!(add(&x, &y)?.is_contiguous());
+    assert!(add(&x, &to_channels_last(&y)?)?.is_contiguous());
+    let padded = zero_pad2d(&xl, [0, 1, 2, 1])?;
+    assert_strictly_channels_last(&padded, "zero_pad2d");
+    let want = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 2, 1)?;
+    assert_eq!(padded.dims(), &[2, 5, 8, 9]);
+    assert_eq!(rel_err(&padded, &want)?, 0.0);
+    assert_eq!(rel_err(&zero_pad2d(&x, [0, 1, 2, 1])?, &want)?, 0.0);
+    // on a gradient path: candle's convolution, and the input's gradient arrives
+    let var = Var::from_tensor(&xl)?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let out = conv2d(var.as_tensor(), &w, Some(&b), &cfg)?;
+    assert!(out.is_contiguous(), "the composite writes NCHW");
+    let grads = weighted_sum(&out)?.backward()?;
+    let g = grads.get(var.as_tensor()).expect("the gradient arrives");
+    let want = {
+        let v = Var::from_tensor(&x)?;
+        let o = conv2d(v.as_tensor(), &w, Some(&b), &cfg)?;
+        weighted_sum(&o)?
+            .backward()?
+            .get(v.as_tensor())
+            .unwrap()
+            .clone()
+    };
+    assert!(rel_err(g, &want)? < 1e-6);
+    Ok(())
+}
+
+/// On a GPU the channels-last GroupNorm kernels match the CPU composite in f32 and
+/// bf16, at one chunk per image and at many (skipped, saying so, without one).
+#[test]
+fn channels_last_group_norm_kernels_match_the_cpu_on_cuda() -> Result<()> {
+    crate::testing::on_cuda(
+        "channels_last_group_norm_kernels_match_the_cpu_on_cuda",
+        |dev| {
+            let cpu = Device::Cpu;
+            // 64 x 65 = 4160 pixels: 17 chunks of 256 rows, the last of 64; 8 x 8: one chunk
+            for (shape, groups) in [
+                (vec![3, 128, 64, 65], 32),
+                (vec![2, 512, 8, 8], 32),
+                (vec![1, 256, 40, 40], 8),
+            ] {
+                let c = shape[1];
+                let x = seeded(&shape, 61, DType::F32, &cpu)?.affine(2.0, 10.0)?;
+                let w = seeded(&[c], 62, DType::F32, &cpu)?;
+                let b = seeded(&[c], 63, DType::F32, &cpu)?;
+                for silu in [false, true] {
+                    let want = group_norm(&x, groups, &w, &b, 1e-6, silu)?;
+                    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                        let xd = to_channels_last(&x.to_dtype(dtype)?.to_device(dev)?)?;
+                        let got = group_norm(
+                            &xd,
+                            groups,
+                            &w.to_device(dev)?,
+                            &b.to_device(dev)?,
+                            1e-6,
+                            silu,
+                        )?;
+                        assert_strictly_channels_last(&got, "the kernels' result");
+                        assert_eq!(got.dtype(), dtype);
+                        let e = rel_err(&got.to_device(&cpu)?, &want)?;
+                        assert!(e < tol, "{shape:?} {dtype:?} silu {silu}: {e}");
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
 }
