@@ -374,6 +374,46 @@ pub fn kernel_source() -> String {
     super::kernel_source(KERNEL)
 }
 
+/// The input and the affine parameters of a group-norm op on the CPU, as f32 values,
+/// the parameters checked to have `c` values; errors are prefixed by `op`.
+fn cpu_inputs(
+    op: &str,
+    c: usize,
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+) -> Result<[Vec<f32>; 3]> {
+    let x = super::cpu_f32s(s1, l1, &format!("{op}: the input"))?;
+    let w = super::cpu_f32s(s2, l2, &format!("{op}: the weight"))?;
+    let b = super::cpu_f32s(s3, l3, &format!("{op}: the bias"))?;
+    if w.len() != c || b.len() != c {
+        candle_core::bail!(
+            "{op}: weight and bias must have {c} values, got {} and {}",
+            w.len(),
+            b.len()
+        );
+    }
+    Ok([x, w, b])
+}
+
+/// The element spans of the input and the affine parameters of a group-norm op on
+/// CUDA (all contiguous), the parameters checked to have `c` values.
+#[cfg(feature = "cuda")]
+fn cuda_spans(op: &str, c: usize, layouts: [&Layout; 3]) -> Result<[(usize, usize); 3]> {
+    let mut spans = [(0, 0); 3];
+    for ((span, l), what) in spans
+        .iter_mut()
+        .zip(layouts)
+        .zip(["input", "weight", "bias"])
+    {
+        *span = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{op}: the {what} is not contiguous"))
+        })?;
+    }
+    if spans[1].1 - spans[1].0 != c || spans[2].1 - spans[2].0 != c {
+        candle_core::bail!("{op}: weight and bias must have {c} values");
+    }
+    Ok(spans)
+}
+
 impl CustomOp3 for FusedGroupNorm {
     fn name(&self) -> &'static str {
         "fused-group-norm"
@@ -389,17 +429,7 @@ impl CustomOp3 for FusedGroupNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
-        let x = super::cpu_f32s(s1, l1, "fused group_norm: the input")?;
-        let w = super::cpu_f32s(s2, l2, "fused group_norm: the weight")?;
-        let b = super::cpu_f32s(s3, l3, "fused group_norm: the bias")?;
-        if w.len() != dims.1 || b.len() != dims.1 {
-            candle_core::bail!(
-                "fused group_norm: weight and bias must have {} values, got {} and {}",
-                dims.1,
-                w.len(),
-                b.len()
-            );
-        }
+        let [x, w, b] = cpu_inputs("fused group_norm", dims.1, [(s1, l1), (s2, l2), (s3, l3)])?;
         let y = reference(self, &x, &w, &b, dims);
         Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
@@ -421,17 +451,7 @@ impl CustomOp3 for FusedGroupNorm {
         };
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         let (n, c, hw) = self.dims(l1)?;
-        let offsets = |l: &Layout, what: &str| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg(format!("fused group_norm: {what} is not contiguous"))
-            })
-        };
-        let (a, z) = offsets(l1, "input")?;
-        let (wa, wz) = offsets(l2, "weight")?;
-        let (ba, bz) = offsets(l3, "bias")?;
-        if wz - wa != c || bz - ba != c {
-            candle_core::bail!("fused group_norm: weight and bias must have {c} values");
-        }
+        let [(a, z), (wa, wz), (ba, bz)] = cuda_spans("fused group_norm", c, [l1, l2, l3])?;
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
         let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
@@ -518,17 +538,8 @@ impl CustomOp3 for FusedGroupNormNhwc {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
-        let x = super::cpu_f32s(s1, l1, "fused group_norm (NHWC): the input")?;
-        let w = super::cpu_f32s(s2, l2, "fused group_norm (NHWC): the weight")?;
-        let b = super::cpu_f32s(s3, l3, "fused group_norm (NHWC): the bias")?;
-        if w.len() != dims.2 || b.len() != dims.2 {
-            candle_core::bail!(
-                "fused group_norm (NHWC): weight and bias must have {} values, got {} and {}",
-                dims.2,
-                w.len(),
-                b.len()
-            );
-        }
+        let op = "fused group_norm (NHWC)";
+        let [x, w, b] = cpu_inputs(op, dims.2, [(s1, l1), (s2, l2), (s3, l3)])?;
         let y = reference_nhwc(self, &x, &w, &b, dims);
         Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
@@ -548,19 +559,7 @@ impl CustomOp3 for FusedGroupNormNhwc {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         let (n, hw, c) = self.dims(l1)?;
-        let offsets = |l: &Layout, what: &str| {
-            l.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "fused group_norm (NHWC): {what} is not contiguous"
-                ))
-            })
-        };
-        let (a, z) = offsets(l1, "input")?;
-        let (wa, wz) = offsets(l2, "weight")?;
-        let (ba, bz) = offsets(l3, "bias")?;
-        if wz - wa != c || bz - ba != c {
-            candle_core::bail!("fused group_norm (NHWC): weight and bias must have {c} values");
-        }
+        let spans = cuda_spans("fused group_norm (NHWC)", c, [l1, l2, l3])?;
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let (chunks, rows) = nhwc_chunking(hw);
         let cfg = LaunchConfig {
@@ -617,7 +616,6 @@ impl CustomOp3 for FusedGroupNormNhwc {
             Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
         }
         let storages = [s1, s2, s3];
-        let spans = [(a, z), (wa, wz), (ba, bz)];
         let grid = (n, hw, chunks, rows);
         let out = match s1.dtype() {
             DType::F32 => typed::<f32>(self, storages, spans, grid, ("f32", ptx, cfg))?,
