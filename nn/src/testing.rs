@@ -80,3 +80,19 @@ macro_rules! test_device {
         }
     };
 }
+
+/// `x` `[B, C, H, W]` as a channels-last tensor: the same shape and values, NHWC
+/// memory ([`crate::ops::channels_last`]).
+///
+/// # Errors
+/// A rank other than 4.
+pub fn to_channels_last(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+}
+
+/// Whether `t` is channels-last and not also contiguous NCHW (a layout-keeping op's
+/// result, where candle's op would have written NCHW).
+#[must_use]
+pub fn is_strictly_channels_last(t: &candle_core::Tensor) -> bool {
+    !t.is_contiguous() && crate::ops::channels_last(t).is_some()
+}

@@ -771,8 +771,7 @@ mod tests {
         let (vb, _) = crate::random::random_var_builder(DType::F32, &dev);
         let enc = VaeEncoder::new(vb.clone(), &cfg)?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 12), &dev)?;
-        let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2));
-        let is_nhwc = |t: &Tensor| !t.is_contiguous() && ops::channels_last(t).is_some();
+        use crate::testing::{is_strictly_channels_last as is_nhwc, to_channels_last as nhwc};
         let xl = nhwc(&x)?;
         // block by block, as `moments` runs them
         let mut h = xl.apply(&enc.conv_in)?;

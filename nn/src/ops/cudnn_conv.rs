@@ -141,10 +141,12 @@ mod cuda {
     /// [`super::super::conv2d_add`]'s CUDA path: the convolution of NCHW `x` by `w`
     /// accumulated onto `acc`, a contiguous NHWC tensor of the output's shape that the
     /// caller made for it (`residual + bias`), returned as its channels-last view; or
-    /// `None` when cuDNN refuses this shape (logged once).
+    /// `None` when cuDNN refuses this shape or the accumulator does not fit it (an
+    /// `acc` not contiguous or not of the output's shape; logged once, and the caller's
+    /// composite then names the shapes).
     ///
     /// # Errors
-    /// `acc` not of the output's shape or not contiguous; copies.
+    /// Copies.
     pub(crate) fn try_conv2d_onto(
         x: &Tensor,
         w: &Tensor,

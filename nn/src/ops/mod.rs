@@ -187,10 +187,13 @@ pub fn channels_last(x: &Tensor) -> Option<Tensor> {
     t.is_contiguous().then_some(t)
 }
 
-/// Whether `x` is channels-last and not also contiguous NCHW (the case where the
-/// layout-keeping paths differ from candle's).
-fn strictly_channels_last(x: &Tensor) -> bool {
-    !x.is_contiguous() && channels_last(x).is_some()
+/// [`channels_last`] for an `x` that is not also contiguous NCHW: the case where the
+/// layout-keeping paths differ from candle's.
+fn nhwc_memory(x: &Tensor) -> Option<Tensor> {
+    if x.is_contiguous() {
+        return None;
+    }
+    channels_last(x)
 }
 
 /// The NCHW view `[B, C, H, W]` of an NHWC tensor `[B, H, W, C]` (no copy).
@@ -201,20 +204,16 @@ fn nchw_view(nhwc: &Tensor) -> Result<Tensor> {
 /// `a + b` of equal shapes, in `a`'s layout: channels-last when `a` is (candle's add
 /// writes NCHW whatever its inputs).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match channels_last(a) {
-        Some(an) if strictly_channels_last(a) && a.rank() == b.rank() => {
-            nchw_view(&(an + b.permute((0, 2, 3, 1))?)?)
-        }
-        _ => a + b,
+    match nhwc_memory(a) {
+        Some(an) => nchw_view(&(an + b.permute((0, 2, 3, 1))?)?),
+        None => a + b,
     }
 }
 
 /// Zero padding of `x` `[B, C, H, W]`: `[top, bottom, left, right]` rows and
 /// columns; a channels-last `x` gives a channels-last result.
 pub fn zero_pad2d(x: &Tensor, [top, bottom, left, right]: [usize; 4]) -> Result<Tensor> {
-    if strictly_channels_last(x)
-        && let Some(t) = channels_last(x)
-    {
+    if let Some(t) = nhwc_memory(x) {
         let t = t
             .pad_with_zeros(1, top, bottom)?
             .pad_with_zeros(2, left, right)?;
@@ -262,11 +261,9 @@ pub fn conv2d_add(
 /// when it is channels-last (candle's broadcast add would write NCHW).
 fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     let n = b.dims1()?;
-    match channels_last(y) {
-        Some(t) if strictly_channels_last(y) => {
-            nchw_view(&t.broadcast_add(&b.reshape((1, 1, 1, n))?)?)
-        }
-        _ => y.broadcast_add(&b.reshape((1, n, 1, 1))?),
+    match nhwc_memory(y) {
+        Some(t) => nchw_view(&t.broadcast_add(&b.reshape((1, 1, 1, n))?)?),
+        None => y.broadcast_add(&b.reshape((1, n, 1, 1))?),
     }
 }
 
@@ -275,24 +272,24 @@ fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// keeps its layout on the CPU too ([`cudnn_conv::conv2d_nhwc`]'s CPU reference);
 /// else candle's.
 fn convolve(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
-    let y = match fast_conv2d(x, w, cfg)? {
-        Some(y) => y,
-        None if layout_keeping(x, w, cfg) => {
-            let (xn, wn) = (channels_last(x).expect("checked"), w.permute((0, 2, 3, 1))?);
-            nchw_view(&cudnn_conv::conv2d_nhwc(
-                &xn,
-                &wn,
-                cudnn_conv::geometry(cfg),
-            )?)?
-        }
-        None => x.conv2d_with_algo(
+    let y = if let Some(y) = fast_conv2d(x, w, cfg)? {
+        y
+    } else if let Some(xn) = layout_keeping(x, w, cfg) {
+        let wn = w.permute((0, 2, 3, 1))?;
+        nchw_view(&cudnn_conv::conv2d_nhwc(
+            &xn,
+            &wn,
+            cudnn_conv::geometry(cfg),
+        )?)?
+    } else {
+        x.conv2d_with_algo(
             w,
             cfg.padding,
             cfg.stride,
             cfg.dilation,
             cfg.groups,
             cfg.cudnn_fwd_algo,
-        )?,
+        )?
     };
     count_conv_flops(&y, w)?;
     Ok(y)
@@ -306,14 +303,17 @@ fn count_conv_flops(y: &Tensor, w: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Whether [`convolve`] keeps a channels-last `x` channels-last itself (not on CUDA,
-/// whose fast path decides): no gradient, no groups, no forced algorithm.
-fn layout_keeping(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> bool {
-    !x.device().is_cuda()
-        && cfg.groups == 1
-        && cfg.cudnn_fwd_algo.is_none()
-        && strictly_channels_last(x)
-        && !needs_grad(&[x, w])
+/// The NHWC input when [`convolve`] keeps a channels-last `x` channels-last itself
+/// (not on CUDA, whose fast path decides): no gradient, no groups, no forced algorithm.
+fn layout_keeping(x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Option<Tensor> {
+    if x.device().is_cuda()
+        || cfg.groups != 1
+        || cfg.cudnn_fwd_algo.is_some()
+        || needs_grad(&[x, w])
+    {
+        return None;
+    }
+    nhwc_memory(x)
 }
 
 /// Whether a convolution may take the cuDNN path: on CUDA, no gradient, no groups,
@@ -480,7 +480,7 @@ pub fn group_norm(
     if matches!(x.dtype(), DType::F32 | DType::BF16) && !needs_grad(&[x, weight, bias]) {
         // channels-last stays channels-last (on the CPU through the kernel's
         // transcription, so the layout is the same on every device)
-        if strictly_channels_last(x) && group_norm::nhwc_takes(c, groups) {
+        if nhwc_memory(x).is_some() && group_norm::nhwc_takes(c, groups) {
             return group_norm::fused_group_norm_nhwc(x, groups, weight, bias, eps, silu);
         }
         if !x.device().is_cpu() {

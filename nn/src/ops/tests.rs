@@ -6,7 +6,7 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor, Var};
 
 use super::*;
-use crate::testing::rel_err;
+use crate::testing::{rel_err, to_channels_last};
 
 /// A seeded tensor of values in [-2, 2).
 fn seeded(shape: &[usize], seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -429,14 +429,9 @@ fn gated_gelu_kernel_matches_the_cpu_on_cuda() -> Result<()> {
     })
 }
 
-/// `x` as a channels-last tensor: the same values and shape, NHWC memory.
-fn to_channels_last(x: &Tensor) -> Result<Tensor> {
-    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
-}
-
 fn assert_strictly_channels_last(t: &Tensor, what: &str) {
     assert!(
-        !t.is_contiguous() && channels_last(t).is_some(),
+        crate::testing::is_strictly_channels_last(t),
         "{what}: {:?} strides {:?} is not channels-last",
         t.dims(),
         t.stride()
