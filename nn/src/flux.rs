@@ -523,6 +523,7 @@ fn attention_opts(head_dim: usize) -> ops::AttentionOpts<'static> {
     ops::AttentionOpts {
         scale: Some(1.0 / (head_dim as f64).sqrt()),
         bias: None,
+        mask: None,
         softmax_f32: true,
     }
 }

@@ -454,6 +454,7 @@ impl Attention {
         let opts = ops::AttentionOpts {
             scale: Some(1.0 / (self.head_dim as f64).sqrt()),
             bias,
+            mask: None,
             softmax_f32: true,
         };
         let o = ops::attention(&q, &k, &v, &opts)?

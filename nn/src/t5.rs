@@ -163,8 +163,14 @@ impl Attention {
         })
     }
 
-    /// `bias`: [1 or B, heads, T, T] in f32 (position bias plus mask).
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    /// `bias`: the position bias `[1, heads, T, T]`, `mask` the padding mask
+    /// `[B, 1, 1, T]`, both f32 (added to each other first, as transformers does).
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         // [B, T, 3·H·D] -> [3, B, H, T, D], one copy; q, k, v are its contiguous thirds
         let qkv = self
@@ -178,6 +184,7 @@ impl Attention {
         let opts = ops::AttentionOpts {
             scale: None,
             bias: Some(bias),
+            mask,
             softmax_f32: true,
         };
         let out = ops::attention(&q, &k, &v, &opts)?
@@ -258,8 +265,13 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, bias)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, bias, mask)?)?;
         &x + self.ff.forward(&self.ff_norm.forward(&x)?)?
     }
 }
@@ -347,18 +359,20 @@ impl T5EncoderModel {
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
-        let mut bias = self.position_bias(t)?;
-        if let Some(mask) = mask {
-            // (1 - mask) * finfo(f32).min on every padded key, as transformers does.
-            let keep = mask.to_dtype(DType::F32)?;
-            let masked = ((1.0 - keep)? * f64::from(f32::MIN))?
-                .unsqueeze(1)?
-                .unsqueeze(1)?;
-            bias = bias.broadcast_add(&masked)?;
-        }
+        let bias = self.position_bias(t)?;
+        // (1 - mask) * finfo(f32).min on every padded key, as transformers does; kept
+        // apart from the position bias, which the whole batch shares
+        let mask = mask
+            .map(|mask| {
+                let keep = mask.to_dtype(DType::F32)?;
+                ((1.0 - keep)? * f64::from(f32::MIN))?
+                    .unsqueeze(1)?
+                    .unsqueeze(1)
+            })
+            .transpose()?;
         let mut x = self.embed.forward(input_ids)?;
         for block in &self.blocks {
-            x = block.forward(&x, &bias)?;
+            x = block.forward(&x, &bias, mask.as_ref())?;
         }
         self.final_norm.forward(&x)
     }

@@ -495,6 +495,7 @@ impl Module for SpatialAttention {
         let opts = ops::AttentionOpts {
             scale: Some(1.0 / (c as f64).sqrt()),
             bias: None,
+            mask: None,
             softmax_f32: true,
         };
         let o = ops::attention(&q, &k, &v, &opts)?.apply(&self.out)?;

@@ -77,6 +77,7 @@ impl SelfAttention {
         let opts = ops::AttentionOpts {
             scale: (self.cfg.scaling == Scaling::Logits).then_some(s),
             bias,
+            mask: None,
             softmax_f32: self.cfg.softmax_f32,
         };
         ops::attention(&q, &k, &v, &opts)?

@@ -526,6 +526,11 @@ pub struct AttentionOpts<'a> {
     /// Added to the logits after scaling: a mask of `0` / large negative values, a
     /// position bias, broadcast to `[B, heads, q, k]`.
     pub bias: Option<&'a Tensor>,
+    /// A second bias, added to `bias` first (as transformers adds T5's padding mask to
+    /// its position bias) and broadcast the same way: a padding mask `[B, 1, 1, k]`
+    /// kept apart from a position bias `[1, heads, q, k]` shared by the batch, so that
+    /// on CUDA neither is expanded to `[B, heads, q, k]` in memory.
+    pub mask: Option<&'a Tensor>,
     /// Logits and softmax in f32 whatever the input dtype (transformers'
     /// `upcast_softmax`); the probabilities are cast back before `· v`.
     pub softmax_f32: bool,
@@ -544,9 +549,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
         ),
     );
     let mut logits = q.matmul(&k.t()?)?;
+    let biases: Vec<&Tensor> = [opts.bias, opts.mask].into_iter().flatten().collect();
     // on CUDA without a gradient: scale, softmax (in f32) and the cast back as one
     // kernel that reads the logits once
-    if opts.bias.is_none()
+    if biases.is_empty()
         && !logits.device().is_cpu()
         && matches!(logits.dtype(), DType::F32 | DType::BF16)
         && !needs_grad(&[q, k, v])
@@ -557,22 +563,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
         let probs = logits.contiguous()?.apply_op1_no_bwd(&op)?;
         return probs.to_dtype(v.dtype())?.matmul(v);
     }
-    // with a bias (T5's position bias and mask, CLIP text's masks): the same pass,
-    // the bias read in place through its strides
-    if let Some(bias) = opts.bias
+    // with biases (T5's position bias and mask, CLIP text's masks): the same pass,
+    // each bias read in place through its strides
+    if let Some(first) = biases.first()
         && !logits.device().is_cpu()
         && logits.rank() == 4
+        && biases.iter().all(|b| b.dtype() == first.dtype())
         && matches!(
-            (logits.dtype(), bias.dtype()),
+            (logits.dtype(), first.dtype()),
             (DType::F32, DType::F32) | (DType::BF16, DType::F32 | DType::BF16)
         )
-        && !needs_grad(&[q, k, v, bias])
+        && !needs_grad(&[q, k, v])
+        && !needs_grad(&biases)
     {
         let op = softmax::ScaledBiasSoftmax {
             scale: opts.scale.unwrap_or(1.0) as f32,
         };
-        let bias = bias.broadcast_as(logits.shape())?;
-        let probs = logits.contiguous()?.apply_op2_no_bwd(&bias, &op)?;
+        let logits = logits.contiguous()?;
+        let spread = |b: &Tensor| b.broadcast_as(logits.shape());
+        let probs = match biases[..] {
+            [bias] => logits.apply_op2_no_bwd(&spread(bias)?, &op)?,
+            [bias, mask] => logits.apply_op3_no_bwd(&spread(bias)?, &spread(mask)?, &op)?,
+            _ => unreachable!("at most two biases"),
+        };
         return probs.to_dtype(v.dtype())?.matmul(v);
     }
     if let Some(s) = opts.scale {
@@ -581,7 +594,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
     if opts.softmax_f32 {
         logits = logits.to_dtype(DType::F32)?;
     }
-    if let Some(bias) = opts.bias {
+    let bias = match (opts.bias, opts.mask) {
+        (Some(b), Some(m)) => Some(b.broadcast_add(m)?),
+        (b, m) => b.or(m).cloned(),
+    };
+    if let Some(bias) = bias {
         logits = logits.broadcast_add(&bias.to_dtype(logits.dtype())?)?;
     }
     let probs = softmax_last_dim(&logits)?.to_dtype(v.dtype())?;

@@ -10,13 +10,17 @@
 //! warp per row, the row's maximum and sum of exponentials in f32 (two passes over a
 //! row the cache holds), then the normalised values.
 //!
-//! [`ScaledBiasSoftmax`] adds a bias to the scaled logits in the same pass: T5's
-//! position bias plus padding mask (`[B or 1, H, T, T]`, f32) and CLIP text's causal
-//! mask (`[1, 1, T, T]`), read in place through their strides (a broadcast axis costs
-//! nothing), where the composite adds them as one more pass over the logits after the
-//! f32 upcast: for T5-XXL at 120 tokens ~710 MB of memory traffic per caption over
-//! its 24 layers become ~180 MB (one read of the bf16 logits and the f32 bias, one
-//! write).
+//! [`ScaledBiasSoftmax`] adds one or two biases to the scaled logits in the same pass:
+//! T5's position bias (`[1, H, T, T]`, f32, shared by the batch) and its padding mask
+//! (`[B, 1, 1, T]`), CLIP text's causal mask (`[1, 1, T, T]`), each read in place
+//! through its strides (a broadcast axis costs nothing), where the composite adds
+//! them as one more pass over the logits after the f32 upcast. For T5-XXL at 120
+//! tokens that is ~710 MB of memory traffic per caption over its 24 layers; with the
+//! mask added to the position bias beforehand (a `[B, H, T, T]` f32 tensor, read by
+//! every layer) ~180 MB; with the two apart ~90 MB (one read of the bf16 logits, one
+//! write; the position bias, 3.7 MB for all 64 heads, is read by every caption of the
+//! batch from the cache), and no `[B, 64, 512, 512]` f32 bias (67 MB per caption) is
+//! held at 512 tokens.
 //!
 //! [`ScaledSoftmax::cpu_fwd`] and [`ScaledBiasSoftmax::cpu_fwd`] are the kernels'
 //! transcriptions, the references the tests hold the composite against;
@@ -25,9 +29,9 @@
 //! rounded to the input dtype before the softmax.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 #[cfg(feature = "cuda")]
-use {candle_core::DType, half::bf16};
+use half::bf16;
 
 /// `softmax(scale · x)` over the last axis.
 pub(crate) struct ScaledSoftmax {
@@ -81,9 +85,12 @@ fn softmax_row(x: &[f32], scale: f32, bias: impl Fn(usize) -> f32, y: &mut [f32]
     }
 }
 
-/// `softmax(scale · x + bias)` over the last axis of logits `x` `[B, H, Tq, Tk]`
-/// (contiguous), `bias` of the same shape as a strided view (broadcast with
-/// `broadcast_as`: stride 0 on its broadcast axes), f32 or in the logits' dtype.
+/// `softmax(scale · x + bias [+ mask])` over the last axis of logits `x`
+/// `[B, H, Tq, Tk]` (contiguous). Each bias has the logits' shape as a strided view
+/// (broadcast with `broadcast_as`: stride 0 on its broadcast axes), f32 or in the
+/// logits' dtype, both of one dtype: as a [`CustomOp2`] one bias, as a [`CustomOp3`]
+/// two, summed in f32 before they meet the logits (as the composite adds a mask to a
+/// position bias first).
 pub(crate) struct ScaledBiasSoftmax {
     pub(crate) scale: f32,
 }
@@ -97,17 +104,189 @@ fn bias_row_start(r: usize, heads: usize, tq: usize, l: &Layout) -> usize {
     l.start_offset() + b * st[0] + h * st[1] + q * st[2]
 }
 
-/// `(heads, tq)` of 4-d logits whose bias has the same shape.
-fn check_bias(lx: &Layout, lb: &Layout) -> Result<(usize, usize)> {
+/// `(heads, tq)` of 4-d logits whose biases have the same shape.
+fn check_biases(lx: &Layout, lbs: &[&Layout]) -> Result<(usize, usize)> {
     let dims = lx.shape().dims();
-    if dims.len() != 4 || lb.shape().dims() != dims {
-        candle_core::bail!(
-            "scaled bias softmax: logits {:?} and bias {:?} (both [B, H, Tq, Tk])",
-            lx.shape(),
-            lb.shape()
-        );
+    for lb in lbs {
+        if dims.len() != 4 || lb.shape().dims() != dims {
+            candle_core::bail!(
+                "scaled bias softmax: logits {:?} and bias {:?} (both [B, H, Tq, Tk])",
+                lx.shape(),
+                lb.shape()
+            );
+        }
     }
     Ok((dims[1], dims[2]))
+}
+
+/// The biases' one dtype (the kernels read both biases as one type).
+fn bias_dtype(dtypes: &[DType]) -> Result<DType> {
+    let first = dtypes[0];
+    if let Some(other) = dtypes.iter().find(|d| **d != first) {
+        candle_core::bail!("scaled bias softmax: a {first:?} and a {other:?} bias (one dtype)");
+    }
+    Ok(first)
+}
+
+impl ScaledBiasSoftmax {
+    /// The kernels in Rust: every row's softmax with the sum of `biases` added.
+    fn cpu(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        biases: &[(&CpuStorage, &Layout)],
+    ) -> Result<(CpuStorage, Shape)> {
+        let layouts: Vec<&Layout> = biases.iter().map(|b| b.1).collect();
+        let (heads, tq) = check_biases(lx, &layouts)?;
+        let dtypes: Vec<DType> = biases.iter().map(|b| b.0.dtype()).collect();
+        bias_dtype(&dtypes)?;
+        let (_, cols) = rows_cols(lx)?;
+        let x = super::cpu_f32s(sx, lx, "scaled bias softmax: the logits")?;
+        let values = biases
+            .iter()
+            .map(|(s, _)| match s {
+                CpuStorage::F32(v) => Ok(v.clone()),
+                CpuStorage::BF16(v) => Ok(v.iter().map(|b| b.to_f32()).collect()),
+                other => candle_core::bail!(
+                    "scaled bias softmax: the bias is {:?} (f32 or bf16)",
+                    other.dtype()
+                ),
+            })
+            .collect::<Result<Vec<Vec<f32>>>>()?;
+        let mut y = vec![0f32; x.len()];
+        for (r, (xr, yr)) in x
+            .chunks_exact(cols)
+            .zip(y.chunks_exact_mut(cols))
+            .enumerate()
+        {
+            let starts: Vec<(usize, usize)> = layouts
+                .iter()
+                .map(|l| (bias_row_start(r, heads, tq, l), l.stride()[3]))
+                .collect();
+            let bias = |j: usize| -> f32 {
+                values
+                    .iter()
+                    .zip(&starts)
+                    .map(|(v, (start, sk))| v[start + j * sk])
+                    .sum()
+            };
+            softmax_row(xr, self.scale, bias, yr);
+        }
+        Ok((super::cpu_storage(y, sx.dtype()), lx.shape().clone()))
+    }
+
+    /// The kernel `tb_bias{n}_softmax_{x}_{bias}` for `n` biases of one dtype.
+    // the one unsafe block of this op: allocating the output and launching the kernel
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    fn cuda(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        biases: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        let layouts: Vec<&Layout> = biases.iter().map(|b| b.1).collect();
+        let (heads, tq) = check_biases(lx, &layouts)?;
+        let (rows, cols) = rows_cols(lx)?;
+        let Some(span) = lx.contiguous_offsets() else {
+            candle_core::bail!("scaled bias softmax: the logits are not contiguous")
+        };
+        let int = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("scaled bias softmax: {v} {what}")))
+        };
+        let shape = (
+            int(cols, "columns")?,
+            int(heads, "heads")?,
+            int(tq, "query rows")?,
+        );
+        let (ptx, cfg) = warp_per_row(rows, "scaled bias softmax")?;
+        struct Args<'a> {
+            span: (usize, usize),
+            rows: usize,
+            shape: (i32, i32, i32),
+            scale: f32,
+            name: String,
+            ptx: &'a str,
+            cfg: LaunchConfig,
+        }
+        // one launch for each pair of dtypes
+        fn launch<T: CudaDType + DeviceRepr, B: CudaDType + DeviceRepr>(
+            sx: &candle_core::CudaStorage,
+            biases: &[(&candle_core::CudaStorage, &Layout)],
+            a: &Args<'_>,
+        ) -> Result<candle_core::CudaStorage> {
+            let dev = sx.device().clone();
+            let (lo, hi) = a.span;
+            let x = sx.as_cuda_slice::<T>()?.slice(lo..hi);
+            let views = biases
+                .iter()
+                .map(|(s, l)| Ok(s.as_cuda_slice::<B>()?.slice(l.start_offset()..)))
+                .collect::<Result<Vec<_>>>()?;
+            let strides: Vec<i64> = biases
+                .iter()
+                .flat_map(|(_, l)| l.stride()[..4].to_vec())
+                .map(|v| v as i64)
+                .collect();
+            let func = dev.get_or_load_custom_func(&a.name, "tensorbake_softmax", a.ptx)?;
+            // SAFETY: each row's warp writes all of its row before anything reads it
+            let y = unsafe { dev.alloc::<T>(hi - lo)? };
+            let rows = a.rows as i64;
+            let (cols, heads, tq) = a.shape;
+            let mut args = func.builder();
+            // bf16 is read and written as its bits (unsigned shorts)
+            args.arg(&x);
+            for v in &views {
+                args.arg(v);
+            }
+            args.arg(&y).arg(&rows).arg(&cols).arg(&a.scale);
+            args.arg(&heads).arg(&tq);
+            for s in &strides {
+                args.arg(s);
+            }
+            // SAFETY: warp r < rows reads and writes x[r·cols ..][..cols], y likewise,
+            // and reads each bias at its layout's offsets of row r, all inside the
+            // bias's storage from its start offset (the layout is the tensor's own)
+            unsafe { args.launch(a.cfg) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        let dtypes: Vec<DType> = biases.iter().map(|b| b.0.dtype()).collect();
+        let bias_dtype = bias_dtype(&dtypes)?;
+        let n = if biases.len() == 1 {
+            String::new()
+        } else {
+            biases.len().to_string()
+        };
+        let mut a = Args {
+            span,
+            rows,
+            shape,
+            scale: self.scale,
+            name: String::new(),
+            ptx,
+            cfg,
+        };
+        let out = match (sx.dtype(), bias_dtype) {
+            (DType::F32, DType::F32) => {
+                a.name = format!("tb_bias{n}_softmax_f32_f32");
+                launch::<f32, f32>(sx, biases, &a)?
+            }
+            (DType::BF16, DType::F32) => {
+                a.name = format!("tb_bias{n}_softmax_bf16_f32");
+                launch::<bf16, f32>(sx, biases, &a)?
+            }
+            (DType::BF16, DType::BF16) => {
+                a.name = format!("tb_bias{n}_softmax_bf16_bf16");
+                launch::<bf16, bf16>(sx, biases, &a)?
+            }
+            (x, b) => candle_core::bail!(
+                "scaled bias softmax: {x:?} logits with a {b:?} bias (f32/f32, bf16/f32, bf16/bf16)"
+            ),
+        };
+        Ok((out, lx.shape().clone()))
+    }
 }
 
 impl CustomOp2 for ScaledBiasSoftmax {
@@ -122,33 +301,10 @@ impl CustomOp2 for ScaledBiasSoftmax {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (heads, tq) = check_bias(lx, lb)?;
-        let (_, cols) = rows_cols(lx)?;
-        let x = super::cpu_f32s(sx, lx, "scaled bias softmax: the logits")?;
-        let bias: Vec<f32> = match sb {
-            CpuStorage::F32(v) => v.clone(),
-            CpuStorage::BF16(v) => v.iter().map(|b| b.to_f32()).collect(),
-            other => candle_core::bail!(
-                "scaled bias softmax: the bias is {:?} (f32 or bf16)",
-                other.dtype()
-            ),
-        };
-        let sk = lb.stride()[3];
-        let mut y = vec![0f32; x.len()];
-        for (r, (xr, yr)) in x
-            .chunks_exact(cols)
-            .zip(y.chunks_exact_mut(cols))
-            .enumerate()
-        {
-            let start = bias_row_start(r, heads, tq, lb);
-            softmax_row(xr, self.scale, |j| bias[start + j * sk], yr);
-        }
-        Ok((super::cpu_storage(y, sx.dtype()), lx.shape().clone()))
+        self.cpu(sx, lx, &[(sb, lb)])
     }
 
-    // the one unsafe block of this op: allocating the output and launching the kernel
     #[cfg(feature = "cuda")]
-    #[allow(unsafe_code)]
     fn cuda_fwd(
         &self,
         sx: &candle_core::CudaStorage,
@@ -156,101 +312,38 @@ impl CustomOp2 for ScaledBiasSoftmax {
         sb: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaDType, WrapErr};
-        let (heads, tq) = check_bias(lx, lb)?;
-        let (rows, cols) = rows_cols(lx)?;
-        let Some(span) = lx.contiguous_offsets() else {
-            candle_core::bail!("scaled bias softmax: the logits are not contiguous")
-        };
-        let int = |v: usize, what: &str| {
-            i32::try_from(v)
-                .map_err(|_| candle_core::Error::Msg(format!("scaled bias softmax: {v} {what}")))
-        };
-        let shape = (
-            int(cols, "columns")?,
-            int(heads, "heads")?,
-            int(tq, "query rows")?,
-        );
-        let st = lb.stride();
-        let strides = [st[0], st[1], st[2], st[3]].map(|v| v as i64);
-        let (ptx, cfg) = warp_per_row(rows, "scaled bias softmax")?;
-        struct Args<'a> {
-            span: (usize, usize),
-            bias_start: usize,
-            rows: usize,
-            shape: (i32, i32, i32),
-            strides: [i64; 4],
-            scale: f32,
-            name: &'a str,
-            ptx: &'a str,
-            cfg: LaunchConfig,
-        }
-        // one launch for each pair of dtypes: `tb_bias_softmax_{x}_{bias}`
-        fn launch<T: CudaDType + DeviceRepr, B: CudaDType + DeviceRepr>(
-            sx: &candle_core::CudaStorage,
-            sb: &candle_core::CudaStorage,
-            a: &Args<'_>,
-        ) -> Result<candle_core::CudaStorage> {
-            let dev = sx.device().clone();
-            let (lo, hi) = a.span;
-            let x = sx.as_cuda_slice::<T>()?.slice(lo..hi);
-            let bias = sb.as_cuda_slice::<B>()?.slice(a.bias_start..);
-            let func = dev.get_or_load_custom_func(a.name, "tensorbake_softmax", a.ptx)?;
-            // SAFETY: each row's warp writes all of its row before anything reads it
-            let y = unsafe { dev.alloc::<T>(hi - lo)? };
-            let rows = a.rows as i64;
-            let (cols, heads, tq) = a.shape;
-            let [s0, s1, s2, s3] = a.strides;
-            let mut args = func.builder();
-            // bf16 is read and written as its bits (unsigned shorts)
-            args.arg(&x)
-                .arg(&bias)
-                .arg(&y)
-                .arg(&rows)
-                .arg(&cols)
-                .arg(&a.scale);
-            args.arg(&heads)
-                .arg(&tq)
-                .arg(&s0)
-                .arg(&s1)
-                .arg(&s2)
-                .arg(&s3);
-            // SAFETY: warp r < rows reads and writes x[r·cols ..][..cols], y likewise,
-            // and reads the bias at its layout's offsets of row r, all inside the
-            // bias's storage from its start offset (the layout is the tensor's own)
-            unsafe { args.launch(a.cfg) }.w()?;
-            Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
-        }
-        let mut a = Args {
-            span,
-            bias_start: lb.start_offset(),
-            rows,
-            shape,
-            strides,
-            scale: self.scale,
-            name: "",
-            ptx,
-            cfg,
-        };
-        let out = match (sx.dtype(), sb.dtype()) {
-            (DType::F32, DType::F32) => {
-                a.name = "tb_bias_softmax_f32_f32";
-                launch::<f32, f32>(sx, sb, &a)?
-            }
-            (DType::BF16, DType::F32) => {
-                a.name = "tb_bias_softmax_bf16_f32";
-                launch::<bf16, f32>(sx, sb, &a)?
-            }
-            (DType::BF16, DType::BF16) => {
-                a.name = "tb_bias_softmax_bf16_bf16";
-                launch::<bf16, bf16>(sx, sb, &a)?
-            }
-            (x, b) => candle_core::bail!(
-                "scaled bias softmax: {x:?} logits with a {b:?} bias (f32/f32, bf16/f32, bf16/bf16)"
-            ),
-        };
-        Ok((out, lx.shape().clone()))
+        self.cuda(sx, lx, &[(sb, lb)])
+    }
+}
+
+impl CustomOp3 for ScaledBiasSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-bias2-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+        sm: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu(sx, lx, &[(sb, lb), (sm, lm)])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+        sm: &candle_core::CudaStorage,
+        lm: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(sx, lx, &[(sb, lb), (sm, lm)])
     }
 }
 
@@ -284,39 +377,81 @@ extern "C" __global__ void tb_softmax_bf16(const unsigned short* x, unsigned sho
 }
 
 // softmax(scale * x + bias): row r of [B, H, Tq, Tk] is (b, h, q); its bias starts at
-// b*s0 + h*s1 + q*s2 and steps s3 (a broadcast axis has stride 0)
+// b*s0 + h*s1 + q*s2 and steps s3 (a broadcast axis has stride 0). With two biases
+// (a position bias and a padding mask) their sum, in f32, is the bias.
+struct TbBiasRow {
+  long long start;
+  long long step;
+};
+
+__device__ TbBiasRow tb_bias_row(long long hb, long long q, int heads, long long s0,
+                                 long long s1, long long s2, long long s3) {
+  TbBiasRow r;
+  r.start = (hb / heads) * s0 + (hb % heads) * s1 + q * s2;
+  r.step = s3;
+  return r;
+}
+
+template <typename B>
+__device__ float tb_bias_at(const B* b1, TbBiasRow r1, const B* b2, TbBiasRow r2, int j) {
+  float v = tb_load(b1, r1.start + j * r1.step);
+  if (b2 != nullptr) v += tb_load(b2, r2.start + j * r2.step);
+  return v;
+}
+
 template <typename T, typename B>
-__device__ void tb_bias_softmax(const T* x, const B* bias, T* y, long long rows, int cols,
-                                float scale, int heads, int tq, long long s0, long long s1,
-                                long long s2, long long s3) {
-  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+__device__ void tb_bias_softmax(const T* x, const B* b1, TbBiasRow r1, const B* b2,
+                                TbBiasRow r2, T* y, long long row, int cols, float scale) {
   int lane = threadIdx.x & 31;
-  if (row >= rows) return;  // the whole warp: `row` is the warp's
   long long base = row * cols;
-  long long q = row % tq, hb = row / tq;
-  const B* br = bias + (hb / heads) * s0 + (hb % heads) * s1 + q * s2;
   float m = __int_as_float(0xff800000);  // -inf (NVRTC has no INFINITY)
   for (int j = lane; j < cols; j += 32)
-    m = fmaxf(m, tb_load(x, base + j) * scale + tb_load(br, j * s3));
+    m = fmaxf(m, tb_load(x, base + j) * scale + tb_bias_at(b1, r1, b2, r2, j));
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float s = 0.0f;
   for (int j = lane; j < cols; j += 32)
-    s += expf(tb_load(x, base + j) * scale + tb_load(br, j * s3) - m);
+    s += expf(tb_load(x, base + j) * scale + tb_bias_at(b1, r1, b2, r2, j) - m);
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   float inv = 1.0f / s;
   for (int j = lane; j < cols; j += 32)
-    tb_store(y, base + j, expf(tb_load(x, base + j) * scale + tb_load(br, j * s3) - m) * inv);
+    tb_store(y, base + j,
+             expf(tb_load(x, base + j) * scale + tb_bias_at(b1, r1, b2, r2, j) - m) * inv);
+}
+
+// the warp's row, or -1 past the last (the whole warp returns: `row` is the warp's)
+__device__ long long tb_warp_row(long long rows) {
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  return row < rows ? row : -1;
 }
 
 #define TB_BIAS_SOFTMAX(NAME, T, B)                                                         \
   extern "C" __global__ void NAME(const T* x, const B* bias, T* y, long long rows, int cols, \
                                   float scale, int heads, int tq, long long s0, long long s1, \
                                   long long s2, long long s3) {                              \
-    tb_bias_softmax<T, B>(x, bias, y, rows, cols, scale, heads, tq, s0, s1, s2, s3);          \
+    long long row = tb_warp_row(rows);                                                      \
+    if (row < 0) return;                                                                    \
+    TbBiasRow r = tb_bias_row(row / tq, row % tq, heads, s0, s1, s2, s3);                   \
+    tb_bias_softmax<T, B>(x, bias, r, (const B*)nullptr, r, y, row, cols, scale);           \
   }
 TB_BIAS_SOFTMAX(tb_bias_softmax_f32_f32, float, float)
 TB_BIAS_SOFTMAX(tb_bias_softmax_bf16_f32, unsigned short, float)
 TB_BIAS_SOFTMAX(tb_bias_softmax_bf16_bf16, unsigned short, unsigned short)
+
+#define TB_BIAS2_SOFTMAX(NAME, T, B)                                                           \
+  extern "C" __global__ void NAME(const T* x, const B* bias, const B* mask, T* y,              \
+                                  long long rows, int cols, float scale, int heads, int tq,    \
+                                  long long s0, long long s1, long long s2, long long s3,      \
+                                  long long t0, long long t1, long long t2, long long t3) {    \
+    long long row = tb_warp_row(rows);                                                         \
+    if (row < 0) return;                                                                       \
+    long long hb = row / tq, q = row % tq;                                                     \
+    TbBiasRow r1 = tb_bias_row(hb, q, heads, s0, s1, s2, s3);                                  \
+    TbBiasRow r2 = tb_bias_row(hb, q, heads, t0, t1, t2, t3);                                  \
+    tb_bias_softmax<T, B>(x, bias, r1, mask, r2, y, row, cols, scale);                         \
+  }
+TB_BIAS2_SOFTMAX(tb_bias2_softmax_f32_f32, float, float)
+TB_BIAS2_SOFTMAX(tb_bias2_softmax_bf16_f32, unsigned short, float)
+TB_BIAS2_SOFTMAX(tb_bias2_softmax_bf16_bf16, unsigned short, unsigned short)
 "#;
 
 impl CustomOp1 for ScaledSoftmax {
@@ -483,8 +618,51 @@ mod tests {
         Ok(())
     }
 
-    /// On a GPU the bias kernel gives its transcription's values for every bias and
-    /// pair of dtypes it takes.
+    /// Two biases apart (a position bias and a padding mask, each broadcast) give
+    /// what one bias of their sum gives, to the bit in f32 (the sum is taken first, as
+    /// the composite takes it), and within bf16's rounding of the composite for bf16
+    /// logits; mixed bias dtypes and a mask of the wrong shape are refused by name.
+    #[test]
+    fn two_biases_apart_are_one_bias_of_their_sum() -> Result<()> {
+        let x = logits(&Device::Cpu)?;
+        let op = ScaledBiasSoftmax { scale: 0.5 };
+        let [pos, mask, both] = <[Tensor; 3]>::try_from(biases(&Device::Cpu)?).unwrap();
+        let spread = |b: &Tensor| b.broadcast_as(x.shape());
+        let apart = x.apply_op3_no_bwd(&spread(&pos)?, &spread(&mask)?, &op)?;
+        let summed = x.apply_op2_no_bwd(&spread(&both)?, &op)?;
+        let d = (&apart - &summed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "apart vs summed");
+        // the mask still masks: sample 0 pads its last 7 keys, sample 1 its last 14
+        for (b, padded) in [(0, 7), (1, 14)] {
+            let p = apart.get(b)?.narrow(D::Minus1, 37 - padded, padded)?;
+            assert_eq!(p.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "sample {b}");
+        }
+        let xb = x.to_dtype(DType::BF16)?;
+        let composite = crate::ops::softmax_last_dim(
+            &(&xb * 0.5)?.to_dtype(DType::F32)?.broadcast_add(&both)?,
+        )?;
+        let fused = xb.apply_op3_no_bwd(&spread(&pos)?, &spread(&mask)?, &op)?;
+        assert_eq!(fused.dtype(), DType::BF16);
+        let e = crate::testing::rel_err(&fused.to_dtype(DType::F32)?, &composite)?;
+        assert!(e < 1e-2, "bf16 logits: {e}");
+        let half = spread(&mask.to_dtype(DType::BF16)?)?;
+        let e = x
+            .apply_op3_no_bwd(&spread(&pos)?, &half, &op)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F32") && e.contains("BF16"), "{e}");
+        let short =
+            Tensor::zeros((2, 1, 1, 36), DType::F32, &Device::Cpu)?.broadcast_as((2, 3, 5, 36))?;
+        let e = x
+            .apply_op3_no_bwd(&spread(&pos)?, &short, &op)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[2, 3, 5, 36]"), "{e}");
+        Ok(())
+    }
+
+    /// On a GPU the bias kernels give their transcription's values for every bias (and
+    /// the two apart) and pair of dtypes they take.
     #[test]
     fn bias_softmax_kernel_matches_the_cpu_on_cuda() -> Result<()> {
         crate::testing::on_cuda("bias_softmax_kernel_matches_the_cpu_on_cuda", |dev| {
@@ -510,6 +688,23 @@ mod tests {
                     let tol = if xd == DType::F32 { 1e-5 } else { 8e-3 };
                     assert!(e < tol, "bias {i}, {xd:?}/{bd:?}: {e}");
                 }
+            }
+            // the position bias and the mask apart
+            for (xd, bd) in pairs {
+                let x = logits(&Device::Cpu)?.to_dtype(xd)?;
+                let (cpu, gpu) = (biases(&Device::Cpu)?, biases(dev)?);
+                let spread = |b: &Tensor| b.to_dtype(bd)?.broadcast_as(x.shape());
+                let want = x
+                    .apply_op3_no_bwd(&spread(&cpu[0])?, &spread(&cpu[1])?, &op)?
+                    .to_dtype(DType::F32)?;
+                let got = x
+                    .to_device(dev)?
+                    .apply_op3_no_bwd(&spread(&gpu[0])?, &spread(&gpu[1])?, &op)?
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?;
+                let e = crate::testing::rel_err(&got, &want)?;
+                let tol = if xd == DType::F32 { 1e-5 } else { 8e-3 };
+                assert!(e < tol, "two biases, {xd:?}/{bd:?}: {e}");
             }
             Ok(())
         })
@@ -551,6 +746,9 @@ mod tests {
             "tb_bias_softmax_f32_f32",
             "tb_bias_softmax_bf16_f32",
             "tb_bias_softmax_bf16_bf16",
+            "tb_bias2_softmax_f32_f32",
+            "tb_bias2_softmax_bf16_f32",
+            "tb_bias2_softmax_bf16_bf16",
         ] {
             assert!(src.contains(entry), "{entry}");
         }

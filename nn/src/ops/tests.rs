@@ -110,6 +110,7 @@ fn seam_gradients_match_finite_differences() -> Result<()> {
         let opts = AttentionOpts {
             scale: Some(0.5),
             bias: Some(&bias),
+            mask: None,
             softmax_f32: false,
         };
         attention(&q, &k, &v, &opts)
@@ -119,6 +120,55 @@ fn seam_gradients_match_finite_differences() -> Result<()> {
     let gw = seeded(&[4], 10, DType::F64, &dev)?;
     let gb = seeded(&[4], 11, DType::F64, &dev)?;
     check_grad(&img, |t| group_norm(t, 2, &gw, &gb, 1e-6, true))?;
+    Ok(())
+}
+
+/// A mask passed apart from the bias is added to it: the same attention as one bias
+/// of their sum (or, alone, as the mask passed as the bias), and a padded key's value
+/// reaches no output of its sample.
+#[test]
+fn a_mask_apart_is_added_to_the_bias() -> Result<()> {
+    let dev = Device::Cpu;
+    let q = seeded(&[2, 3, 4, 8], 40, DType::F32, &dev)?;
+    let k = seeded(&[2, 3, 6, 8], 41, DType::F32, &dev)?;
+    let v = seeded(&[2, 3, 6, 8], 42, DType::F32, &dev)?;
+    let pos = seeded(&[1, 3, 4, 6], 43, DType::F32, &dev)?;
+    // sample 1 pads its last two keys
+    let mut m = vec![0f32; 12];
+    m[10..].fill(f32::MIN);
+    let mask = Tensor::from_vec(m, (2, 1, 1, 6), &dev)?;
+    let opts = |bias, mask| AttentionOpts {
+        scale: Some(0.3),
+        bias,
+        mask,
+        softmax_f32: true,
+    };
+    let max_diff =
+        |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    let apart = attention(&q, &k, &v, &opts(Some(&pos), Some(&mask)))?;
+    let summed = pos.broadcast_add(&mask)?;
+    let one = attention(&q, &k, &v, &opts(Some(&summed), None))?;
+    assert_eq!(max_diff(&apart, &one)?, 0.0, "apart vs summed");
+    let alone = attention(&q, &k, &v, &opts(None, Some(&mask)))?;
+    let as_bias = attention(&q, &k, &v, &opts(Some(&mask), None))?;
+    assert_eq!(max_diff(&alone, &as_bias)?, 0.0, "mask alone");
+    // the last key's value changed: sample 1 (padded there) does not see it, sample 0 does
+    let bump = Tensor::from_vec(vec![0f32, 0., 0., 0., 0., 10.], (1, 1, 6, 1), &dev)?;
+    let bumped = attention(
+        &q,
+        &k,
+        &v.broadcast_add(&bump)?,
+        &opts(Some(&pos), Some(&mask)),
+    )?;
+    assert_eq!(
+        max_diff(&bumped.get(1)?, &apart.get(1)?)?,
+        0.0,
+        "padded key seen"
+    );
+    assert!(
+        max_diff(&bumped.get(0)?, &apart.get(0)?)? > 1e-3,
+        "real key unseen"
+    );
     Ok(())
 }
 
