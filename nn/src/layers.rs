@@ -148,6 +148,18 @@ impl Conv2d {
         &self.weight
     }
 
+    /// The bias, if any.
+    #[must_use]
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The convolution without its bias, for a consumer that adds the bias itself
+    /// ([`GroupNorm::forward_silu_after_bias`]).
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d(x, &self.weight, None, &self.cfg)
+    }
+
     /// `forward(x) + residual` (a skip connection), in one pass on the GPU
     /// ([`ops::conv2d_add`]).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
@@ -222,6 +234,24 @@ impl GroupNorm {
     /// Normalises, then SiLU (one kernel where a fast path exists).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+
+    /// [`Self::forward_silu`] of `x + in_bias` (per channel): the bias of the
+    /// convolution before it ([`Conv2d::forward_unbiased`]), added as the norm reads
+    /// `x` ([`ops::group_norm_after_bias`]); `None` adds nothing.
+    pub fn forward_silu_after_bias(&self, x: &Tensor, in_bias: Option<&Tensor>) -> Result<Tensor> {
+        match in_bias {
+            Some(cb) => ops::group_norm_after_bias(
+                x,
+                cb,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                true,
+            ),
+            None => self.forward_silu(x),
+        }
     }
 }
 

@@ -447,8 +447,10 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
-        let h = self.norm2.forward_silu(&h)?;
+        // conv1's bias is added by norm2 as it reads `h` (on channels-last CUDA a pass
+        // over `h` less)
+        let h = self.conv1.forward_unbiased(&self.norm1.forward_silu(x)?)?;
+        let h = self.norm2.forward_silu_after_bias(&h, self.conv1.bias())?;
         let skip = match &self.shortcut {
             Some(s) => x.apply(s)?,
             None => x.clone(),

@@ -28,13 +28,20 @@
 //!    `1/sqrt(var + eps)`;
 //! 2. apply: the same grid, each thread normalising its channel down its rows.
 //!
+//! The channels-last op also takes a per-channel bias of its input, `x + cb[c]` being
+//! what it normalises: the bias of the convolution before it, which then need not
+//! be added by a pass of its own (the VAE's ResNet blocks, `conv1 -> norm2`). Its
+//! channel's mean is shifted by `cb[c]` (the variance about it is the same) and the
+//! apply kernel adds it as it reads, so the sum is never written, nor rounded to the
+//! activation's dtype.
+//!
 //! Two reads and one write of the activation, where the NCHW kernel makes three
 //! reads: one launch more, the price of a grid-wide reduction without a cooperative
 //! launch. It takes `C` a multiple of 32 up to 1024 with a power-of-two `C/groups` up
 //! to 32 (the VAEs: 128-512 channels in 32 groups); [`nhwc_takes`] says which.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 #[cfg(feature = "cuda")]
 use half::bf16;
 
@@ -166,12 +173,12 @@ impl Moments {
     }
 }
 
-/// The channels-last kernels in Rust over `f32` values: `x` `[B, HW, C]`, `w`, `b` `[C]`.
+/// The channels-last kernels in Rust over `f32` values: `x` `[B, HW, C]`, `w`, `b`
+/// and the input's bias `cb` `[C]`.
 fn reference_nhwc(
     op: &FusedGroupNormNhwc,
     x: &[f32],
-    w: &[f32],
-    bias: &[f32],
+    [w, bias, cb]: [&[f32]; 3],
     (n, hw, c): (usize, usize, usize),
 ) -> Vec<f32> {
     let groups = op.0.groups;
@@ -186,7 +193,9 @@ fn reference_nhwc(
             for (g, s) in stats.iter_mut().enumerate() {
                 let mut m = Moments::default();
                 for ch in g * cpg..(g + 1) * cpg {
-                    m.merge(Moments::of((r0..r1).map(|r| xs[r * c + ch])));
+                    let mut mc = Moments::of((r0..r1).map(|r| xs[r * c + ch]));
+                    mc.mean += cb[ch];
+                    m.merge(mc);
                 }
                 s.merge(m);
             }
@@ -195,7 +204,7 @@ fn reference_nhwc(
             let ch = k % c;
             let s = stats[ch / cpg];
             let rstd = 1.0 / (s.m2 / s.n + op.0.eps).sqrt();
-            let out = (v - s.mean) * rstd * w[ch] + bias[ch];
+            let out = (v + (cb[ch] - s.mean)) * rstd * w[ch] + bias[ch];
             y[img * hw * c + k] = if op.0.silu { silu(out) } else { out };
         }
     }
@@ -260,9 +269,9 @@ __device__ __forceinline__ void tb_moments_merge(float& n, float& mean, float& m
 
 // channels-last pass 1: block (image, chunk of rows), thread = channel (blockDim.x = C)
 template <typename T>
-__device__ void tb_gn_nhwc_stats(const T* x, float* part, float* stats, unsigned int* done,
-                                 long long hw, int groups, int chunks, long long rows,
-                                 float eps) {
+__device__ void tb_gn_nhwc_stats(const T* x, const float* cb, float* part, float* stats,
+                                 unsigned int* done, long long hw, int groups, int chunks,
+                                 long long rows, float eps) {
   int c = blockDim.x, ch = threadIdx.x;
   int img = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   int cpg = c / groups;
@@ -277,7 +286,7 @@ __device__ void tb_gn_nhwc_stats(const T* x, float* part, float* stats, unsigned
       s2 += d * d;
     }
     n = (float)(r1 - r0);
-    mean = k + s1 / n;
+    mean = k + s1 / n + cb[ch];  // the input's bias shifts the mean, not the spread
     m2 = fmaxf(s2 - s1 * s1 / n, 0.0f);
   }
   // the group's cpg adjacent lanes (a power of two <= 32: inside one warp)
@@ -320,7 +329,7 @@ __device__ void tb_gn_nhwc_stats(const T* x, float* part, float* stats, unsigned
 
 // channels-last pass 2: the same grid; each thread normalises its channel down its rows
 template <typename T>
-__device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b,
+__device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b, const float* cb,
                                  const float* stats, T* y, long long hw, int groups,
                                  int chunks, long long rows, int silu) {
   int c = blockDim.x, ch = threadIdx.x;
@@ -328,34 +337,35 @@ __device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b,
   int g = ch / (c / groups);
   float mean = stats[((long long)img * groups + g) * 2];
   float rstd = stats[((long long)img * groups + g) * 2 + 1];
-  float wc = w[ch], bc = b[ch];
+  float wc = w[ch], bc = b[ch], shift = cb[ch] - mean;
   long long r0 = (long long)chunk * rows, r1 = min(r0 + rows, hw);
   long long base = (long long)img * hw * c + ch;
   for (long long r = r0; r < r1; ++r) {
-    float v = (tb_load(x, base + r * c) - mean) * rstd * wc + bc;
+    float v = (tb_load(x, base + r * c) + shift) * rstd * wc + bc;
     if (silu) v = v / (1.0f + __expf(-v));
     tb_store(y, base + r * c, v);
   }
 }
 
-extern "C" __global__ void tb_gn_nhwc_stats_f32(const float* x, float* part, float* stats,
-    unsigned int* done, long long hw, int groups, int chunks, long long rows, float eps) {
-  tb_gn_nhwc_stats<float>(x, part, stats, done, hw, groups, chunks, rows, eps);
-}
-extern "C" __global__ void tb_gn_nhwc_stats_bf16(const unsigned short* x, float* part,
+extern "C" __global__ void tb_gn_nhwc_stats_f32(const float* x, const float* cb, float* part,
     float* stats, unsigned int* done, long long hw, int groups, int chunks, long long rows,
     float eps) {
-  tb_gn_nhwc_stats<unsigned short>(x, part, stats, done, hw, groups, chunks, rows, eps);
+  tb_gn_nhwc_stats<float>(x, cb, part, stats, done, hw, groups, chunks, rows, eps);
+}
+extern "C" __global__ void tb_gn_nhwc_stats_bf16(const unsigned short* x, const float* cb,
+    float* part, float* stats, unsigned int* done, long long hw, int groups, int chunks,
+    long long rows, float eps) {
+  tb_gn_nhwc_stats<unsigned short>(x, cb, part, stats, done, hw, groups, chunks, rows, eps);
 }
 extern "C" __global__ void tb_gn_nhwc_apply_f32(const float* x, const float* w,
-    const float* b, const float* stats, float* y, long long hw, int groups, int chunks,
-    long long rows, int silu) {
-  tb_gn_nhwc_apply<float>(x, w, b, stats, y, hw, groups, chunks, rows, silu);
+    const float* b, const float* cb, const float* stats, float* y, long long hw, int groups,
+    int chunks, long long rows, int silu) {
+  tb_gn_nhwc_apply<float>(x, w, b, cb, stats, y, hw, groups, chunks, rows, silu);
 }
 extern "C" __global__ void tb_gn_nhwc_apply_bf16(const unsigned short* x, const float* w,
-    const float* b, const float* stats, unsigned short* y, long long hw, int groups,
-    int chunks, long long rows, int silu) {
-  tb_gn_nhwc_apply<unsigned short>(x, w, b, stats, y, hw, groups, chunks, rows, silu);
+    const float* b, const float* cb, const float* stats, unsigned short* y, long long hw,
+    int groups, int chunks, long long rows, int silu) {
+  tb_gn_nhwc_apply<unsigned short>(x, w, b, cb, stats, y, hw, groups, chunks, rows, silu);
 }
 
 extern "C" __global__ void tb_group_norm_f32(const float* x, const float* w, const float* b,
@@ -374,42 +384,48 @@ pub fn kernel_source() -> String {
     super::kernel_source(KERNEL)
 }
 
-/// The input and the affine parameters of a group-norm op on the CPU, as f32 values,
-/// the parameters checked to have `c` values; errors are prefixed by `op`.
-fn cpu_inputs(
+/// One input of a group-norm op: its storage and layout, what it is (for errors) and,
+/// for parameters, how many values it must have.
+type Input<'a, S> = (&'a S, &'a Layout, &'a str, Option<usize>);
+
+/// The inputs of a group-norm op on the CPU as f32 values, each parameter checked to
+/// have its number of values; errors are prefixed by `op`.
+fn cpu_inputs<const N: usize>(
     op: &str,
-    c: usize,
-    [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
-) -> Result<[Vec<f32>; 3]> {
-    let x = super::cpu_f32s(s1, l1, &format!("{op}: the input"))?;
-    let w = super::cpu_f32s(s2, l2, &format!("{op}: the weight"))?;
-    let b = super::cpu_f32s(s3, l3, &format!("{op}: the bias"))?;
-    if w.len() != c || b.len() != c {
-        candle_core::bail!(
-            "{op}: weight and bias must have {c} values, got {} and {}",
-            w.len(),
-            b.len()
-        );
+    inputs: [Input<'_, CpuStorage>; N],
+) -> Result<[Vec<f32>; N]> {
+    let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+    for (v, (s, l, what, len)) in out.iter_mut().zip(inputs) {
+        *v = super::cpu_f32s(s, l, &format!("{op}: the {what}"))?;
+        if let Some(len) = len
+            && v.len() != len
+        {
+            candle_core::bail!("{op}: the {what} must have {len} values, not {}", v.len());
+        }
     }
-    Ok([x, w, b])
+    Ok(out)
 }
 
-/// The element spans of the input and the affine parameters of a group-norm op on
-/// CUDA (all contiguous), the parameters checked to have `c` values.
+/// The element spans of a group-norm op's inputs on CUDA (all contiguous), each
+/// parameter checked to have its number of values.
 #[cfg(feature = "cuda")]
-fn cuda_spans(op: &str, c: usize, layouts: [&Layout; 3]) -> Result<[(usize, usize); 3]> {
-    let mut spans = [(0, 0); 3];
-    for ((span, l), what) in spans
-        .iter_mut()
-        .zip(layouts)
-        .zip(["input", "weight", "bias"])
-    {
+fn cuda_spans<const N: usize>(
+    op: &str,
+    inputs: [(&Layout, &str, Option<usize>); N],
+) -> Result<[(usize, usize); N]> {
+    let mut spans = [(0, 0); N];
+    for (span, (l, what, len)) in spans.iter_mut().zip(inputs) {
         *span = l.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg(format!("{op}: the {what} is not contiguous"))
         })?;
-    }
-    if spans[1].1 - spans[1].0 != c || spans[2].1 - spans[2].0 != c {
-        candle_core::bail!("{op}: weight and bias must have {c} values");
+        if let Some(len) = len
+            && span.1 - span.0 != len
+        {
+            candle_core::bail!(
+                "{op}: the {what} must have {len} values, not {}",
+                span.1 - span.0
+            );
+        }
     }
     Ok(spans)
 }
@@ -429,7 +445,15 @@ impl CustomOp3 for FusedGroupNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
-        let [x, w, b] = cpu_inputs("fused group_norm", dims.1, [(s1, l1), (s2, l2), (s3, l3)])?;
+        let c = Some(dims.1);
+        let [x, w, b] = cpu_inputs(
+            "fused group_norm",
+            [
+                (s1, l1, "input", None),
+                (s2, l2, "weight", c),
+                (s3, l3, "bias", c),
+            ],
+        )?;
         let y = reference(self, &x, &w, &b, dims);
         Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
@@ -451,7 +475,14 @@ impl CustomOp3 for FusedGroupNorm {
         };
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         let (n, c, hw) = self.dims(l1)?;
-        let [(a, z), (wa, wz), (ba, bz)] = cuda_spans("fused group_norm", c, [l1, l2, l3])?;
+        let [(a, z), (wa, wz), (ba, bz)] = cuda_spans(
+            "fused group_norm",
+            [
+                (l1, "input", None),
+                (l2, "weight", Some(c)),
+                (l3, "bias", Some(c)),
+            ],
+        )?;
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
         let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
@@ -498,8 +529,10 @@ impl CustomOp3 for FusedGroupNorm {
     }
 }
 
-/// The channels-last op: the input is the NHWC tensor `[B, H, W, C]` (or any
-/// `[B, ..., C]`), contiguous; the output has its shape.
+/// The channels-last op over `(x, params)`: the input is the NHWC tensor
+/// `[B, H, W, C]` (or any `[B, ..., C]`), contiguous; `params` `[3, C]` in f32 are the
+/// weight, the bias and the input's own per-channel bias (zero for none). The output
+/// has the input's shape.
 pub(crate) struct FusedGroupNormNhwc(pub(crate) FusedGroupNorm);
 
 impl FusedGroupNormNhwc {
@@ -523,7 +556,10 @@ impl FusedGroupNormNhwc {
     }
 }
 
-impl CustomOp3 for FusedGroupNormNhwc {
+/// What the NHWC op's `params` hold, row by row.
+const NHWC_PARAMS: &str = "weight, bias and input bias";
+
+impl CustomOp2 for FusedGroupNormNhwc {
     fn name(&self) -> &'static str {
         "fused-group-norm-nhwc"
     }
@@ -534,13 +570,14 @@ impl CustomOp3 for FusedGroupNormNhwc {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
-        let op = "fused group_norm (NHWC)";
-        let [x, w, b] = cpu_inputs(op, dims.2, [(s1, l1), (s2, l2), (s3, l3)])?;
-        let y = reference_nhwc(self, &x, &w, &b, dims);
+        let c = dims.2;
+        let [x, p] = cpu_inputs(
+            "fused group_norm (NHWC)",
+            [(s1, l1, "input", None), (s2, l2, NHWC_PARAMS, Some(3 * c))],
+        )?;
+        let y = reference_nhwc(self, &x, [&p[..c], &p[c..2 * c], &p[2 * c..]], dims);
         Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
 
@@ -553,13 +590,14 @@ impl CustomOp3 for FusedGroupNormNhwc {
         l1: &Layout,
         s2: &candle_core::CudaStorage,
         l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         let (n, hw, c) = self.dims(l1)?;
-        let spans = cuda_spans("fused group_norm (NHWC)", c, [l1, l2, l3])?;
+        let spans = cuda_spans(
+            "fused group_norm (NHWC)",
+            [(l1, "input", None), (l2, NHWC_PARAMS, Some(3 * c))],
+        )?;
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let (chunks, rows) = nhwc_chunking(hw);
         let cfg = LaunchConfig {
@@ -569,16 +607,18 @@ impl CustomOp3 for FusedGroupNormNhwc {
         };
         fn typed<T: CudaDType + DeviceRepr>(
             op: &FusedGroupNormNhwc,
-            [s1, s2, s3]: [&candle_core::CudaStorage; 3],
-            [(a, z), (wa, wz), (ba, bz)]: [(usize, usize); 3],
-            (n, hw, chunks, rows): (usize, usize, usize, usize),
+            [s1, s2]: [&candle_core::CudaStorage; 2],
+            [(a, z), (pa, _)]: [(usize, usize); 2],
+            (n, hw, c, chunks, rows): (usize, usize, usize, usize, usize),
             (suffix, ptx, cfg): (&str, &str, LaunchConfig),
         ) -> Result<candle_core::CudaStorage> {
             let dev = s1.device().clone();
             let groups = op.0.groups;
             let x = s1.as_cuda_slice::<T>()?.slice(a..z);
-            let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
-            let b = s3.as_cuda_slice::<f32>()?.slice(ba..bz);
+            let p = s2.as_cuda_slice::<f32>()?;
+            let w = p.slice(pa..pa + c);
+            let b = p.slice(pa + c..pa + 2 * c);
+            let cb = p.slice(pa + 2 * c..pa + 3 * c);
             let stats_fn = dev.get_or_load_custom_func(
                 &format!("tb_gn_nhwc_stats_{suffix}"),
                 "tensorbake_group_norm",
@@ -601,22 +641,22 @@ impl CustomOp3 for FusedGroupNormNhwc {
             let (hwi, gi, ci, ri) = (hw as i64, groups as i32, chunks as i32, rows as i64);
             let si = i32::from(op.0.silu);
             let mut args = stats_fn.builder();
-            args.arg(&x).arg(&part).arg(&stats).arg(&done);
+            args.arg(&x).arg(&cb).arg(&part).arg(&stats).arg(&done);
             args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&op.0.eps);
             // SAFETY: n·chunks blocks of C threads, each reading its rows' C values of
-            // one image inside `x`, writing its groups' moments inside `part`; the last
-            // block of an image writes that image's `stats`
+            // one image inside `x` and C of `cb`, writing its groups' moments inside
+            // `part`; the last block of an image writes that image's `stats`
             unsafe { args.launch(cfg) }.w()?;
             let mut args = apply_fn.builder();
-            args.arg(&x).arg(&w).arg(&b).arg(&stats).arg(&y);
+            args.arg(&x).arg(&w).arg(&b).arg(&cb).arg(&stats).arg(&y);
             args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&si);
             // SAFETY: the same grid, reading what the first kernel wrote (same stream)
-            // and writing each block's rows of `y`
+            // and C values of each parameter, writing each block's rows of `y`
             unsafe { args.launch(cfg) }.w()?;
             Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
         }
-        let storages = [s1, s2, s3];
-        let grid = (n, hw, chunks, rows);
+        let storages = [s1, s2];
+        let grid = (n, hw, c, chunks, rows);
         let out = match s1.dtype() {
             DType::F32 => typed::<f32>(self, storages, spans, grid, ("f32", ptx, cfg))?,
             DType::BF16 => typed::<bf16>(self, storages, spans, grid, ("bf16", ptx, cfg))?,
@@ -626,15 +666,17 @@ impl CustomOp3 for FusedGroupNormNhwc {
     }
 }
 
-/// GroupNorm (+ SiLU) of a channels-last `x` `[B, C, H, W]` (f32 or bf16; see
-/// [`super::channels_last`]), channels-last out: the two channels-last kernels
-/// ([`FusedGroupNormNhwc`]). No backward.
+/// GroupNorm (+ SiLU) of `x + in_bias[c]` for a channels-last `x` `[B, C, H, W]` (f32
+/// or bf16; see [`super::channels_last`]; `in_bias` `[C]`, none for zero),
+/// channels-last out: the two channels-last kernels ([`FusedGroupNormNhwc`]). No
+/// backward.
 ///
 /// # Errors
 /// `x` not channels-last, channels the kernels do not take ([`nhwc_takes`]), another
-/// dtype, affine parameters of the wrong length.
+/// dtype, parameters of the wrong length.
 pub(crate) fn fused_group_norm_nhwc(
     x: &Tensor,
+    in_bias: Option<&Tensor>,
     groups: usize,
     weight: &Tensor,
     bias: &Tensor,
@@ -647,14 +689,28 @@ pub(crate) fn fused_group_norm_nhwc(
             x.dims()
         );
     };
-    let w = weight.to_dtype(DType::F32)?.contiguous()?;
-    let b = bias.to_dtype(DType::F32)?.contiguous()?;
+    let row = |p: &Tensor, what: &str| {
+        let p = p.to_dtype(DType::F32)?.flatten_all()?;
+        if p.elem_count() != t.dim(3)? {
+            candle_core::bail!(
+                "fused group_norm (NHWC): the {what} must have {} values, not {}",
+                t.dim(3)?,
+                p.elem_count()
+            );
+        }
+        Ok(p)
+    };
+    let cb = match in_bias {
+        Some(cb) => row(cb, "input bias")?,
+        None => Tensor::zeros(t.dim(3)?, DType::F32, x.device())?,
+    };
+    let params = Tensor::stack(&[row(weight, "weight")?, row(bias, "bias")?, cb], 0)?;
     let op = FusedGroupNormNhwc(FusedGroupNorm {
         groups,
         eps: eps as f32,
         silu,
     });
-    super::nchw_view(&t.apply_op3_no_bwd(&w, &b, &op)?)
+    super::nchw_view(&t.apply_op2_no_bwd(&params, &op)?)
 }
 
 /// GroupNorm (+ SiLU) of a contiguous `x` (f32 or bf16) in one pass per group:

@@ -469,6 +469,34 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    group_norm_of(x, None, groups, weight, bias, eps, silu)
+}
+
+/// [`group_norm`] of `x + in_bias` (`in_bias` `[C]` per channel): the bias of the
+/// convolution before the norm, which the channels-last kernels add as they read
+/// (no pass of its own, the sum never rounded to `x`'s dtype); elsewhere it is added
+/// first.
+pub fn group_norm_after_bias(
+    x: &Tensor,
+    in_bias: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    group_norm_of(x, Some(in_bias), groups, weight, bias, eps, silu)
+}
+
+fn group_norm_of(
+    x: &Tensor,
+    in_bias: Option<&Tensor>,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() <= 2 {
         candle_core::bail!("group_norm: input rank must be at least 3, got {dims:?}");
@@ -477,15 +505,28 @@ pub fn group_norm(
     if groups == 0 || !c.is_multiple_of(groups) {
         candle_core::bail!("group_norm: {c} channels are not divisible into {groups} groups");
     }
-    if matches!(x.dtype(), DType::F32 | DType::BF16) && !needs_grad(&[x, weight, bias]) {
-        // channels-last stays channels-last (on the CPU through the kernel's
-        // transcription, so the layout is the same on every device)
-        if nhwc_memory(x).is_some() && group_norm::nhwc_takes(c, groups) {
-            return group_norm::fused_group_norm_nhwc(x, groups, weight, bias, eps, silu);
+    let mut inputs = vec![x, weight, bias];
+    inputs.extend(in_bias);
+    let fusable = matches!(x.dtype(), DType::F32 | DType::BF16) && !needs_grad(&inputs);
+    // channels-last stays channels-last (on the CPU through the kernel's
+    // transcription, so the layout is the same on every device)
+    if fusable && nhwc_memory(x).is_some() && group_norm::nhwc_takes(c, groups) {
+        return group_norm::fused_group_norm_nhwc(x, in_bias, groups, weight, bias, eps, silu);
+    }
+    let x = &match in_bias {
+        Some(cb) => {
+            let n = cb.dims1()?;
+            if n != c {
+                candle_core::bail!("group_norm: an input bias of {n} values for {c} channels");
+            }
+            let mut cb_dims = vec![1; dims.len()];
+            cb_dims[1] = c;
+            x.broadcast_add(&cast_like(cb, x)?.reshape(cb_dims)?)?
         }
-        if !x.device().is_cpu() {
-            return group_norm::fused_group_norm(x, groups, weight, bias, eps, silu);
-        }
+        None => x.clone(),
+    };
+    if fusable && !x.device().is_cpu() {
+        return group_norm::fused_group_norm(x, groups, weight, bias, eps, silu);
     }
     let hidden = dims[2..].iter().product::<usize>() * c / groups;
     let x_dtype = x.dtype();

@@ -120,6 +120,14 @@ fn seam_gradients_match_finite_differences() -> Result<()> {
     let gw = seeded(&[4], 10, DType::F64, &dev)?;
     let gb = seeded(&[4], 11, DType::F64, &dev)?;
     check_grad(&img, |t| group_norm(t, 2, &gw, &gb, 1e-6, true))?;
+    // after a bias: the gradient reaches the input and a trainable bias both
+    let cb = seeded(&[4], 12, DType::F64, &dev)?;
+    check_grad(&img, |t| {
+        group_norm_after_bias(t, &cb, 2, &gw, &gb, 1e-6, true)
+    })?;
+    check_grad(&cb, |t| {
+        group_norm_after_bias(&img, t, 2, &gw, &gb, 1e-6, true)
+    })?;
     Ok(())
 }
 
@@ -491,7 +499,8 @@ fn assert_strictly_channels_last(t: &Tensor, what: &str) {
 /// The channels-last GroupNorm's transcription (shifted sums per channel and chunk,
 /// Chan's merge) against the composite: several chunks with a short last one, groups
 /// of 1 to 32 channels, activations far from zero (where `E[x²] - E[x]²` would
-/// cancel), f32 and bf16; and what it refuses, by name.
+/// cancel), f32 and bf16, with a convolution's bias folded in; and what it refuses, by
+/// name.
 #[test]
 fn channels_last_group_norm_matches_the_composite() -> Result<()> {
     use super::group_norm::fused_group_norm_nhwc;
@@ -510,7 +519,7 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
         let xl = to_channels_last(&x)?;
         for silu in [false, true] {
             let want = group_norm(&x, groups, &w, &b, 1e-6, silu)?;
-            let got = fused_group_norm_nhwc(&xl, groups, &w, &b, 1e-6, silu)?;
+            let got = fused_group_norm_nhwc(&xl, None, groups, &w, &b, 1e-6, silu)?;
             assert_eq!(got.dims(), want.dims());
             assert_strictly_channels_last(&got, "the NHWC group norm");
             let e = rel_err(&got, &want)?;
@@ -520,7 +529,7 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
             assert_strictly_channels_last(&seam, "the seam's group norm");
             assert_eq!(rel_err(&seam, &got)?, 0.0);
             let xb = to_channels_last(&x.to_dtype(DType::BF16)?)?;
-            let got = fused_group_norm_nhwc(&xb, groups, &w, &b, 1e-6, silu)?;
+            let got = fused_group_norm_nhwc(&xb, None, groups, &w, &b, 1e-6, silu)?;
             assert_eq!(got.dtype(), DType::BF16);
             let e = rel_err(
                 &got,
@@ -528,12 +537,47 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
             )?;
             assert!(e < 2e-2, "{shape:?} silu {silu} bf16: {e}");
         }
+        // a convolution's bias folded in: the norm of `x + cb`, the sum never formed
+        // (biases of both signs, larger than the spread of a channel)
+        let cb = seeded(&[c], 44, DType::F32, &dev)?.affine(20.0, 0.0)?;
+        let biased = x.broadcast_add(&cb.reshape((1, c, 1, 1))?)?;
+        let want = group_norm(&biased, groups, &w, &b, 1e-6, true)?;
+        let got = fused_group_norm_nhwc(&xl, Some(&cb), groups, &w, &b, 1e-6, true)?;
+        assert_strictly_channels_last(&got, "the NHWC group norm after a bias");
+        let e = rel_err(&got, &want)?;
+        assert!(e < 1e-5, "{shape:?} groups {groups} input bias: {e}");
+        // the seam takes it for a channels-last input, adds the bias first for NCHW
+        let seam = group_norm_after_bias(&xl, &cb, groups, &w, &b, 1e-6, true)?;
+        assert_eq!(rel_err(&seam, &got)?, 0.0, "the seam, channels-last");
+        let seam = group_norm_after_bias(&x, &cb, groups, &w, &b, 1e-6, true)?;
+        assert!(seam.is_contiguous());
+        assert_eq!(rel_err(&seam, &want)?, 0.0, "the seam, NCHW");
+        // bf16: the f32 norm of the same bf16 inputs, the sum not rounded, to the
+        // output's rounding
+        let (xb, cbb) = (x.to_dtype(DType::BF16)?, cb.to_dtype(DType::BF16)?);
+        let got = group_norm_after_bias(&to_channels_last(&xb)?, &cbb, groups, &w, &b, 1e-6, true)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        let want =
+            group_norm_after_bias(&f32_of(&xb)?, &f32_of(&cbb)?, groups, &w, &b, 1e-6, true)?;
+        let e = rel_err(&got, &want)?;
+        assert!(e < 8e-3, "{shape:?} input bias, bf16: {e}");
+    }
+    // an input bias of the wrong length is named, on either path
+    let x = seeded(&[1, 32, 2, 3], 1, DType::F32, &dev)?;
+    let w = seeded(&[32], 2, DType::F32, &dev)?;
+    let short = seeded(&[31], 3, DType::F32, &dev)?;
+    for x in [x.clone(), to_channels_last(&x)?] {
+        let e = group_norm_after_bias(&x, &short, 8, &w, &w, 1e-6, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("31") && e.contains("32"), "{e}");
     }
     // 48 channels: not a multiple of 32; groups of 3: not a power of two
     for (c, groups) in [(48, 4), (96, 32)] {
         let x = to_channels_last(&seeded(&[1, c, 2, 2], 1, DType::F32, &dev)?)?;
         let w = seeded(&[c], 2, DType::F32, &dev)?;
-        let e = fused_group_norm_nhwc(&x, groups, &w, &w, 1e-6, false)
+        let e = fused_group_norm_nhwc(&x, None, groups, &w, &w, 1e-6, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -546,7 +590,7 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
     }
     let nchw = seeded(&[1, 32, 2, 3], 1, DType::F32, &dev)?;
     let w = seeded(&[32], 2, DType::F32, &dev)?;
-    let e = fused_group_norm_nhwc(&nchw, 8, &w, &w, 1e-6, false)
+    let e = fused_group_norm_nhwc(&nchw, None, 8, &w, &w, 1e-6, false)
         .unwrap_err()
         .to_string();
     assert!(
@@ -649,22 +693,29 @@ fn channels_last_group_norm_kernels_match_the_cpu_on_cuda() -> Result<()> {
                 let x = seeded(&shape, 61, DType::F32, &cpu)?.affine(2.0, 10.0)?;
                 let w = seeded(&[c], 62, DType::F32, &cpu)?;
                 let b = seeded(&[c], 63, DType::F32, &cpu)?;
-                for silu in [false, true] {
-                    let want = group_norm(&x, groups, &w, &b, 1e-6, silu)?;
+                let cb = seeded(&[c], 64, DType::F32, &cpu)?.affine(5.0, 0.0)?;
+                for (silu, in_bias) in [(false, false), (true, false), (true, true)] {
+                    let want = if in_bias {
+                        group_norm_after_bias(&x, &cb, groups, &w, &b, 1e-6, silu)?
+                    } else {
+                        group_norm(&x, groups, &w, &b, 1e-6, silu)?
+                    };
                     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
                         let xd = to_channels_last(&x.to_dtype(dtype)?.to_device(dev)?)?;
-                        let got = group_norm(
-                            &xd,
-                            groups,
-                            &w.to_device(dev)?,
-                            &b.to_device(dev)?,
-                            1e-6,
-                            silu,
-                        )?;
+                        let (wd, bd) = (w.to_device(dev)?, b.to_device(dev)?);
+                        let got = if in_bias {
+                            let cbd = cb.to_dtype(dtype)?.to_device(dev)?;
+                            group_norm_after_bias(&xd, &cbd, groups, &wd, &bd, 1e-6, silu)?
+                        } else {
+                            group_norm(&xd, groups, &wd, &bd, 1e-6, silu)?
+                        };
                         assert_strictly_channels_last(&got, "the kernels' result");
                         assert_eq!(got.dtype(), dtype);
                         let e = rel_err(&got.to_device(&cpu)?, &want)?;
-                        assert!(e < tol, "{shape:?} {dtype:?} silu {silu}: {e}");
+                        assert!(
+                            e < tol,
+                            "{shape:?} {dtype:?} silu {silu} input bias {in_bias}: {e}"
+                        );
                     }
                 }
             }
