@@ -13,7 +13,7 @@
 #   cuDNN convolution, NCHW, measured 27 TFLOP/s bf16 on the H200 against 15 without)
 # On the GPU machine (the device tool), from a clean working tree:
 #   command: bash scripts/gpu-check.sh      carry: [".gpu"]      timeout_s: 540
-# The steps' limits add up to 470 s (under 8 minutes in the worst case).
+# The steps' limits add up to 480 s (8 minutes in the worst case).
 # A dry run of the whole flow on this machine's CPU, tiny models:
 #   GPU_CHECK_BIN=target/debug/tensorbake GPU_CHECK_DEVICE=cpu GPU_CHECK_DTYPE=f32 \
 #     GPU_CHECK_PRESET=tiny GPU_CHECK_RUN_ARGS='--shards 2 --images-per-shard 4 --short-side 200 --resolution 64' \
@@ -84,7 +84,7 @@ step() {
     --json "$OUT/$name.json" "$@"
 }
 
-# 0. the seam's kernels (GroupNorm, gated GELU, RMS norm, stochastic rounding) against
+# 0. the seam's kernels (GroupNorm, softmax, gated GELU, RMS norm, cuBLASLt linear, rounding) against
 #    the CPU: the model crate's unit tests from the CUDA build
 if [ -f .gpu/nn-tests.xz ] && [ "${DEVICE#cuda}" != "$DEVICE" ]; then
   t0=$SECONDS
@@ -109,10 +109,12 @@ step image 110 --preset "$PRESET" --check --encoder sd_vae --encoder siglip --en
 step text 100 --preset "$PRESET" --check --encoder t5@120 --encoder clip_text
 # 4. ours only: the Flux VAE, T5 at Flux-dev's 512 tokens
 step more 45 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no-torch
-# 5. the convolution choices side by side: the SD VAE with candle's own cuDNN
-#    convolution (NCHW, heuristic algorithm) against the image step's channels-last
-#    path (ops::cudnn_conv: NHWC, algorithm found once per shape)
-TENSORBAKE_CONV=candle step conv 30 --preset "$PRESET" --encoder sd_vae --no-torch
+# 5. the choices side by side: the SD VAE with candle's own cuDNN convolution (NCHW,
+#    heuristic algorithm) and SigLIP with candle's matmul and bias add, against the
+#    image step's paths (ops::cudnn_conv: NHWC, algorithm found once per shape;
+#    ops::bias_linear: the bias in cuBLASLt's epilogue)
+TENSORBAKE_CONV=candle TENSORBAKE_LINEAR=candle step candle 40 --preset "$PRESET" \
+  --encoder sd_vae --encoder siglip --no-torch
 
 # 6. the writers alone at the run's mix (sd_vae + siglip + t5: 2.79 MB an image), the
 #    batches on the GPU so that the copies back are in: MB/s, MB per CPU-second, the
@@ -135,7 +137,7 @@ limited run 90 "$BIN" bench run --device "$DEVICE" --dtype "$DTYPE" --models "$M
 {
   echo
   for s in "${STEPS[@]}"; do echo "$s"; done
-  for name in tiny image text more conv write run; do
+  for name in tiny image text more candle write run; do
     [ -s "$WORK/$name.txt" ] && { echo; cat "$WORK/$name.txt"; }
   done
 } | tee -a "$OUT/summary.txt"

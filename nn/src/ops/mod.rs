@@ -3,16 +3,16 @@
 //!
 //! | op | what | gradient path |
 //! |---|---|---|
-//! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]) |
+//! | [`linear`] | `x · wᵀ + b` | a constant `w` gives only the input gradient ([`frozen`]); on CUDA in bf16 without a gradient one cuBLASLt call, the bias in its epilogue ([`bias_linear`](mod@bias_linear)) |
 //! | [`conv2d`] | 2-D convolution + bias | candle's; on CUDA without a gradient cuDNN channels-last, the algorithm found once per shape ([`cudnn_conv`]) |
 //! | [`conv2d_add`] | 2-D convolution + bias + a residual | composite; on CUDA without a gradient the residual accumulated by cuDNN (`beta = 1`) |
 //! | [`add`], [`zero_pad2d`] | residual add, zero padding | candle's; a channels-last (first) operand keeps its layout |
 //! | [`layer_norm`] | LayerNorm, affine optional | composite (candle's fused op has no backward) |
 //! | [`rms_norm`] | T5's RMS norm (f32 variance) | composite; on CUDA without a gradient candle's fused kernel |
 //! | [`rms_norm_upcast`] | `torch.nn.RMSNorm` (all in f32, weight before the cast back) | composite |
-//! | [`group_norm()`] | GroupNorm, optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)) |
+//! | [`group_norm()`], [`group_norm_after_bias`] | GroupNorm (of `x + bias` per channel), optional SiLU after | composite; on CUDA without a gradient one kernel ([`group_norm`](mod@group_norm)), channels-last two that add the bias as they read |
 //! | [`softmax_last_dim`] | softmax over the last axis | composite (the fused op has no backward) |
-//! | [`attention`] | `softmax(q kᵀ · s + bias) v` | composite; on CUDA without a gradient or a bias the softmax (scale, f32, cast back) as one kernel ([`softmax`](mod@softmax)) |
+//! | [`attention`] | `softmax(q kᵀ · s + bias + mask) v` | composite; on CUDA without a gradient the softmax (scale, biases, f32, cast back) as one kernel ([`softmax`](mod@softmax)) |
 //! | [`gated_gelu_tanh`] | T5's `gelu_tanh(a) · g` on the stacked `[a, g]` | composite; on CUDA without a gradient one kernel |
 //! | [`modulate`] | adaLN: `x · (1 + scale) + shift` | candle's |
 //! | [`flops::count`] | FLOPs performed by `linear`, `conv2d` and `attention` (benchmarks) | - |
@@ -41,6 +41,7 @@
 //! its weights to the input's dtype (a no-op when they agree), so the cast is part of
 //! the graph and the gradient reaches the f32 variable.
 
+pub mod bias_linear;
 pub mod cudnn_conv;
 pub mod flops;
 pub mod frozen;
@@ -147,11 +148,21 @@ fn cast_like(t: &Tensor, like: &Tensor) -> Result<Tensor> {
 ///
 /// A constant (frozen) `w` on a gradient path goes through [`frozen::frozen_matmul`],
 /// which computes the input gradient only; a variable `w` through candle's matmul
-/// (both gradients). With no gradient needed this is exactly `candle_nn::Linear`.
+/// (both gradients). With no gradient needed this is `candle_nn::Linear`, except on
+/// CUDA in bf16 with a bias: one cuBLASLt call ([`bias_linear`](mod@bias_linear)).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let w = cast_like(w, x)?;
     let (n, k) = w.dims2()?;
     flops::add(flops::matmul(x.elem_count() / k.max(1), n, k));
+    if let Some(b) = b
+        && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && bias_linear::enabled()
+        && !needs_grad(&[x, &w, b])
+        && let Some(y) = bias_linear::try_linear(x, &w, b)?
+    {
+        return Ok(y);
+    }
     let y = if x.track_op() && !w.track_op() {
         let dims = x.dims();
         let k = *dims.last().unwrap_or(&0);
