@@ -112,8 +112,7 @@ pub(crate) fn try_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Te
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::cell::RefCell;
-    use std::collections::{HashMap, HashSet};
-    use std::sync::Mutex;
+    use std::collections::HashMap;
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::DeviceId;
@@ -126,7 +125,7 @@ mod cuda {
     const ALIGN: u64 = 256;
 
     /// Shapes cuBLASLt refused: they go to candle from then on.
-    static REFUSED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    static REFUSED: crate::ops::Refusals = crate::ops::Refusals::new();
 
     thread_local! {
         /// A cuBLASLt handle (and its workspace) per device, on candle's stream.
@@ -136,14 +135,7 @@ mod cuda {
     pub(super) fn try_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let (n, k) = w.dims2()?;
         let key = format!("{:?} {:?} {:?}", x.dtype(), x.dims(), w.dims());
-        let refused = |key: &str| {
-            REFUSED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|s| s.contains(key))
-        };
-        if refused(&key) {
+        if REFUSED.contains(&key) {
             return Ok(None);
         }
         let m = x.elem_count() / k.max(1);
@@ -158,14 +150,7 @@ mod cuda {
                 Ok(Some(y.reshape(dims)?))
             }
             Err(e) => {
-                tracing::warn!(
-                    "cuBLASLt linear refused {key} ({e}); candle's matmul takes this shape"
-                );
-                REFUSED
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(HashSet::new)
-                    .insert(key);
+                REFUSED.refuse(key, "cuBLASLt linear", &e, "candle's matmul");
                 Ok(None)
             }
         }

@@ -106,8 +106,7 @@ pub(crate) use cuda::{try_conv2d, try_conv2d_onto};
 #[cfg(feature = "cudnn")]
 mod cuda {
     use std::cell::RefCell;
-    use std::collections::{HashMap, HashSet};
-    use std::sync::Mutex;
+    use std::collections::HashMap;
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
@@ -124,7 +123,7 @@ mod cuda {
     const WORKSPACE_LIMIT: usize = 4 << 30;
 
     /// Shapes (with their device and dtype) cuDNN refused: they go to candle from then on.
-    static REFUSED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    static REFUSED: crate::ops::Refusals = crate::ops::Refusals::new();
 
     /// [`super::conv2d`]'s CUDA path for NCHW `x` `[N, C, H, W]` and `w` `[K, C, R, S]`:
     /// the convolution (no bias) as an NCHW view of an NHWC result, or `None` when cuDNN
@@ -168,14 +167,7 @@ mod cuda {
         conv: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Option<Tensor>> {
         let key = format!("{:?} {:?} {:?} {g:?}", x.dtype(), x.dims(), w.dims());
-        let refused = |k: &str| {
-            REFUSED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|s| s.contains(k))
-        };
-        if refused(&key) {
+        if REFUSED.contains(&key) {
             return Ok(None);
         }
         // free for a channels-last `x`
@@ -184,14 +176,7 @@ mod cuda {
         match conv(&x_nhwc, &w_krsc) {
             Ok(y) => Ok(Some(y.permute((0, 3, 1, 2))?)),
             Err(e) => {
-                tracing::warn!(
-                    "cuDNN NHWC convolution refused {key} ({e}); candle's convolution takes this shape"
-                );
-                REFUSED
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(HashSet::new)
-                    .insert(key);
+                REFUSED.refuse(key, "cuDNN NHWC convolution", &e, "candle's convolution");
                 Ok(None)
             }
         }

@@ -132,6 +132,42 @@ pub(crate) fn cpu_storage(y: Vec<f32>, dtype: DType) -> candle_core::CpuStorage 
     }
 }
 
+/// The shapes a library fast path (cuDNN, cuBLASLt) refused, by key: they go to
+/// candle's path from then on, the refusal logged once.
+#[cfg(feature = "cuda")]
+pub(crate) struct Refusals(std::sync::Mutex<Option<std::collections::HashSet<String>>>);
+
+#[cfg(feature = "cuda")]
+impl Refusals {
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, Option<std::collections::HashSet<String>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `key` was refused before.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.set().as_ref().is_some_and(|s| s.contains(key))
+    }
+
+    /// Remembers `key`, warning once that `what` refused it (`why`) and `fallback`
+    /// takes it.
+    pub(crate) fn refuse(
+        &self,
+        key: String,
+        what: &str,
+        why: &dyn std::fmt::Display,
+        fallback: &str,
+    ) {
+        tracing::warn!("{what} refused {key} ({why}); {fallback} takes this shape");
+        self.set().get_or_insert_with(Default::default).insert(key);
+    }
+}
+
 /// Whether any of `xs` is a variable or depends on one, i.e. whether an op on them
 /// must record its backward.
 #[must_use]
