@@ -240,18 +240,15 @@ impl GroupNorm {
     /// convolution before it ([`Conv2d::forward_unbiased`]), added as the norm reads
     /// `x` ([`ops::group_norm_after_bias`]); `None` adds nothing.
     pub fn forward_silu_after_bias(&self, x: &Tensor, in_bias: Option<&Tensor>) -> Result<Tensor> {
-        match in_bias {
-            Some(cb) => ops::group_norm_after_bias(
-                x,
-                cb,
-                self.groups,
-                &self.weight,
-                &self.bias,
-                self.eps,
-                true,
-            ),
-            None => self.forward_silu(x),
-        }
+        ops::group_norm_after_bias(
+            x,
+            in_bias,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            true,
+        )
     }
 }
 

@@ -12,8 +12,8 @@
 //! reference its GPU test holds the CUDA path to. [`super::linear`] takes the CUDA
 //! path for bf16 without a gradient unless `TENSORBAKE_LINEAR=candle` (to measure
 //! candle's matmul and add beside it). Operands that are not 256-byte aligned (what
-//! cuBLASLt's heuristic assumes by default) or a shape cuBLASLt refuses go to
-//! candle's matmul and broadcast add, logged once per shape.
+//! cuBLASLt's heuristic assumes by default) go to candle's matmul and broadcast add
+//! for that call; a shape cuBLASLt refuses goes there from then on, logged once.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -121,7 +121,9 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
     use half::bf16;
 
-    /// The alignment cuBLASLt's heuristic assumes of every operand by default (bytes).
+    /// The alignment cuBLASLt's heuristic assumes of every operand by default (bytes):
+    /// checked of each view's offset before the op (allocations are aligned), and of
+    /// the pointers inside it.
     const ALIGN: u64 = 256;
 
     /// Shapes cuBLASLt refused: they go to candle from then on.
@@ -141,6 +143,14 @@ mod cuda {
         let m = x.elem_count() / k.max(1);
         let x2 = x.reshape((m, k))?.contiguous()?;
         let (w, b) = (w.contiguous()?, b.to_dtype(x.dtype())?.contiguous()?);
+        // alignment is the call's, not the shape's: a view into its storage goes to
+        // candle this once, and the shape is not marked refused
+        let aligned = |t: &Tensor| {
+            ((t.layout().start_offset() * t.dtype().size_in_bytes()) as u64).is_multiple_of(ALIGN)
+        };
+        if ![&x2, &w, &b].into_iter().all(aligned) {
+            return Ok(None);
+        }
         match x2.apply_op3_no_bwd(&w, &b, &super::BiasLinear) {
             Ok(y) => {
                 let mut dims = x.dims().to_vec();
@@ -189,7 +199,6 @@ mod cuda {
                 candle_core::bail!("bias linear: {what} is not {ALIGN}-byte aligned");
             }
         }
-        let int = |v: usize| v as u64;
         // column-major, as cuBLASLt reads: w [n, k] row-major is k x n with ld k, taken
         // transposed; x [m, k] is k x m with ld k; y [m, n] is the n x m product with
         // ld n, the bias one value per row of it (per output feature)
@@ -197,9 +206,9 @@ mod cuda {
             transa: true,
             transb: false,
             transc: false,
-            m: int(n),
-            n: int(m),
-            k: int(k),
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
             alpha: 1.0,
             lda: k as i64,
             ldb: k as i64,

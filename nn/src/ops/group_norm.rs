@@ -41,7 +41,7 @@
 //! to 32 (the VAEs: 128-512 channels in 32 groups); [`nhwc_takes`] says which.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 #[cfg(feature = "cuda")]
 use half::bf16;
 
@@ -181,7 +181,7 @@ fn reference_nhwc(
     [w, bias, cb]: [&[f32]; 3],
     (n, hw, c): (usize, usize, usize),
 ) -> Vec<f32> {
-    let groups = op.0.groups;
+    let groups = op.norm.groups;
     let cpg = c / groups;
     let (chunks, rows) = nhwc_chunking(hw);
     let mut y = vec![0f32; x.len()];
@@ -203,9 +203,9 @@ fn reference_nhwc(
         for (k, &v) in xs.iter().enumerate() {
             let ch = k % c;
             let s = stats[ch / cpg];
-            let rstd = 1.0 / (s.m2 / s.n + op.0.eps).sqrt();
+            let rstd = 1.0 / (s.m2 / s.n + op.norm.eps).sqrt();
             let out = (v + (cb[ch] - s.mean)) * rstd * w[ch] + bias[ch];
-            y[img * hw * c + k] = if op.0.silu { silu(out) } else { out };
+            y[img * hw * c + k] = if op.norm.silu { silu(out) } else { out };
         }
     }
     y
@@ -269,9 +269,9 @@ __device__ __forceinline__ void tb_moments_merge(float& n, float& mean, float& m
 
 // channels-last pass 1: block (image, chunk of rows), thread = channel (blockDim.x = C)
 template <typename T>
-__device__ void tb_gn_nhwc_stats(const T* x, const float* cb, float* part, float* stats,
-                                 unsigned int* done, long long hw, int groups, int chunks,
-                                 long long rows, float eps) {
+__device__ void tb_gn_nhwc_stats(const T* x, const float* cb, int has_cb, float* part,
+                                 float* stats, unsigned int* done, long long hw, int groups,
+                                 int chunks, long long rows, float eps) {
   int c = blockDim.x, ch = threadIdx.x;
   int img = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   int cpg = c / groups;
@@ -286,7 +286,8 @@ __device__ void tb_gn_nhwc_stats(const T* x, const float* cb, float* part, float
       s2 += d * d;
     }
     n = (float)(r1 - r0);
-    mean = k + s1 / n + cb[ch];  // the input's bias shifts the mean, not the spread
+    mean = k + s1 / n;
+    if (has_cb) mean += cb[ch];  // the input's bias shifts the mean, not the spread
     m2 = fmaxf(s2 - s1 * s1 / n, 0.0f);
   }
   // the group's cpg adjacent lanes (a power of two <= 32: inside one warp)
@@ -330,14 +331,14 @@ __device__ void tb_gn_nhwc_stats(const T* x, const float* cb, float* part, float
 // channels-last pass 2: the same grid; each thread normalises its channel down its rows
 template <typename T>
 __device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b, const float* cb,
-                                 const float* stats, T* y, long long hw, int groups,
-                                 int chunks, long long rows, int silu) {
+                                 int has_cb, const float* stats, T* y, long long hw,
+                                 int groups, int chunks, long long rows, int silu) {
   int c = blockDim.x, ch = threadIdx.x;
   int img = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   int g = ch / (c / groups);
   float mean = stats[((long long)img * groups + g) * 2];
   float rstd = stats[((long long)img * groups + g) * 2 + 1];
-  float wc = w[ch], bc = b[ch], shift = cb[ch] - mean;
+  float wc = w[ch], bc = b[ch], shift = (has_cb ? cb[ch] : 0.0f) - mean;
   long long r0 = (long long)chunk * rows, r1 = min(r0 + rows, hw);
   long long base = (long long)img * hw * c + ch;
   for (long long r = r0; r < r1; ++r) {
@@ -347,25 +348,27 @@ __device__ void tb_gn_nhwc_apply(const T* x, const float* w, const float* b, con
   }
 }
 
-extern "C" __global__ void tb_gn_nhwc_stats_f32(const float* x, const float* cb, float* part,
-    float* stats, unsigned int* done, long long hw, int groups, int chunks, long long rows,
-    float eps) {
-  tb_gn_nhwc_stats<float>(x, cb, part, stats, done, hw, groups, chunks, rows, eps);
-}
-extern "C" __global__ void tb_gn_nhwc_stats_bf16(const unsigned short* x, const float* cb,
+extern "C" __global__ void tb_gn_nhwc_stats_f32(const float* x, const float* cb, int has_cb,
     float* part, float* stats, unsigned int* done, long long hw, int groups, int chunks,
     long long rows, float eps) {
-  tb_gn_nhwc_stats<unsigned short>(x, cb, part, stats, done, hw, groups, chunks, rows, eps);
+  tb_gn_nhwc_stats<float>(x, cb, has_cb, part, stats, done, hw, groups, chunks, rows, eps);
+}
+extern "C" __global__ void tb_gn_nhwc_stats_bf16(const unsigned short* x, const float* cb,
+    int has_cb, float* part, float* stats, unsigned int* done, long long hw, int groups,
+    int chunks, long long rows, float eps) {
+  tb_gn_nhwc_stats<unsigned short>(x, cb, has_cb, part, stats, done, hw, groups, chunks, rows,
+                                   eps);
 }
 extern "C" __global__ void tb_gn_nhwc_apply_f32(const float* x, const float* w,
-    const float* b, const float* cb, const float* stats, float* y, long long hw, int groups,
-    int chunks, long long rows, int silu) {
-  tb_gn_nhwc_apply<float>(x, w, b, cb, stats, y, hw, groups, chunks, rows, silu);
+    const float* b, const float* cb, int has_cb, const float* stats, float* y, long long hw,
+    int groups, int chunks, long long rows, int silu) {
+  tb_gn_nhwc_apply<float>(x, w, b, cb, has_cb, stats, y, hw, groups, chunks, rows, silu);
 }
 extern "C" __global__ void tb_gn_nhwc_apply_bf16(const unsigned short* x, const float* w,
-    const float* b, const float* cb, const float* stats, unsigned short* y, long long hw,
-    int groups, int chunks, long long rows, int silu) {
-  tb_gn_nhwc_apply<unsigned short>(x, w, b, cb, stats, y, hw, groups, chunks, rows, silu);
+    const float* b, const float* cb, int has_cb, const float* stats, unsigned short* y,
+    long long hw, int groups, int chunks, long long rows, int silu) {
+  tb_gn_nhwc_apply<unsigned short>(x, w, b, cb, has_cb, stats, y, hw, groups, chunks, rows,
+                                   silu);
 }
 
 extern "C" __global__ void tb_group_norm_f32(const float* x, const float* w, const float* b,
@@ -529,11 +532,14 @@ impl CustomOp3 for FusedGroupNorm {
     }
 }
 
-/// The channels-last op over `(x, params)`: the input is the NHWC tensor
-/// `[B, H, W, C]` (or any `[B, ..., C]`), contiguous; `params` `[3, C]` in f32 are the
-/// weight, the bias and the input's own per-channel bias (zero for none). The output
-/// has the input's shape.
-pub(crate) struct FusedGroupNormNhwc(pub(crate) FusedGroupNorm);
+/// The channels-last op over `(x, w, b)`: the input is the NHWC tensor `[B, H, W, C]`
+/// (or any `[B, ..., C]`), contiguous; `w` `[C]` and `b` in f32, `b` the bias `[C]`
+/// or, with `in_bias`, the bias and then the input's own per-channel bias `[2, C]`.
+/// The output has the input's shape.
+pub(crate) struct FusedGroupNormNhwc {
+    pub(crate) norm: FusedGroupNorm,
+    pub(crate) in_bias: bool,
+}
 
 impl FusedGroupNormNhwc {
     /// `(images, pixels, channels)` of a contiguous `[B, ..., C]` input the kernels take.
@@ -545,21 +551,27 @@ impl FusedGroupNormNhwc {
             );
         }
         let c = dims[dims.len() - 1];
-        if !nhwc_takes(c, self.0.groups) {
+        if !nhwc_takes(c, self.norm.groups) {
             candle_core::bail!(
                 "fused group_norm (NHWC): {c} channels in {} groups (a multiple of 32 up to 1024, \
                  in groups of a power of two up to 32)",
-                self.0.groups
+                self.norm.groups
             );
         }
         Ok((dims[0], dims[1..dims.len() - 1].iter().product(), c))
     }
+
+    /// What `b` holds and how many values, for `c` channels.
+    fn b_rows(&self, c: usize) -> (&'static str, usize) {
+        if self.in_bias {
+            ("bias and input bias", 2 * c)
+        } else {
+            ("bias", c)
+        }
+    }
 }
 
-/// What the NHWC op's `params` hold, row by row.
-const NHWC_PARAMS: &str = "weight, bias and input bias";
-
-impl CustomOp2 for FusedGroupNormNhwc {
+impl CustomOp3 for FusedGroupNormNhwc {
     fn name(&self) -> &'static str {
         "fused-group-norm-nhwc"
     }
@@ -570,14 +582,23 @@ impl CustomOp2 for FusedGroupNormNhwc {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1)?;
         let c = dims.2;
-        let [x, p] = cpu_inputs(
+        let (what, nb) = self.b_rows(c);
+        let [x, w, b] = cpu_inputs(
             "fused group_norm (NHWC)",
-            [(s1, l1, "input", None), (s2, l2, NHWC_PARAMS, Some(3 * c))],
+            [
+                (s1, l1, "input", None),
+                (s2, l2, "weight", Some(c)),
+                (s3, l3, what, Some(nb)),
+            ],
         )?;
-        let y = reference_nhwc(self, &x, [&p[..c], &p[c..2 * c], &p[2 * c..]], dims);
+        let zeros = vec![0f32; c];
+        let cb = if self.in_bias { &b[c..] } else { &zeros[..] };
+        let y = reference_nhwc(self, &x, [&w, &b[..c], cb], dims);
         Ok((super::cpu_storage(y, s1.dtype()), l1.shape().clone()))
     }
 
@@ -590,13 +611,20 @@ impl CustomOp2 for FusedGroupNormNhwc {
         l1: &Layout,
         s2: &candle_core::CudaStorage,
         l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         let (n, hw, c) = self.dims(l1)?;
+        let (what, nb) = self.b_rows(c);
         let spans = cuda_spans(
             "fused group_norm (NHWC)",
-            [(l1, "input", None), (l2, NHWC_PARAMS, Some(3 * c))],
+            [
+                (l1, "input", None),
+                (l2, "weight", Some(c)),
+                (l3, what, Some(nb)),
+            ],
         )?;
         let ptx = super::nvrtc_ptx(&PTX, KERNEL, "tensorbake_group_norm")?;
         let (chunks, rows) = nhwc_chunking(hw);
@@ -607,18 +635,21 @@ impl CustomOp2 for FusedGroupNormNhwc {
         };
         fn typed<T: CudaDType + DeviceRepr>(
             op: &FusedGroupNormNhwc,
-            [s1, s2]: [&candle_core::CudaStorage; 2],
-            [(a, z), (pa, _)]: [(usize, usize); 2],
+            [s1, s2, s3]: [&candle_core::CudaStorage; 3],
+            [(a, z), (wa, wz), (ba, _)]: [(usize, usize); 3],
             (n, hw, c, chunks, rows): (usize, usize, usize, usize, usize),
             (suffix, ptx, cfg): (&str, &str, LaunchConfig),
         ) -> Result<candle_core::CudaStorage> {
             let dev = s1.device().clone();
-            let groups = op.0.groups;
+            let groups = op.norm.groups;
             let x = s1.as_cuda_slice::<T>()?.slice(a..z);
-            let p = s2.as_cuda_slice::<f32>()?;
-            let w = p.slice(pa..pa + c);
-            let b = p.slice(pa + c..pa + 2 * c);
-            let cb = p.slice(pa + 2 * c..pa + 3 * c);
+            let w = s2.as_cuda_slice::<f32>()?.slice(wa..wz);
+            let b = s3.as_cuda_slice::<f32>()?.slice(ba..ba + c);
+            // without an input bias the kernels get a flag of 0 and, never read, the bias
+            let cb = s3
+                .as_cuda_slice::<f32>()?
+                .slice(if op.in_bias { ba + c } else { ba }..);
+            let has_cb = i32::from(op.in_bias);
             let stats_fn = dev.get_or_load_custom_func(
                 &format!("tb_gn_nhwc_stats_{suffix}"),
                 "tensorbake_group_norm",
@@ -639,23 +670,34 @@ impl CustomOp2 for FusedGroupNormNhwc {
             // chunk's rows of every channel) before anything reads it
             let y = unsafe { dev.alloc::<T>(z - a)? };
             let (hwi, gi, ci, ri) = (hw as i64, groups as i32, chunks as i32, rows as i64);
-            let si = i32::from(op.0.silu);
+            let si = i32::from(op.norm.silu);
             let mut args = stats_fn.builder();
-            args.arg(&x).arg(&cb).arg(&part).arg(&stats).arg(&done);
-            args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&op.0.eps);
+            args.arg(&x)
+                .arg(&cb)
+                .arg(&has_cb)
+                .arg(&part)
+                .arg(&stats)
+                .arg(&done);
+            args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&op.norm.eps);
             // SAFETY: n·chunks blocks of C threads, each reading its rows' C values of
-            // one image inside `x` and C of `cb`, writing its groups' moments inside
-            // `part`; the last block of an image writes that image's `stats`
+            // one image inside `x` and (with the flag) C of `cb`, writing its groups'
+            // moments inside `part`; the last block of an image writes its `stats`
             unsafe { args.launch(cfg) }.w()?;
             let mut args = apply_fn.builder();
-            args.arg(&x).arg(&w).arg(&b).arg(&cb).arg(&stats).arg(&y);
+            args.arg(&x)
+                .arg(&w)
+                .arg(&b)
+                .arg(&cb)
+                .arg(&has_cb)
+                .arg(&stats)
+                .arg(&y);
             args.arg(&hwi).arg(&gi).arg(&ci).arg(&ri).arg(&si);
             // SAFETY: the same grid, reading what the first kernel wrote (same stream)
             // and C values of each parameter, writing each block's rows of `y`
             unsafe { args.launch(cfg) }.w()?;
             Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
         }
-        let storages = [s1, s2];
+        let storages = [s1, s2, s3];
         let grid = (n, hw, c, chunks, rows);
         let out = match s1.dtype() {
             DType::F32 => typed::<f32>(self, storages, spans, grid, ("f32", ptx, cfg))?,
@@ -689,28 +731,31 @@ pub(crate) fn fused_group_norm_nhwc(
             x.dims()
         );
     };
-    let row = |p: &Tensor, what: &str| {
-        let p = p.to_dtype(DType::F32)?.flatten_all()?;
-        if p.elem_count() != t.dim(3)? {
-            candle_core::bail!(
-                "fused group_norm (NHWC): the {what} must have {} values, not {}",
-                t.dim(3)?,
-                p.elem_count()
-            );
+    let f32s = |p: &Tensor| p.to_dtype(DType::F32)?.contiguous();
+    let w = f32s(weight)?;
+    // the input bias rides as a second row of the bias: one small copy, only when given
+    let b = match in_bias {
+        Some(cb) => {
+            let c = t.dim(3)?;
+            if cb.elem_count() != c {
+                candle_core::bail!(
+                    "fused group_norm (NHWC): the input bias must have {c} values, not {}",
+                    cb.elem_count()
+                );
+            }
+            Tensor::cat(&[f32s(bias)?.flatten_all()?, f32s(cb)?.flatten_all()?], 0)?
         }
-        Ok(p)
+        None => f32s(bias)?,
     };
-    let cb = match in_bias {
-        Some(cb) => row(cb, "input bias")?,
-        None => Tensor::zeros(t.dim(3)?, DType::F32, x.device())?,
+    let op = FusedGroupNormNhwc {
+        norm: FusedGroupNorm {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+        in_bias: in_bias.is_some(),
     };
-    let params = Tensor::stack(&[row(weight, "weight")?, row(bias, "bias")?, cb], 0)?;
-    let op = FusedGroupNormNhwc(FusedGroupNorm {
-        groups,
-        eps: eps as f32,
-        silu,
-    });
-    super::nchw_view(&t.apply_op2_no_bwd(&params, &op)?)
+    super::nchw_view(&t.apply_op3_no_bwd(&w, &b, &op)?)
 }
 
 /// GroupNorm (+ SiLU) of a contiguous `x` (f32 or bf16) in one pass per group:

@@ -516,26 +516,14 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    group_norm_of(x, None, groups, weight, bias, eps, silu)
+    group_norm_after_bias(x, None, groups, weight, bias, eps, silu)
 }
 
-/// [`group_norm`] of `x + in_bias` (`in_bias` `[C]` per channel): the bias of the
-/// convolution before the norm, which the channels-last kernels add as they read
-/// (no pass of its own, the sum never rounded to `x`'s dtype); elsewhere it is added
-/// first.
+/// [`group_norm`] of `x + in_bias` (`in_bias` `[C]` per channel, `None` for none):
+/// the bias of the convolution before the norm, which the channels-last kernels add
+/// as they read (no pass of its own, the sum never rounded to `x`'s dtype); elsewhere
+/// it is added first.
 pub fn group_norm_after_bias(
-    x: &Tensor,
-    in_bias: &Tensor,
-    groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
-    group_norm_of(x, Some(in_bias), groups, weight, bias, eps, silu)
-}
-
-fn group_norm_of(
     x: &Tensor,
     in_bias: Option<&Tensor>,
     groups: usize,

@@ -104,10 +104,14 @@ fn bias_row_start(r: usize, heads: usize, tq: usize, l: &Layout) -> usize {
     l.start_offset() + b * st[0] + h * st[1] + q * st[2]
 }
 
-/// `(heads, tq)` of 4-d logits whose biases have the same shape.
-fn check_biases(lx: &Layout, lbs: &[&Layout]) -> Result<(usize, usize)> {
+/// `(heads, tq, bias dtype)` of 4-d logits and their biases: each of the logits' shape,
+/// all of one dtype (the kernels read both biases as one type).
+fn check_biases<S: BackendStorage>(
+    lx: &Layout,
+    biases: &[(&S, &Layout)],
+) -> Result<(usize, usize, DType)> {
     let dims = lx.shape().dims();
-    for lb in lbs {
+    for (_, lb) in biases {
         if dims.len() != 4 || lb.shape().dims() != dims {
             candle_core::bail!(
                 "scaled bias softmax: logits {:?} and bias {:?} (both [B, H, Tq, Tk])",
@@ -116,16 +120,14 @@ fn check_biases(lx: &Layout, lbs: &[&Layout]) -> Result<(usize, usize)> {
             );
         }
     }
-    Ok((dims[1], dims[2]))
-}
-
-/// The biases' one dtype (the kernels read both biases as one type).
-fn bias_dtype(dtypes: &[DType]) -> Result<DType> {
-    let first = dtypes[0];
-    if let Some(other) = dtypes.iter().find(|d| **d != first) {
-        candle_core::bail!("scaled bias softmax: a {first:?} and a {other:?} bias (one dtype)");
+    let first = biases[0].0.dtype();
+    if let Some((other, _)) = biases.iter().find(|(s, _)| s.dtype() != first) {
+        candle_core::bail!(
+            "scaled bias softmax: a {first:?} and a {:?} bias (one dtype)",
+            other.dtype()
+        );
     }
-    Ok(first)
+    Ok((dims[1], dims[2], first))
 }
 
 impl ScaledBiasSoftmax {
@@ -136,10 +138,7 @@ impl ScaledBiasSoftmax {
         lx: &Layout,
         biases: &[(&CpuStorage, &Layout)],
     ) -> Result<(CpuStorage, Shape)> {
-        let layouts: Vec<&Layout> = biases.iter().map(|b| b.1).collect();
-        let (heads, tq) = check_biases(lx, &layouts)?;
-        let dtypes: Vec<DType> = biases.iter().map(|b| b.0.dtype()).collect();
-        bias_dtype(&dtypes)?;
+        let (heads, tq, _) = check_biases(lx, biases)?;
         let (_, cols) = rows_cols(lx)?;
         let x = super::cpu_f32s(sx, lx, "scaled bias softmax: the logits")?;
         let values = biases
@@ -159,9 +158,9 @@ impl ScaledBiasSoftmax {
             .zip(y.chunks_exact_mut(cols))
             .enumerate()
         {
-            let starts: Vec<(usize, usize)> = layouts
+            let starts: Vec<(usize, usize)> = biases
                 .iter()
-                .map(|l| (bias_row_start(r, heads, tq, l), l.stride()[3]))
+                .map(|(_, l)| (bias_row_start(r, heads, tq, l), l.stride()[3]))
                 .collect();
             let bias = |j: usize| -> f32 {
                 values
@@ -187,8 +186,7 @@ impl ScaledBiasSoftmax {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
-        let layouts: Vec<&Layout> = biases.iter().map(|b| b.1).collect();
-        let (heads, tq) = check_biases(lx, &layouts)?;
+        let (heads, tq, bias_dtype) = check_biases(lx, biases)?;
         let (rows, cols) = rows_cols(lx)?;
         let Some(span) = lx.contiguous_offsets() else {
             candle_core::bail!("scaled bias softmax: the logits are not contiguous")
@@ -252,8 +250,6 @@ impl ScaledBiasSoftmax {
             unsafe { args.launch(a.cfg) }.w()?;
             Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev))
         }
-        let dtypes: Vec<DType> = biases.iter().map(|b| b.0.dtype()).collect();
-        let bias_dtype = bias_dtype(&dtypes)?;
         let n = if biases.len() == 1 {
             String::new()
         } else {

@@ -123,10 +123,10 @@ fn seam_gradients_match_finite_differences() -> Result<()> {
     // after a bias: the gradient reaches the input and a trainable bias both
     let cb = seeded(&[4], 12, DType::F64, &dev)?;
     check_grad(&img, |t| {
-        group_norm_after_bias(t, &cb, 2, &gw, &gb, 1e-6, true)
+        group_norm_after_bias(t, Some(&cb), 2, &gw, &gb, 1e-6, true)
     })?;
     check_grad(&cb, |t| {
-        group_norm_after_bias(&img, t, 2, &gw, &gb, 1e-6, true)
+        group_norm_after_bias(&img, Some(t), 2, &gw, &gb, 1e-6, true)
     })?;
     Ok(())
 }
@@ -547,19 +547,34 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
         let e = rel_err(&got, &want)?;
         assert!(e < 1e-5, "{shape:?} groups {groups} input bias: {e}");
         // the seam takes it for a channels-last input, adds the bias first for NCHW
-        let seam = group_norm_after_bias(&xl, &cb, groups, &w, &b, 1e-6, true)?;
+        let seam = group_norm_after_bias(&xl, Some(&cb), groups, &w, &b, 1e-6, true)?;
         assert_eq!(rel_err(&seam, &got)?, 0.0, "the seam, channels-last");
-        let seam = group_norm_after_bias(&x, &cb, groups, &w, &b, 1e-6, true)?;
+        let seam = group_norm_after_bias(&x, Some(&cb), groups, &w, &b, 1e-6, true)?;
         assert!(seam.is_contiguous());
         assert_eq!(rel_err(&seam, &want)?, 0.0, "the seam, NCHW");
         // bf16: the f32 norm of the same bf16 inputs, the sum not rounded, to the
         // output's rounding
         let (xb, cbb) = (x.to_dtype(DType::BF16)?, cb.to_dtype(DType::BF16)?);
-        let got = group_norm_after_bias(&to_channels_last(&xb)?, &cbb, groups, &w, &b, 1e-6, true)?;
+        let got = group_norm_after_bias(
+            &to_channels_last(&xb)?,
+            Some(&cbb),
+            groups,
+            &w,
+            &b,
+            1e-6,
+            true,
+        )?;
         assert_eq!(got.dtype(), DType::BF16);
         let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-        let want =
-            group_norm_after_bias(&f32_of(&xb)?, &f32_of(&cbb)?, groups, &w, &b, 1e-6, true)?;
+        let want = group_norm_after_bias(
+            &f32_of(&xb)?,
+            Some(&f32_of(&cbb)?),
+            groups,
+            &w,
+            &b,
+            1e-6,
+            true,
+        )?;
         let e = rel_err(&got, &want)?;
         assert!(e < 8e-3, "{shape:?} input bias, bf16: {e}");
     }
@@ -568,7 +583,7 @@ fn channels_last_group_norm_matches_the_composite() -> Result<()> {
     let w = seeded(&[32], 2, DType::F32, &dev)?;
     let short = seeded(&[31], 3, DType::F32, &dev)?;
     for x in [x.clone(), to_channels_last(&x)?] {
-        let e = group_norm_after_bias(&x, &short, 8, &w, &w, 1e-6, true)
+        let e = group_norm_after_bias(&x, Some(&short), 8, &w, &w, 1e-6, true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("31") && e.contains("32"), "{e}");
@@ -696,7 +711,7 @@ fn channels_last_group_norm_kernels_match_the_cpu_on_cuda() -> Result<()> {
                 let cb = seeded(&[c], 64, DType::F32, &cpu)?.affine(5.0, 0.0)?;
                 for (silu, in_bias) in [(false, false), (true, false), (true, true)] {
                     let want = if in_bias {
-                        group_norm_after_bias(&x, &cb, groups, &w, &b, 1e-6, silu)?
+                        group_norm_after_bias(&x, Some(&cb), groups, &w, &b, 1e-6, silu)?
                     } else {
                         group_norm(&x, groups, &w, &b, 1e-6, silu)?
                     };
@@ -705,7 +720,7 @@ fn channels_last_group_norm_kernels_match_the_cpu_on_cuda() -> Result<()> {
                         let (wd, bd) = (w.to_device(dev)?, b.to_device(dev)?);
                         let got = if in_bias {
                             let cbd = cb.to_dtype(dtype)?.to_device(dev)?;
-                            group_norm_after_bias(&xd, &cbd, groups, &wd, &bd, 1e-6, silu)?
+                            group_norm_after_bias(&xd, Some(&cbd), groups, &wd, &bd, 1e-6, silu)?
                         } else {
                             group_norm(&xd, groups, &wd, &bd, 1e-6, silu)?
                         };
