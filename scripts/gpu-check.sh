@@ -112,8 +112,9 @@ step more 45 --preset "$PRESET" --check --encoder flux_vae --encoder t5@512 --no
 # 5. the choices side by side: the SD VAE with candle's own cuDNN convolution (NCHW,
 #    heuristic algorithm) and SigLIP with candle's matmul and bias add, against the
 #    image step's paths (ops::cudnn_conv: NHWC, algorithm found once per shape;
-#    ops::bias_linear: the bias in cuBLASLt's epilogue)
-TENSORBAKE_CONV=candle TENSORBAKE_LINEAR=candle step candle 40 --preset "$PRESET" \
+#    ops::bias_linear: the bias in cuBLASLt's epilogue; ops::flash: attention as one
+#    kernel, here unfused: its softmax one kernel between two matmuls)
+TENSORBAKE_CONV=candle TENSORBAKE_LINEAR=candle TENSORBAKE_ATTENTION=unfused step candle 40 --preset "$PRESET" \
   --encoder sd_vae --encoder siglip --no-torch
 
 # 6. the writers alone at the run's mix (sd_vae + siglip + t5: 2.79 MB an image), the

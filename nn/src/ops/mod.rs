@@ -43,6 +43,7 @@
 
 pub mod bias_linear;
 pub mod cudnn_conv;
+pub mod flash;
 pub mod flops;
 pub mod frozen;
 mod gated;
@@ -59,7 +60,6 @@ use candle_core::{D, DType, Result, Tensor};
 /// (as its bits, an unsigned short) into f32, `tb_store` rounds f32 to nearest even
 /// into either (NaN kept a quiet NaN), as candle's casts do. Prepended to each
 /// kernel's source ([`kernel_source`]).
-#[cfg(feature = "cuda")]
 const BF16_IO: &str = r#"
 __device__ __forceinline__ float tb_load(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float tb_load(const unsigned short* p, long long i) {
@@ -74,8 +74,8 @@ __device__ __forceinline__ void tb_store(unsigned short* p, long long i, float v
 }
 "#;
 
-/// The whole CUDA source of a seam kernel: the shared element access, then `kernel`.
-#[cfg(feature = "cuda")]
+/// The whole CUDA source of a seam kernel: the shared element access, then `kernel`
+/// (also what the CPU run of a kernel's source compiles, `flash_emu.cpp`).
 #[must_use]
 pub fn kernel_source(kernel: &str) -> String {
     [BF16_IO, kernel].concat()
@@ -624,6 +624,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOpts<'_>) -
             q.dim(D::Minus1)?,
         ),
     );
+    // on CUDA in bf16 without a gradient: one kernel, the logits never in memory
+    if let Some(o) = flash::try_attention(q, k, v, opts)? {
+        return Ok(o);
+    }
     let mut logits = q.matmul(&k.t()?)?;
     let biases: Vec<&Tensor> = [opts.bias, opts.mask].into_iter().flatten().collect();
     // on CUDA without a gradient: scale, softmax (in f32) and the cast back as one
