@@ -163,7 +163,19 @@ impl Conv2d {
     /// `forward(x) + residual` (a skip connection), in one pass on the GPU
     /// ([`ops::conv2d_add`]).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        ops::conv2d_add(x, &self.weight, self.bias.as_ref(), residual, &self.cfg)
+        self.forward_add_with_bias(x, self.bias.as_ref(), residual)
+    }
+
+    /// [`Self::forward_add`] with `bias` `[out]` in place of the layer's own: a bias
+    /// the caller folded (its own plus those that reach the output through
+    /// `residual`); `None` adds none.
+    pub fn forward_add_with_bias(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        ops::conv2d_add(x, &self.weight, bias, residual, &self.cfg)
     }
 }
 

@@ -23,7 +23,7 @@
 //! the latent scaling first: `z / scaling_factor + shift_factor`) and returns the image
 //! unclamped, roughly in [-1, 1], as diffusers' `decode(z).sample`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::layers::{Conv2d, GroupNorm, Linear};
@@ -445,17 +445,68 @@ impl ResnetBlock {
     }
 }
 
+impl ResnetBlock {
+    /// The block of `x + pending` (per channel), where `pending` is the bias of the
+    /// convolution before it, not yet added (`None`: the block of `x`). The biased input
+    /// is never written: norm1 adds `pending` as it reads `x`, and on the skip path it
+    /// becomes part of conv2's bias (through the 1x1 shortcut as `W · pending`: the
+    /// shortcut is linear and unpadded), as do the shortcut's own bias and conv2's, so
+    /// the accumulator conv2 writes onto is made in the one pass it takes anyway.
+    fn forward_after_bias(&self, x: &Tensor, pending: Option<&Tensor>) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward_unbiased(&self.norm1.forward_silu_after_bias(x, pending)?)?;
+        // conv1's bias is added by norm2 as it reads `h`
+        let h = self.norm2.forward_silu_after_bias(&h, self.conv1.bias())?;
+        let mut biases: Vec<Tensor> = self.conv2.bias().into_iter().cloned().collect();
+        let skip = match &self.shortcut {
+            Some(s) => {
+                biases.extend(s.bias().cloned());
+                if let Some(p) = pending {
+                    biases.push(shortcut_of_bias(s, p)?);
+                }
+                s.forward_unbiased(x)?
+            }
+            None => {
+                biases.extend(pending.cloned());
+                x.clone()
+            }
+        };
+        let bias = sum_biases(&biases, h.dtype())?;
+        self.conv2.forward_add_with_bias(&h, bias.as_ref(), &skip)
+    }
+}
+
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // conv1's bias is added by norm2 as it reads `h` (on channels-last CUDA a pass
-        // over `h` less)
-        let h = self.conv1.forward_unbiased(&self.norm1.forward_silu(x)?)?;
-        let h = self.norm2.forward_silu_after_bias(&h, self.conv1.bias())?;
-        let skip = match &self.shortcut {
-            Some(s) => x.apply(s)?,
-            None => x.clone(),
-        };
-        self.conv2.forward_add(&h, &skip)
+        self.forward_after_bias(x, None)
+    }
+}
+
+/// What a 1x1 convolution `s` (no padding, stride 1) adds to each output channel of an
+/// input offset by `bias` per channel: `W · bias`, `[out]`, in f32.
+fn shortcut_of_bias(s: &Conv2d, bias: &Tensor) -> Result<Tensor> {
+    let (cout, cin, _, _) = s.weight().dims4()?;
+    s.weight()
+        .to_dtype(DType::F32)?
+        .reshape((cout, cin))?
+        .matmul(&bias.to_dtype(DType::F32)?.reshape((cin, 1))?)?
+        .reshape(cout)
+}
+
+/// The sum of per-channel biases (summed in f32, rounded once to `dtype`); `None`
+/// when there are none.
+fn sum_biases(biases: &[Tensor], dtype: DType) -> Result<Option<Tensor>> {
+    match biases {
+        [] => Ok(None),
+        [b] => Ok(Some(b.to_dtype(dtype)?)),
+        [first, rest @ ..] => {
+            let mut sum = first.to_dtype(DType::F32)?;
+            for b in rest {
+                sum = (sum + b.to_dtype(DType::F32)?)?;
+            }
+            Ok(Some(sum.to_dtype(dtype)?))
+        }
     }
 }
 
@@ -513,17 +564,28 @@ struct DownBlock {
     downsample: Option<Conv2d>,
 }
 
-impl Module for DownBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl DownBlock {
+    /// The block of `x + pending` ([`ResnetBlock::forward_after_bias`]; a block has at
+    /// least one resnet, `Config::validate`), and the downsampler's bias, left for the
+    /// next block to add (`None` without a downsampler).
+    fn forward_after_bias(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut x = x.clone();
+        let mut pending = pending;
         for r in &self.resnets {
-            x = x.apply(r)?;
+            x = r.forward_after_bias(&x, pending.take())?;
         }
-        if let Some(d) = &self.downsample {
+        match &self.downsample {
             // asymmetric zero padding (right and bottom) then a stride-2 conv
-            x = ops::zero_pad2d(&x, [0, 1, 0, 1])?.apply(d)?;
+            Some(d) => Ok((
+                d.forward_unbiased(&ops::zero_pad2d(&x, [0, 1, 0, 1])?)?,
+                d.bias().cloned(),
+            )),
+            None => Ok((x, None)),
         }
-        Ok(x)
     }
 }
 
@@ -597,11 +659,14 @@ impl VaeEncoder {
 
     /// Posterior moments `[B, 2C, H/f, W/f]` of images `[B, 3, H, W]` in [-1, 1].
     pub fn moments(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.apply(&self.conv_in)?;
+        // each convolution whose output a ResNet block reads leaves its bias to that
+        // block ([`ResnetBlock::forward_after_bias`]): a pass over the activation less
+        let mut h = self.conv_in.forward_unbiased(x)?;
+        let mut pending = self.conv_in.bias().cloned();
         for d in &self.down {
-            h = h.apply(d)?;
+            (h, pending) = d.forward_after_bias(&h, pending.as_ref())?;
         }
-        h = h.apply(&self.mid_res1)?;
+        h = self.mid_res1.forward_after_bias(&h, pending.as_ref())?;
         if let Some(a) = &self.mid_attn {
             h = h.apply(a)?;
         }
@@ -633,17 +698,28 @@ struct UpBlock {
     upsample: Option<Conv2d>,
 }
 
-impl Module for UpBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl UpBlock {
+    /// The block of `x + pending` ([`ResnetBlock::forward_after_bias`]; a block has at
+    /// least two resnets), and the upsampler's bias, left for the next block to add
+    /// (`None` without an upsampler).
+    fn forward_after_bias(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut x = x.clone();
+        let mut pending = pending;
         for r in &self.resnets {
-            x = x.apply(r)?;
+            x = r.forward_after_bias(&x, pending.take())?;
         }
-        if let Some(conv) = &self.upsample {
-            let (_, _, h, w) = x.dims4()?;
-            x = x.upsample_nearest2d(2 * h, 2 * w)?.apply(conv)?;
+        match &self.upsample {
+            Some(conv) => {
+                let (_, _, h, w) = x.dims4()?;
+                let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+                Ok((conv.forward_unbiased(&up)?, conv.bias().cloned()))
+            }
+            None => Ok((x, None)),
         }
-        Ok(x)
     }
 }
 
@@ -735,16 +811,20 @@ impl VaeDecoder {
             Some(p) => z.apply(p)?,
             None => z.clone(),
         };
-        h = h.apply(&self.conv_in)?.apply(&self.mid_res1)?;
+        // as in the encoder, a bias a ResNet block (or the last norm) can add is left to it
+        h = self
+            .mid_res1
+            .forward_after_bias(&self.conv_in.forward_unbiased(&h)?, self.conv_in.bias())?;
         if let Some(a) = &self.mid_attn {
             h = h.apply(a)?;
         }
         h = h.apply(&self.mid_res2)?;
+        let mut pending = None;
         for u in &self.up {
-            h = h.apply(u)?;
+            (h, pending) = u.forward_after_bias(&h, pending.as_ref())?;
         }
         self.norm_out
-            .forward_silu(&h)?
+            .forward_silu_after_bias(&h, pending.as_ref())?
             .apply(&self.conv_out)?
             .contiguous()
     }
@@ -759,6 +839,35 @@ mod tests {
     /// the NHWC GroupNorm, convolutions, the residual, the padding, the attention's
     /// tokens), and the moments are those of the NCHW run. Widths of 32 and 64 in 8
     /// groups, so that every GroupNorm takes the channels-last kernels' path.
+    /// A ResNet block handed a pending bias is the block of the biased input, with
+    /// an identity skip and with a 1x1 shortcut (where the bias reaches the output as
+    /// `W · bias`), and the bias matters (without it the output differs).
+    #[test]
+    fn a_pending_bias_gives_the_block_of_the_biased_input() -> Result<()> {
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        let (vb, _) = crate::random::random_var_builder(DType::F32, &dev);
+        for (i, (cin, cout)) in [(16, 16), (16, 32)].into_iter().enumerate() {
+            let r = ResnetBlock::new(cin, cout, 8, vb.pp(i))?;
+            assert_eq!(r.shortcut.is_some(), cin != cout);
+            let x = Tensor::randn(0f32, 1.0, (2, cin, 6, 5), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, cin, &dev)?;
+            let want = r.forward(&x.broadcast_add(&b.reshape((1, cin, 1, 1))?)?)?;
+            let got = r.forward_after_bias(&x, Some(&b))?;
+            let e = crate::testing::rel_err(&got, &want)?;
+            assert!(
+                e < 1e-5,
+                "{cin} -> {cout}: pending bias vs biased input: {e}"
+            );
+            let e = crate::testing::rel_err(&r.forward(&x)?, &want)?;
+            assert!(
+                e > 1e-2,
+                "{cin} -> {cout}: the bias changes the output ({e})"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_channels_last_image_stays_channels_last_and_encodes_the_same() -> Result<()> {
         use candle_core::{DType, Device};
@@ -777,13 +886,14 @@ mod tests {
         use crate::testing::{is_strictly_channels_last as is_nhwc, to_channels_last as nhwc};
         let xl = nhwc(&x)?;
         // block by block, as `moments` runs them
-        let mut h = xl.apply(&enc.conv_in)?;
+        let mut h = enc.conv_in.forward_unbiased(&xl)?;
         assert!(is_nhwc(&h), "conv_in");
+        let mut pending = enc.conv_in.bias().cloned();
         for (i, d) in enc.down.iter().enumerate() {
-            h = h.apply(d)?;
+            (h, pending) = d.forward_after_bias(&h, pending.as_ref())?;
             assert!(is_nhwc(&h), "down block {i}");
         }
-        h = h.apply(&enc.mid_res1)?;
+        h = enc.mid_res1.forward_after_bias(&h, pending.as_ref())?;
         assert!(is_nhwc(&h), "mid resnet");
         h = h.apply(enc.mid_attn.as_ref().expect("configured"))?;
         assert!(is_nhwc(&h), "mid attention");
