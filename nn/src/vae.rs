@@ -483,6 +483,20 @@ impl Module for ResnetBlock {
     }
 }
 
+/// The resnets in turn on `x + pending` (the first adds `pending`:
+/// [`ResnetBlock::forward_after_bias`]; a block has at least one, `Config::validate`).
+fn resnets_after_bias(
+    resnets: &[ResnetBlock],
+    x: &Tensor,
+    mut pending: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut x = x.clone();
+    for r in resnets {
+        x = r.forward_after_bias(&x, pending.take())?;
+    }
+    Ok(x)
+}
+
 /// What a 1x1 convolution `s` (no padding, stride 1) adds to each output channel of an
 /// input offset by `bias` per channel: `W · bias`, `[out]`, in f32.
 fn shortcut_of_bias(s: &Conv2d, bias: &Tensor) -> Result<Tensor> {
@@ -573,11 +587,7 @@ impl DownBlock {
         x: &Tensor,
         pending: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut x = x.clone();
-        let mut pending = pending;
-        for r in &self.resnets {
-            x = r.forward_after_bias(&x, pending.take())?;
-        }
+        let x = resnets_after_bias(&self.resnets, x, pending)?;
         match &self.downsample {
             // asymmetric zero padding (right and bottom) then a stride-2 conv
             Some(d) => Ok((
@@ -707,11 +717,7 @@ impl UpBlock {
         x: &Tensor,
         pending: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut x = x.clone();
-        let mut pending = pending;
-        for r in &self.resnets {
-            x = r.forward_after_bias(&x, pending.take())?;
-        }
+        let x = resnets_after_bias(&self.resnets, x, pending)?;
         match &self.upsample {
             Some(conv) => {
                 let (_, _, h, w) = x.dims4()?;
